@@ -1,0 +1,1 @@
+"""rf_compile: RainFusion sparse attention as a torch.compile backend."""

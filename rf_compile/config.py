@@ -1,0 +1,157 @@
+"""RainFusionConfig: the backend's options, parsed and validated once per compile.
+
+Users pass options as ``torch.compile(model, backend="rainfusion", options={...})``. Our keys
+are taken out into a frozen dataclass; every other key is left for inductor. An unknown value
+raises ``ValueError`` naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from rf_compile.layout import VideoLayout
+
+log = logging.getLogger(__name__)
+
+MODES = ("v1", "v1+", "dense")
+KERNELS = ("auto", "triton", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class RainFusionConfig:
+    """Options of the ``rainfusion`` backend.
+
+    Attributes
+    ----------
+    mode:
+        ``"v1"`` RainFusion (one bandwidth for all spatial/temporal heads), ``"v1+"``
+        RainFusion+ (per-head bandwidth from ``bandwidths``), ``"dense"`` (rewrite every site
+        but always compute dense attention: the exactness check of the pass itself).
+    bandwidth:
+        v1 band half-width as a fraction of the video tokens, in (0, 1]. 0.25 keeps 7/16 of
+        the video-video scores of spatial and temporal heads.
+    bandwidths:
+        v1+ candidate bandwidths; each head takes the smallest one whose estimated recall
+        reaches ``recall_target``.
+    recall_target:
+        v1+ recall threshold, in (0, 1].
+    stride:
+        Textural checkerboard stride tau (>= 2): keeps about 1/tau of the video keys.
+    alpha:
+        v1 recall threshold of the ARM (Algorithm 1), in (0, 1]. The paper does not state
+        its value; 0.9 matches the 90% recall of RainFusion+.
+    sample_stride:
+        omega of the ARM's global sampling (every omega-th video token). ``None`` uses the
+        number of frames, so both samples hold about one frame of tokens.
+    dense_warmup:
+        Fraction of the denoising trajectory kept dense, in [0, 1). Keyed to the model's
+        ``timestep`` input: a call is dense while ``timestep >= (1 - dense_warmup) * 1000``.
+    num_steps:
+        Only for graphs with no ``timestep`` input: the op then counts its calls per site and
+        keeps the first ``ceil(dense_warmup * num_steps)`` of them dense (``rf_compile.reset()``
+        restarts the count).
+    arm_every:
+        Re-run the ARM every k-th sparse call of a site and reuse its decision in between.
+    layout:
+        Explicit ``VideoLayout`` (or dict / tuple) for every video site, overriding inference.
+    min_video_tokens:
+        Sites with fewer video tokens stay dense (sparsity does not pay there).
+    kernel:
+        ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"reference"``.
+    report:
+        Print the site table after each graph is compiled.
+    strict:
+        Raise instead of leaving a site dense when a pass fails unexpectedly.
+    """
+
+    mode: str = "v1"
+    bandwidth: float = 0.25
+    bandwidths: tuple[float, ...] = (0.5, 0.25, 0.125)
+    recall_target: float = 0.9
+    stride: int = 2
+    alpha: float = 0.9
+    sample_stride: int | None = None
+    dense_warmup: float = 0.1
+    num_steps: int = 50
+    arm_every: int = 1
+    layout: VideoLayout | None = None
+    min_video_tokens: int = 256
+    kernel: str = "auto"
+    report: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("kernel", self.kernel, KERNELS)
+        _check_fraction("bandwidth", self.bandwidth)
+        if not self.bandwidths:
+            raise ValueError("option 'bandwidths' must hold at least one fraction in (0, 1]")
+        for b in self.bandwidths:
+            _check_fraction("bandwidths", b)
+        _check_fraction("recall_target", self.recall_target)
+        _check_fraction("alpha", self.alpha)
+        _check_int("stride", self.stride, minimum=2)
+        if self.sample_stride is not None:
+            _check_int("sample_stride", self.sample_stride, minimum=1)
+        _check_int("num_steps", self.num_steps, minimum=1)
+        _check_int("arm_every", self.arm_every, minimum=1)
+        _check_int("min_video_tokens", self.min_video_tokens, minimum=0)
+        if not isinstance(self.dense_warmup, (int, float)) or not 0.0 <= self.dense_warmup < 1.0:
+            raise ValueError(f"option 'dense_warmup' must be a fraction in [0, 1), got {self.dense_warmup!r}")
+        for name in ("report", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def head_bandwidths(self) -> tuple[float, ...]:
+        """Candidate bandwidths of spatial/temporal heads, smallest first."""
+        return tuple(sorted(set(self.bandwidths))) if self.mode == "v1+" else (self.bandwidth,)
+
+    @property
+    def threshold(self) -> float:
+        """Recall a spatial/temporal mask must reach for the ARM to choose it."""
+        return self.recall_target if self.mode == "v1+" else self.alpha
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> tuple[RainFusionConfig, dict[str, Any]]:
+        """Split ``options`` into our config and the remaining (inductor) options."""
+        options = dict(options or {})
+        ours = {f.name for f in dataclasses.fields(cls)}
+        values = {key: options.pop(key) for key in list(options) if key in ours}
+        if "layout" in values and values["layout"] is not None:
+            values["layout"] = VideoLayout.from_value(values["layout"])
+        if "bandwidths" in values:
+            values["bandwidths"] = tuple(values["bandwidths"])
+        unknown = [key for key in options if not _is_inductor_option(key)]
+        if unknown:
+            raise ValueError(
+                f"unknown rainfusion option(s) {unknown}; accepted keys: {sorted(ours)} "
+                "plus any torch._inductor.config option"
+            )
+        config = cls(**values)
+        log.debug("rainfusion config: %s", config)
+        return config, options
+
+
+def _is_inductor_option(key: str) -> bool:
+    from torch._inductor import config as inductor_config
+
+    return key in inductor_config._config or key.replace("-", "_") in inductor_config._config
+
+
+def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"option {name!r} must be one of {list(accepted)}, got {value!r}")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"option {name!r} must be a fraction in (0, 1], got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"option {name!r} must be an int >= {minimum}, got {value!r}")

@@ -1,0 +1,230 @@
+"""Head patterns and the block plans that run them.
+
+A *variant* is one way a head can be computed: (pattern, bandwidth) for spatial and temporal
+heads, (TEXTURAL, stride) for textural ones. For one layout and config, every variant gets a
+block plan once (``PlanTable``); the ARM then only writes a variant id per (batch, head) and the
+kernel reads that head's plan from the table. No plan is built per call and the host never
+waits for the device.
+
+Each variant runs as block-sparse attention over a token *order*:
+
+- queries (and the output) are read in ``orders[q_order]``, keys/values in ``orders[kv_order]``;
+- position ``i`` (query) may see position ``j`` (key) iff ``i`` is a text position, or
+  ``j < kv_valid`` and (``band < 0`` or ``j`` is a text position or ``|i - j| <= band``),
+  where text positions are those outside ``[prefix, prefix + video_tokens)``.
+
+Spatial heads use the identity order, temporal heads the spatial-major order (their band
+becomes a diagonal band too), textural heads a key order with the checkerboard video tokens
+packed after the prefix text and the dropped ones at the end (beyond ``kv_valid``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+
+import torch
+
+from rf_compile.config import RainFusionConfig
+from rf_compile.layout import VideoLayout
+from rf_compile.reference.masks import band_halfwidth
+
+BLOCK_M = 128
+BLOCK_N = 128
+
+
+class Pattern(enum.IntEnum):
+    """RainFusion v1 head patterns."""
+
+    SPATIAL = 0
+    TEMPORAL = 1
+    TEXTURAL = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One computable head type: a pattern and its bandwidth (spatial/temporal) or stride."""
+
+    pattern: Pattern
+    bandwidth: float = 0.0
+    stride: int = 0
+
+    def describe(self) -> str:
+        if self.pattern == Pattern.TEXTURAL:
+            return f"textural(tau={self.stride})"
+        return f"{self.pattern.name.lower()}(b={self.bandwidth:g})"
+
+
+def variants_for(config: RainFusionConfig) -> tuple[Variant, ...]:
+    """Variants in ARM order: spatial per bandwidth, temporal per bandwidth, then textural.
+
+    With one bandwidth (v1) the ids equal ``Pattern`` values.
+    """
+    bandwidths = config.head_bandwidths
+    return (
+        *(Variant(Pattern.SPATIAL, b) for b in bandwidths),
+        *(Variant(Pattern.TEMPORAL, b) for b in bandwidths),
+        Variant(Pattern.TEXTURAL, stride=config.stride),
+    )
+
+
+@dataclasses.dataclass
+class PlanTable:
+    """Block plans of every variant of one layout (FlexAttention ``BlockMask`` per variant).
+
+    Attributes
+    ----------
+    orders: int32 [O, N]
+        Token orders: ``orders[o, p]`` is the original index of the token at position ``p``.
+        Order 0 is the identity.
+    q_order, kv_order, band, kv_valid: int32 [P]
+        Per variant: which order the queries / keys use, band half-width (-1: none) and the
+        number of leading key positions that exist for this variant.
+    kv_num_blocks: int32 [P, Mq]
+        Key blocks to visit per query block.
+    kv_indices: int32 [P, Mq, Mk]
+        Their indices (ascending), padded with 0 past ``kv_num_blocks``.
+    block_full: bool [P, Mq, Mk]
+        Whether the block at ``kv_indices[p, m, t]`` needs no element mask.
+    """
+
+    layout: VideoLayout
+    variants: tuple[Variant, ...]
+    orders: torch.Tensor
+    q_order: torch.Tensor
+    kv_order: torch.Tensor
+    band: torch.Tensor
+    kv_valid: torch.Tensor
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    block_full: torch.Tensor
+    block_m: int = BLOCK_M
+    block_n: int = BLOCK_N
+
+    def density(self) -> torch.Tensor:
+        """Float [P]: fraction of (query block, key block) pairs each variant computes."""
+        blocks_k = -(-self.layout.seq_len // self.block_n)
+        return self.kv_num_blocks.float().sum(-1) / (self.kv_num_blocks.shape[-1] * blocks_k)
+
+    def to_dense(self) -> torch.Tensor:
+        """Bool [P, Mq, Mk] block mask, for inspection and tests."""
+        P, Mq, Mk = self.kv_indices.shape
+        live = torch.arange(Mk, device=self.kv_indices.device) < self.kv_num_blocks[..., None]
+        index = torch.where(live, self.kv_indices.long(), Mk)  # padding lands in a spare column
+        dense = torch.zeros(P, Mq, Mk + 1, dtype=torch.bool, device=live.device)
+        return dense.scatter_(-1, index, True)[..., :Mk]
+
+    def __repr__(self) -> str:
+        density = ", ".join(f"{v.describe()}={d:.2f}" for v, d in zip(self.variants, self.density().tolist()))
+        return f"PlanTable({self.layout.describe()}, blocks {self.block_m}x{self.block_n}, density {density})"
+
+
+def build_plan_table(
+    layout: VideoLayout,
+    variants: tuple[Variant, ...],
+    device: torch.device | str = "cpu",
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+) -> PlanTable:
+    """Build the block plans of ``variants`` for ``layout`` (cached per arguments)."""
+    return _build_plan_table(layout, variants, str(torch.device(device)), block_m, block_n)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_plan_table(
+    layout: VideoLayout, variants: tuple[Variant, ...], device: str, block_m: int, block_n: int
+) -> PlanTable:
+    N = layout.seq_len
+    orders = [torch.arange(N, device=device)]
+    temporal_id = textural_ids = None
+    rows = []  # (q_order, kv_order, band, kv_valid) per variant
+    for variant in variants:
+        if variant.pattern == Pattern.SPATIAL:
+            rows.append((0, 0, band_halfwidth(layout, variant.bandwidth), N))
+        elif variant.pattern == Pattern.TEMPORAL:
+            if temporal_id is None:
+                temporal_id = len(orders)
+                orders.append(layout.temporal_order(device))
+            rows.append((temporal_id, temporal_id, band_halfwidth(layout, variant.bandwidth), N))
+        else:
+            textural_ids = textural_ids or {}
+            if variant.stride not in textural_ids:
+                order, kv_valid = layout.textural_order(variant.stride, device)
+                textural_ids[variant.stride] = (len(orders), kv_valid)
+                orders.append(order)
+            order_id, kv_valid = textural_ids[variant.stride]
+            rows.append((0, order_id, -1, kv_valid))
+
+    q_order, kv_order, band, kv_valid = (torch.tensor(col, dtype=torch.int32, device=device) for col in zip(*rows))
+    any_blocks, full_blocks = _block_masks(layout, band, kv_valid, block_m, block_n)
+    kv_num_blocks = any_blocks.sum(-1, dtype=torch.int32)
+    # Stable sort of "not needed" puts the needed key blocks first, in ascending order.
+    kv_indices = torch.sort((~any_blocks).to(torch.int8), dim=-1, stable=True).indices
+    block_full = torch.gather(full_blocks, -1, kv_indices)
+    kv_indices = torch.where(torch.arange(kv_indices.shape[-1], device=device) < kv_num_blocks[..., None], kv_indices, 0)
+    return PlanTable(
+        layout=layout,
+        variants=variants,
+        orders=torch.stack(orders).to(torch.int32),
+        q_order=q_order,
+        kv_order=kv_order,
+        band=band,
+        kv_valid=kv_valid,
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices.to(torch.int32),
+        block_full=block_full & (torch.arange(kv_indices.shape[-1], device=device) < kv_num_blocks[..., None]),
+        block_m=block_m,
+        block_n=block_n,
+    )
+
+
+def _block_masks(
+    layout: VideoLayout, band: torch.Tensor, kv_valid: torch.Tensor, block_m: int, block_n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool [P, Mq, Mk] pairs of blocks that hold any / only allowed (query, key) positions."""
+    N, device = layout.seq_len, band.device
+    video_lo, video_hi = layout.prefix, layout.prefix + layout.video_tokens
+    q_lo = torch.arange(0, N, block_m, device=device)
+    q_hi = torch.clamp(q_lo + block_m, max=N) - 1  # last position in the block
+    k_lo = torch.arange(0, N, block_n, device=device)
+    k_hi = torch.clamp(k_lo + block_n, max=N) - 1
+    q_lo, q_hi, k_lo, k_hi = q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :]
+
+    def has_text(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return (lo < video_lo) | (hi >= video_hi)
+
+    def all_text(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        return (hi < video_lo) | (lo >= video_hi)
+
+    min_dist = torch.clamp(torch.maximum(k_lo - q_hi, q_lo - k_hi), min=0)
+    max_dist = torch.maximum(q_hi - k_lo, k_hi - q_lo)
+    band_, valid = band[:, None, None], kv_valid[:, None, None]
+    no_band = band_ < 0
+    # Text query rows see every key; other rows see existing keys inside the band or text keys.
+    any_blocks = has_text(q_lo, q_hi) | ((k_lo < valid) & (no_band | has_text(k_lo, k_hi) | (min_dist <= band_)))
+    full_blocks = all_text(q_lo, q_hi) | (
+        (k_hi < valid) & (no_band | all_text(k_lo, k_hi) | (max_dist <= band_))
+    )
+    return any_blocks, full_blocks & any_blocks
+
+
+def element_mask(table: PlanTable, variant_id: int) -> torch.Tensor:
+    """Bool [N, N] mask in the original token order that a variant's plan computes.
+
+    Used by tests to check the plan semantics against ``rf_compile.reference.masks``.
+    """
+    layout, N = table.layout, table.layout.seq_len
+    device = table.orders.device
+    pos = torch.arange(N, device=device)
+    video = (pos >= layout.prefix) & (pos < layout.prefix + layout.video_tokens)
+    band = int(table.band[variant_id])
+    allowed = (pos[None, :] < int(table.kv_valid[variant_id])).expand(N, N)
+    if band >= 0:
+        allowed = allowed & (~video[None, :] | ((pos[:, None] - pos[None, :]).abs() <= band))
+    allowed = allowed | ~video[:, None]
+    q_order = table.orders[table.q_order[variant_id]].long()
+    kv_order = table.orders[table.kv_order[variant_id]].long()
+    mask = torch.zeros(N, N, dtype=torch.bool, device=device)
+    mask[q_order[:, None], kv_order[None, :]] = allowed
+    return mask
