@@ -1,0 +1,484 @@
+"""Block-sparse attention forward (Triton) that runs every RainFusion head variant of a PlanTable.
+
+One launch serves all (batch, head) pairs, each with its own variant (``variant_of_head``): the
+kernel reads the variant's token orders and block plan from the ``PlanTable`` on the device, so
+the host never looks at device data (no sync, CUDA-graph friendly).
+
+Semantics (see ``rf_compile.ops.patterns``): for head (b, h) with variant p, queries are read in
+``orders[q_order[p]]``, keys/values in ``orders[kv_order[p]]``; query position i sees key position
+j iff i is a text position, or ``j < kv_valid[p]`` and (``band[p] < 0`` or j is text or
+``|i - j| <= band[p]``). Query block m visits the key blocks ``kv_indices[p, m, :kv_num_blocks[p, m]]``.
+Output rows go back to their original positions (the inverse permutation is fused in the store).
+
+Two ways of reading permuted rows (``loads=``):
+
+- ``"gather"``: the permutation is fused into the loads (row index = ``orders[o, pos]``, pointer
+  loads). Works everywhere, including the Triton interpreter.
+- ``"tma"`` (Hopper+, CUDA only): a small copy kernel first writes the rows of the heads whose
+  order is not the identity into scratch tensors in their permuted order; the attention kernel
+  then reads plain tiles through TMA tensor descriptors (identity heads read ``q``/``k``/``v``
+  in place), optionally warp-specialised.
+
+Not here: the ARM, plan building, dense fallbacks and the custom op (``rf_compile.ops``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from rf_compile.ops.patterns import PlanTable
+
+__all__ = ["block_sparse_attention", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.44269504  # log2(e): softmax runs in base 2 (exp2)
+
+
+def _has_tma() -> bool:
+    """TMA tensor descriptors made on the device: Triton >= 3.4 on compute capability >= 9.0."""
+    if _INTERPRET or not torch.cuda.is_available() or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9 and hasattr(triton, "set_allocator")
+
+
+def _supports_warp_specialize() -> bool:
+    """``tl.range(..., warp_specialize=True)`` exists from Triton 3.4 and pays on Hopper only."""
+    if not _has_tma():
+        return False
+    import inspect
+
+    try:
+        return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------------
+# The block sizes are the plan table's (BLOCK_M x BLOCK_N); only warps / stages / warp
+# specialisation are tuned. Measured on H100 (benchmarks/results/*/NOTES.md).
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET or not torch.cuda.is_available():
+        return [triton.Config({"WARP_SPECIALIZE": False}, num_warps=4, num_stages=1)]
+    configs = [
+        triton.Config({"WARP_SPECIALIZE": False}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)
+    ]
+    if _supports_warp_specialize():
+        configs.append(triton.Config({"WARP_SPECIALIZE": True}, num_warps=4, num_stages=2))
+    return configs
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Warp specialisation only with TMA loads (pointer loads with gathered rows do not split)."""
+    use_tma = kwargs.get("USE_TMA", named_args.get("USE_TMA", False))
+    kept = [c for c in configs if use_tma or not c.kwargs.get("WARP_SPECIALIZE", False)]
+    return kept or configs[:1]
+
+
+# Configurations the launcher uses; tests and benchmarks may replace it (``set_configs``).
+_CONFIGS = _configs()
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _permute_rows_kernel(
+    X, XP, Orders, WhichOrder, VariantOfHead,
+    stride_xb, stride_xh, stride_xm,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """XP[b, h, pos] = X[b, h, orders[o, pos]] for heads whose order o is not the identity."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    variant = tl.load(VariantOfHead + bh)
+    order = tl.load(WhichOrder + variant)
+    pos = pid * BLOCK + tl.arange(0, BLOCK)
+    live = (pos < N) & (order != 0)  # identity heads move nothing: the kernel reads X in place
+    rows = tl.load(Orders + order.to(tl.int64) * N + pos, mask=live, other=0).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    base = b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = tl.load(X + base + rows[:, None] * stride_xm + d[None, :], mask=live[:, None])
+    tl.store(XP + base + pos.to(tl.int64)[:, None] * stride_xm + d[None, :], x, mask=live[:, None])
+
+
+@triton.jit
+def _attend_block(
+    acc, l_i, m_i, q, k, v, bias,
+    q_pos, k_pos, N, prefix, video_end, band, kv_valid, qk_scale,
+    APPLY_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One (query block, key block) step of the online softmax; k is [BLOCK_N, HEAD_DIM]."""
+    # -- scores (base 2) --
+    if UPCAST:  # the interpreter computes bf16 dots wrongly (FACTS.md)
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * qk_scale
+    if HAS_BIAS:
+        qk += bias[None, :]
+    if APPLY_MASK:
+        # -- element mask: text rows see all keys; video rows see existing keys in the band or text --
+        text_q = (q_pos < prefix) | (q_pos >= video_end)
+        text_k = (k_pos < prefix) | (k_pos >= video_end)
+        near = tl.abs(q_pos[:, None] - k_pos[None, :]) <= band
+        allowed = ((k_pos < kv_valid) & (text_k | (band < 0)))[None, :] | near & (k_pos < kv_valid)[None, :]
+        allowed = (allowed | text_q[:, None]) & (k_pos < N)[None, :]
+        qk = tl.where(allowed, qk, float("-inf"))
+    # -- online softmax --
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if APPLY_MASK or HAS_BIAS:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at 0
+    else:
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if UPCAST:
+        acc = tl.dot(p, v.to(tl.float32), acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _load_kv(
+    K_desc, V_desc, K_head, V_head, Orders, kv_order, Bias_row,
+    kb, N, stride_km, stride_vm,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    """K, V tiles [BLOCK_N, HEAD_DIM] of key block kb, the key positions and their bias (log2 units)."""
+    k_pos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+    if EVEN_N:
+        k_rows = tl.load(Orders + kv_order * N + k_pos)
+    else:
+        k_rows = tl.load(Orders + kv_order * N + k_pos, mask=k_pos < N, other=0)
+    if USE_TMA:
+        k = K_desc.load([kb * BLOCK_N, 0])
+        v = V_desc.load([kb * BLOCK_N, 0])
+    else:
+        k_off = k_rows.to(tl.int64)
+        if EVEN_N:
+            k = tl.load(K_head + k_off[:, None] * stride_km + d[None, :])
+            v = tl.load(V_head + k_off[:, None] * stride_vm + d[None, :])
+        else:
+            k = tl.load(K_head + k_off[:, None] * stride_km + d[None, :], mask=(k_pos < N)[:, None], other=0.0)
+            v = tl.load(V_head + k_off[:, None] * stride_vm + d[None, :], mask=(k_pos < N)[:, None], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(Bias_row + k_rows, mask=k_pos < N, other=0.0) * 1.44269504  # log2(e)
+    else:
+        bias = k_pos  # unused placeholder
+    return k, v, k_pos, bias
+
+
+@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "SPLIT_FULL"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, QP, KP, VP, Out, Bias,
+    Orders, QOrder, KVOrder, Band, KVValid,
+    KVNum, KVNumPartial, KVIdx, NeedsMask, VariantOfHead,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_km,
+    stride_vb, stride_vh, stride_vm,
+    stride_ob, stride_oh, stride_om,
+    stride_biasb,
+    H, N, prefix, video_end, num_q_blocks, max_kv_blocks, qk_scale,
+    N_BUCKET: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, SPLIT_FULL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+    UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    tl.static_assert(BLOCK_N % 16 == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+
+    # -- this head's variant: orders, band, plan row --
+    p = tl.load(VariantOfHead + bh)
+    q_order = tl.load(QOrder + p).to(tl.int64)
+    kv_order = tl.load(KVOrder + p).to(tl.int64)
+    band = tl.load(Band + p)
+    kv_valid = tl.load(KVValid + p)
+    plan_row = (p * num_q_blocks + m).to(tl.int64)
+    num_blocks = tl.load(KVNum + plan_row)
+    idx_row = KVIdx + plan_row * max_kv_blocks
+    mask_row = NeedsMask + plan_row * max_kv_blocks
+
+    d = tl.arange(0, HEAD_DIM)
+    q_pos = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_rows = tl.load(Orders + q_order * N + q_pos, mask=q_pos < N, other=0).to(tl.int64)
+    q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_head = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_head = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    bias_row = Bias + b.to(tl.int64) * stride_biasb
+
+    # -- Q tile --
+    if USE_TMA:
+        # Permuted heads read the scratch copies (same strides as Q/K/V), identity heads in place.
+        if q_order != 0:
+            q_head = QP + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        if kv_order != 0:
+            k_head = KP + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+            v_head = VP + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        q_desc = tl.make_tensor_descriptor(q_head, shape=[N, HEAD_DIM], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(k_head, shape=[N, HEAD_DIM], strides=[stride_km, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_head, shape=[N, HEAD_DIM], strides=[stride_vm, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        q = q_desc.load([m * BLOCK_M, 0])
+    else:
+        k_desc = k_head  # unused placeholders
+        v_desc = v_head
+        q = tl.load(q_head + q_rows[:, None] * stride_qm + d[None, :], mask=(q_pos < N)[:, None], other=0.0)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = qk_scale * 1.44269504  # log2(e)
+
+    if SPLIT_FULL:
+        # Plans are reordered (launcher, cached per table): blocks that need the element mask first.
+        num_partial = tl.load(KVNumPartial + plan_row)
+        for t in range(0, num_partial):
+            kb = tl.load(idx_row + t)
+            k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
+                                         kb, N, stride_km, stride_vm,
+                                         HEAD_DIM, BLOCK_N, USE_TMA, HAS_BIAS, EVEN_N)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix, video_end,
+                                          band, kv_valid, qk_scale, True, HAS_BIAS, UPCAST)
+        for t in tl.range(num_partial, num_blocks, warp_specialize=WARP_SPECIALIZE):
+            kb = tl.load(idx_row + t)
+            k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
+                                         kb, N, stride_km, stride_vm,
+                                         HEAD_DIM, BLOCK_N, USE_TMA, HAS_BIAS, True)
+            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix, video_end,
+                                          band, kv_valid, qk_scale, False, HAS_BIAS, UPCAST)
+    else:
+        # One loop, the element mask behind a run-time branch per block.
+        for t in tl.range(0, num_blocks, warp_specialize=WARP_SPECIALIZE):
+            kb = tl.load(idx_row + t)
+            needs_mask = tl.load(mask_row + t)
+            k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
+                                         kb, N, stride_km, stride_vm,
+                                         HEAD_DIM, BLOCK_N, USE_TMA, HAS_BIAS, EVEN_N)
+            if needs_mask != 0:
+                acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix, video_end,
+                                              band, kv_valid, qk_scale, True, HAS_BIAS, UPCAST)
+            else:
+                acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix, video_end,
+                                              band, kv_valid, qk_scale, False, HAS_BIAS, UPCAST)
+
+    # -- epilogue: normalise, store rows at their original positions --
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key (all-masked padding) gives 0
+    out = acc / l_i[:, None]
+    o_head = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_head + q_rows[:, None] * stride_om + d[None, :], out.to(Out.dtype.element_ty),
+             mask=(q_pos < N)[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
+    """Per-table tensors the kernel needs beyond the plan, computed once and cached on the table.
+
+    ``needs_mask`` (int8 [P, Mq, Mk]): not ``block_full``, or the ragged last key block (its
+    positions past N must be masked even where the plan calls it full). ``split_indices`` /
+    ``num_partial``: the same key blocks with the masked ones first (order does not matter to
+    the softmax), for the two-loop kernel.
+    """
+    cache = table.__dict__.get("_block_sparse_extras")
+    if cache is not None:
+        return cache
+    N, block_n = table.layout.seq_len, table.block_n
+    P, Mq, Mk = table.kv_indices.shape
+    device = table.kv_indices.device
+    live = torch.arange(Mk, device=device) < table.kv_num_blocks[..., None]
+    ragged = (table.kv_indices.long() + 1) * block_n > N
+    needs_mask = live & (~table.block_full | ragged)
+    # Sort key: masked blocks 0, unmasked 1, padding 2 (stable keeps ascending order inside).
+    key = torch.where(live, (~needs_mask).to(torch.int8), torch.full_like(needs_mask, 2, dtype=torch.int8))
+    perm = torch.sort(key, dim=-1, stable=True).indices
+    cache = {
+        "needs_mask": needs_mask.to(torch.int8).contiguous(),
+        "split_indices": torch.gather(table.kv_indices, -1, perm).to(torch.int32).contiguous(),
+        "num_partial": needs_mask.sum(-1, dtype=torch.int32).contiguous(),
+        "orders": table.orders.to(torch.int32).contiguous(),
+        "kv_num_blocks": table.kv_num_blocks.to(torch.int32).contiguous(),
+        "kv_indices": table.kv_indices.to(torch.int32).contiguous(),
+        "q_order": table.q_order.to(torch.int32).contiguous(),
+        "kv_order": table.kv_order.to(torch.int32).contiguous(),
+        "band": table.band.to(torch.int32).contiguous(),
+        "kv_valid": table.kv_valid.to(torch.int32).contiguous(),
+    }
+    table.__dict__["_block_sparse_extras"] = cache
+    return cache
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a global scratch allocator (Triton >= 3.4)."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides, and unit stride along the head dim."""
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or (t.stride(-2) * es) % 16 or (t.stride(1) * es) % 16 or (t.stride(0) * es) % 16:
+            return False
+        if t.data_ptr() % 16:
+            return False
+    return True
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: PlanTable,
+    variant_of_head: torch.Tensor,
+    *,
+    scale: float | None = None,
+    key_bias: torch.Tensor | None = None,
+    loads: str = "auto",
+    split_full: bool = True,
+) -> torch.Tensor:
+    """Block-sparse attention of every (batch, head) with its own RainFusion variant.
+
+    Parameters
+    ----------
+    q, k, v:
+        (B, H, N, D) of one dtype (fp16, bf16, or fp32), any strides (diffusers passes views of
+        (B, N, H, D) tensors); ``N == table.layout.seq_len``, ``D`` in ``SUPPORTED_HEAD_DIMS``.
+    table:
+        Plans of the variants for this layout (``build_plan_table``), on q's device. Its
+        ``block_m`` / ``block_n`` are the kernel's tile sizes.
+    variant_of_head:
+        int32 [B, H] on q's device: the variant id (row of ``table``) of each (batch, head).
+        Never read on the host.
+    scale:
+        Softmax scale (SDPA semantics), default ``1 / sqrt(D)``.
+    key_bias:
+        Optional float [B, N] additive key bias in the original token order (0 / -inf from a
+        key-padding mask), added to the scores of every block.
+    loads:
+        ``"gather"`` (permutation fused into pointer loads), ``"tma"`` (copy the permuted heads
+        once, then TMA tile loads; Hopper only) or ``"auto"`` (the measured faster one available).
+    split_full:
+        Two loops (masked blocks, then unmasked) instead of a run-time branch per block.
+
+    Returns
+    -------
+    Tensor
+        (B, H, N, D), q's dtype, allocated with ``torch.empty_like(q)`` (so a (B, N, H, D)-strided
+        q gives a (B, N, H, D)-strided output, which diffusers reshapes without a copy).
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must all be (B, H, N, D) of one shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, N, D = q.shape
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"block_sparse_attention supports head dims {SUPPORTED_HEAD_DIMS}, got {D}: "
+                         "use dense attention for this site")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if N != table.layout.seq_len:
+        raise ValueError(f"sequence length {N} does not match the plan table's layout "
+                         f"{table.layout.describe()} ({table.layout.seq_len} tokens)")
+    if not (q.device == k.device == v.device == table.kv_indices.device == variant_of_head.device):
+        raise ValueError(f"q, k, v, table and variant_of_head must be on one device; got q on {q.device}, "
+                         f"table on {table.kv_indices.device}, variant_of_head on {variant_of_head.device}")
+    if variant_of_head.shape != (B, H) or variant_of_head.dtype != torch.int32:
+        raise ValueError(f"variant_of_head must be int32 [B, H] = [{B}, {H}], got {variant_of_head.dtype} "
+                         f"{list(variant_of_head.shape)}")
+    if key_bias is not None and (key_bias.shape != (B, N) or not key_bias.is_floating_point()):
+        raise ValueError(f"key_bias must be a float [B, N] = [{B}, {N}] tensor, got {key_bias.dtype} "
+                         f"{list(key_bias.shape)}")
+    if loads not in ("auto", "gather", "tma"):
+        raise ValueError(f"loads must be 'auto', 'gather' or 'tma', got {loads!r}")
+
+    # Unit stride along D lets every row load be vectorised; copy only if a caller breaks it.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    use_tma = loads == "tma" or (loads == "auto" and _has_tma())
+    if use_tma and not (_has_tma() and _tma_ok(q, k, v)):
+        if loads == "tma":
+            raise ValueError("loads='tma' needs a Hopper GPU, Triton with tensor descriptors and 16-byte "
+                             "aligned q/k/v rows")
+        use_tma = False
+
+    extras = _plan_extras(table)
+    voh = variant_of_head.contiguous()
+    out = torch.empty_like(q)
+    if out.stride(-1) != 1:
+        out = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    if key_bias is not None:
+        bias = key_bias.to(torch.float32)
+        stride_biasb = bias.stride(0)
+        if bias.stride(1) != 1:
+            bias = bias.contiguous()
+            stride_biasb = bias.stride(0)
+    else:
+        bias, stride_biasb = extras["band"], 0  # never read
+
+    if use_tma:
+        _ensure_tma_allocator()
+        qp, kp, vp = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        block = 64
+        grid = (triton.cdiv(N, block), B * H)
+        for x, xp, which in ((q, qp, extras["q_order"]), (k, kp, extras["kv_order"]), (v, vp, extras["kv_order"])):
+            _permute_rows_kernel[grid](x, xp, extras["orders"], which, voh,
+                                       x.stride(0), x.stride(1), x.stride(2), H, N,
+                                       HEAD_DIM=D, BLOCK=block, num_warps=4)
+        if qp.stride() != q.stride() or kp.stride() != k.stride() or vp.stride() != v.stride():
+            raise AssertionError("scratch copies must share q/k/v strides")
+    else:
+        qp, kp, vp = q, k, v
+
+    P, Mq, Mk = table.kv_indices.shape
+    grid = (Mq, B * H)
+    _block_sparse_fwd_kernel[grid](
+        q, k, v, qp, kp, vp, out, bias,
+        extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
+        extras["kv_num_blocks"], extras["num_partial"],
+        extras["split_indices"] if split_full else extras["kv_indices"],
+        extras["needs_mask"], voh,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        stride_biasb,
+        H, N, table.layout.prefix, table.layout.prefix + table.layout.video_tokens, Mq, Mk,
+        float(scale if scale is not None else D ** -0.5),
+        N_BUCKET=triton.next_power_of_2(N),
+        HEAD_DIM=D, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
+        USE_TMA=use_tma, SPLIT_FULL=split_full, HAS_BIAS=key_bias is not None, EVEN_N=N % table.block_n == 0,
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+    )
+    return out

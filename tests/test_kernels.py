@@ -1,0 +1,248 @@
+"""Block-sparse attention kernel vs an element-exact masked-attention reference.
+
+CPU: the Triton interpreter on small shapes (blocks of 32/64 tokens, N ~ 200-300, tails on
+purpose). GPU (``@pytest.mark.gpu``): real sizes in bf16, both load paths, and the sparse output
+against dense SDPA given the same mask as an additive -inf mask.
+
+Accuracy follows flash-attention's three-way rule: the kernel's max error against a float64
+golden reference must be at most twice that of the same reference computed in the input dtype,
+plus a small absolute floor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rf_compile.config import RainFusionConfig
+from rf_compile.kernels.block_sparse import block_sparse_attention
+from rf_compile.layout import VideoLayout
+from rf_compile.ops.patterns import Pattern, build_plan_table, element_mask, variants_for
+
+V1 = variants_for(RainFusionConfig())
+V1_PLUS = variants_for(RainFusionConfig(mode="v1+"))
+
+LAYOUTS = {
+    "prefix": VideoLayout(4, 6, 10, prefix=23),  # N = 263 (CogVideoX-like, ragged tail)
+    "suffix": VideoLayout(4, 6, 10, suffix=17),  # N = 257 (HunyuanVideo-like)
+    "both": VideoLayout(3, 8, 8, prefix=11, suffix=9),  # N = 212
+    "none_even": VideoLayout(4, 8, 8),  # N = 256, no tail
+    "none_tail": VideoLayout(3, 7, 9),  # N = 189 (Wan-like)
+}
+
+# Absolute floor per dtype on top of the 2x rule (outputs are O(1)).
+ATOL_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- reference --------------------------------------------------------------------------------
+
+
+def head_masks(table, variant_of_head: torch.Tensor) -> torch.Tensor:
+    """Bool [B, H, N, N] allowed-score mask in the original order, from ``element_mask``."""
+    per_variant = torch.stack([element_mask(table, p) for p in range(len(table.variants))])
+    return per_variant[variant_of_head.long()]
+
+
+def attention_ref(q, k, v, mask, *, scale=None, key_bias=None, upcast=True):
+    """Masked attention; ``upcast`` computes in float64 (golden), else in the input dtype."""
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.double(), k.double(), v.double()
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bhnd,bhmd->bhnm", q * scale, k).float() if not upcast else \
+        torch.einsum("bhnd,bhmd->bhnm", q * scale, k)
+    if key_bias is not None:
+        scores = scores + key_bias[:, None, None, :].to(scores.dtype)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    attn = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhnm,bhmd->bhnd", attn.to(v.dtype), v)
+    return out.to(dtype)
+
+
+def assert_close_three_way(out, q, k, v, mask, *, scale=None, key_bias=None):
+    golden = attention_ref(q, k, v, mask, scale=scale, key_bias=key_bias, upcast=True).double()
+    low = attention_ref(q, k, v, mask, scale=scale, key_bias=key_bias, upcast=False).double()
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all(), "kernel output has NaN/inf"
+    err = (out.double() - golden).abs().max().item()
+    ref_err = (low - golden).abs().max().item()
+    bound = 2 * ref_err + ATOL_FLOOR[q.dtype]
+    assert err <= bound, f"kernel max error {err:.3e} > 2 x reference error {ref_err:.3e} + floor"
+
+
+def make_qkv(B, H, N, D, dtype, device=DEVICE, bnhd=False):
+    """Random q, k, v (B, H, N, D); ``bnhd`` gives diffusers' (B, N, H, D)-strided views."""
+    shape = (B, N, H, D) if bnhd else (B, H, N, D)
+    qkv = [torch.randn(shape, dtype=torch.float32, device=device).to(dtype) for _ in range(3)]
+    return [t.transpose(1, 2) if bnhd else t for t in qkv]
+
+
+def run_case(layout, variants, variant_of_head, *, D=64, dtype=torch.float16, block=(32, 32),
+             scale=None, key_bias=None, bnhd=False, **kwargs):
+    table = build_plan_table(layout, variants, DEVICE, block_m=block[0], block_n=block[1])
+    B, H = variant_of_head.shape
+    q, k, v = make_qkv(B, H, layout.seq_len, D, dtype, bnhd=bnhd)
+    voh = variant_of_head.to(torch.int32).to(DEVICE)
+    out = block_sparse_attention(q, k, v, table, voh, scale=scale, key_bias=key_bias, **kwargs)
+    assert_close_three_way(out, q, k, v, head_masks(table, voh), scale=scale, key_bias=key_bias)
+    return out, (q, k, v, table, voh)
+
+
+# -- CPU (interpreter) tests ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+@pytest.mark.parametrize("variants", [V1, V1_PLUS], ids=["v1", "v1+"])
+def test_every_variant_one_launch(layout_name, variants):
+    """Every variant of a config, one per head, in one launch (mixed orders, bands, subsets)."""
+    P = len(variants)
+    run_case(LAYOUTS[layout_name], variants, torch.arange(P).view(1, P))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_dtypes_batch_with_different_variants(dtype):
+    """B=2 whose heads use different variants per batch element."""
+    voh = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    run_case(LAYOUTS["prefix"], V1, voh, dtype=dtype)
+
+
+@pytest.mark.parametrize("layout_name", ["suffix", "none_even"])
+def test_head_dim_128(layout_name):
+    voh = torch.tensor([[1, 2, 0]])
+    run_case(LAYOUTS[layout_name], V1, voh, D=128, block=(64, 64))
+
+
+def test_rectangular_blocks_and_64():
+    run_case(LAYOUTS["both"], V1_PLUS, torch.tensor([[0, 3, 6, 5]]), block=(64, 32))
+    run_case(LAYOUTS["none_tail"], V1_PLUS, torch.tensor([[2, 4, 6, 1]]), block=(32, 64))
+
+
+def test_key_bias_padding_mask():
+    """HunyuanVideo-style key padding: -inf on padded text keys (batch 1) and a few video keys."""
+    layout = LAYOUTS["suffix"]
+    N = layout.seq_len
+    bias = torch.zeros(2, N)
+    bias[1, N - 10:] = float("-inf")  # padded text
+    bias[1, 30:40] = float("-inf")
+    bias[0, ::7] = float("-inf")
+    run_case(layout, V1, torch.tensor([[0, 1, 2], [1, 2, 0]]), key_bias=bias.to(DEVICE))
+
+
+def test_scale_argument():
+    out, (q, k, v, table, voh) = run_case(LAYOUTS["prefix"], V1, torch.tensor([[0, 1, 2]]), scale=0.3)
+    default = block_sparse_attention(q, k, v, table, voh)
+    assert (out.float() - default.float()).abs().max() > 1e-2, "scale had no effect"
+
+
+def test_runtime_branch_equals_split_loops():
+    """The one-loop (run-time mask branch) kernel agrees with the two-loop one."""
+    voh = torch.tensor([[0, 1, 2]])
+    split, (q, k, v, table, voh) = run_case(LAYOUTS["both"], V1, voh, dtype=torch.float32)
+    branch = block_sparse_attention(q, k, v, table, voh, split_full=False)
+    assert_close_three_way(branch, q, k, v, head_masks(table, voh))
+    torch.testing.assert_close(branch, split, atol=1e-5, rtol=1e-5)
+
+
+def test_bnhd_views_keep_layout():
+    """diffusers passes (B, H, N, D) views of (B, N, H, D) tensors; the output keeps that layout."""
+    out, (q, *_rest) = run_case(LAYOUTS["none_tail"], V1, torch.tensor([[2, 1, 0]]), bnhd=True)
+    assert out.stride() == q.stride()
+
+
+def test_every_output_row_written():
+    """Poison the allocator's memory: every output element must be overwritten (no NaN left)."""
+    layout = LAYOUTS["prefix"]
+    torch.empty(1 << 16).fill_(float("nan"))  # encourage reuse of poisoned memory on CPU
+    out, _ = run_case(layout, V1, torch.tensor([[2, 2, 1]]))
+    assert torch.isfinite(out).all()
+
+
+def test_kernel_differs_from_dense():
+    """Guard against a test that cannot fail: a sparse head differs from dense attention."""
+    out, (q, k, v, table, voh) = run_case(LAYOUTS["none_even"], V1, torch.tensor([[0]]))
+    dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert (out.float() - dense).abs().max() > 1e-2
+
+
+def test_rejects_bad_inputs():
+    layout = LAYOUTS["none_tail"]
+    table = build_plan_table(layout, V1, DEVICE, block_m=32, block_n=32)
+    N = layout.seq_len
+    voh = torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(1, 2, N, 80, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims"):
+        block_sparse_attention(q, q, q, table, voh)
+    q = torch.randn(1, 2, N, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="int32"):
+        block_sparse_attention(q, q, q, table, voh.long())
+    with pytest.raises(ValueError, match="sequence length"):
+        block_sparse_attention(q[:, :, :-1], q[:, :, :-1], q[:, :, :-1], table, voh)
+    with pytest.raises(ValueError, match="key_bias"):
+        block_sparse_attention(q, q, q, table, voh, key_bias=torch.zeros(1, N - 1, device=DEVICE))
+
+
+# -- GPU tests --------------------------------------------------------------------------------
+
+GPU_LAYOUTS = {
+    "cogvideox_small": VideoLayout(7, 20, 30, prefix=226),  # N = 4426, ragged
+    "hunyuan_small": VideoLayout(8, 16, 24, suffix=256),  # N = 3328
+    "wan_small": VideoLayout(5, 20, 26),  # N = 2600
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loads", ["gather", "tma"])
+@pytest.mark.parametrize("split_full", [True, False])
+@pytest.mark.parametrize("layout_name,D", [("cogvideox_small", 64), ("hunyuan_small", 128), ("wan_small", 128)])
+def test_gpu_bf16_against_dense_sdpa(layout_name, D, loads, split_full):
+    """Real tile sizes (128x128) in bf16: three-way check, and equal to dense SDPA with the same
+    mask given as an additive -inf mask."""
+    from rf_compile.kernels.block_sparse import _has_tma
+
+    if loads == "tma" and not _has_tma():
+        pytest.skip("TMA needs Hopper and Triton tensor descriptors")
+    layout = GPU_LAYOUTS[layout_name]
+    variants = V1_PLUS
+    table = build_plan_table(layout, variants, "cuda")
+    B, H = 2, len(variants)
+    voh = torch.stack([torch.arange(H), torch.arange(H).flip(0)]).to(torch.int32).cuda()
+    q, k, v = make_qkv(B, H, layout.seq_len, D, torch.bfloat16, device="cuda", bnhd=True)
+    bias = None
+    if layout.suffix:
+        bias = torch.zeros(B, layout.seq_len, device="cuda")
+        bias[1, -100:] = float("-inf")
+    out = block_sparse_attention(q, k, v, table, voh, key_bias=bias, loads=loads, split_full=split_full)
+    mask = head_masks(table, voh)
+    assert_close_three_way(out, q, k, v, mask, key_bias=bias)
+    additive = torch.zeros(mask.shape, device="cuda", dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        additive = additive + bias[:, None, None, :].to(torch.bfloat16)
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+    golden = attention_ref(q, k, v, mask, key_bias=bias).double()
+    dense_err = (dense.double() - golden).abs().max().item()
+    err = (out.double() - golden).abs().max().item()
+    assert err <= 2 * dense_err + ATOL_FLOOR[torch.bfloat16], f"sparse {err:.3e} vs dense SDPA {dense_err:.3e}"
+
+
+@pytest.mark.gpu
+def test_gpu_full_size_rows_against_reference():
+    """CogVideoX-5B layout at full size (N=17776, 128x128 tiles): 512 random query rows of mixed
+    variant heads against a float64 reference of those rows."""
+    layout = VideoLayout(13, 30, 45, prefix=226)
+    table = build_plan_table(layout, V1, "cuda")
+    B, H, N, D = 1, 6, layout.seq_len, 64
+    voh = torch.tensor([[0, 1, 2, 2, 1, 0]], dtype=torch.int32, device="cuda")
+    q, k, v = make_qkv(B, H, N, D, torch.bfloat16, device="cuda", bnhd=True)
+    out = block_sparse_attention(q, k, v, table, voh)
+    rows = torch.randperm(N, device="cuda")[:512]
+    masks = torch.stack([element_mask(table, p)[rows] for p in range(len(V1))])[voh[0].long()]
+    scores = torch.einsum("hnd,hmd->hnm", q[0, :, rows].double() * D**-0.5, k[0].double())
+    ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v[0].double()
+    rel = (out[0, :, rows].double() - ref).norm() / ref.norm()
+    assert rel < 1e-2, f"relative error {rel:.2e}"
+    assert any(v.pattern == Pattern.TEXTURAL for v in V1)
