@@ -1,1 +1,49 @@
-"""rf_compile: RainFusion sparse attention as a torch.compile backend."""
+"""rf_compile: RainFusion sparse attention for video diffusion transformers, as a torch.compile backend.
+
+``torch.compile(model, backend="rainfusion")`` needs no import of this package; import it for
+the inspection API (``inspect``, ``stats``, ``reset``) and the functional layer
+(``classify_heads``, ``sparse_attention``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rf_compile.config import RainFusionConfig
+from rf_compile.layout import VideoLayout
+from rf_compile.ops.arm import classify_heads
+from rf_compile.ops.attention import sparse_attention
+from rf_compile.ops.patterns import Pattern
+from rf_compile.ops.runtime import reset, stats
+from rf_compile.report import CompileReport, SiteReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompileReport",
+    "Pattern",
+    "RainFusionConfig",
+    "SiteReport",
+    "VideoLayout",
+    "classify_heads",
+    "inspect",
+    "reset",
+    "sparse_attention",
+    "stats",
+]
+
+
+def inspect(model: torch.nn.Module, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> CompileReport:
+    """Compile ``model`` with the rainfusion backend, run one forward, and report every attention site.
+
+    Returns the ``CompileReport`` of the graphs compiled by that forward.
+    """
+    from rf_compile.backend import REPORTS, rainfusion
+
+    start = len(REPORTS)
+    compiled = torch.compile(model, backend=rainfusion, options=options)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    return CompileReport([site for report in REPORTS[start:] for site in report.sites])

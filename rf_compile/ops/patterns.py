@@ -107,6 +107,21 @@ class PlanTable:
         blocks_k = -(-self.layout.seq_len // self.block_n)
         return self.kv_num_blocks.float().sum(-1) / (self.kv_num_blocks.shape[-1] * blocks_k)
 
+    def score_density(self) -> torch.Tensor:
+        """Float [P]: fraction of (query, key) token pairs each variant attends (text included)."""
+        layout, N = self.layout, self.layout.seq_len
+        text, video = N - layout.video_tokens, layout.video_tokens
+        i = torch.arange(video, dtype=torch.float64, device=self.band.device)
+        kept = []
+        for p in range(len(self.variants)):
+            band = int(self.band[p])
+            if band < 0:  # textural: every video row sees the valid keys
+                per_row = torch.full_like(i, float(self.kv_valid[p]))
+            else:
+                per_row = text + torch.minimum(i + band, i.new_tensor(video - 1)) - torch.clamp(i - band, min=0) + 1
+            kept.append((text * N + per_row.sum()) / (N * N))
+        return torch.stack(kept).float()
+
     def to_dense(self) -> torch.Tensor:
         """Bool [P, Mq, Mk] block mask, for inspection and tests."""
         P, Mq, Mk = self.kv_indices.shape

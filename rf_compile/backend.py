@@ -1,0 +1,60 @@
+"""The ``rainfusion`` Dynamo backend: parse options, run the passes, hand the graph to inductor.
+
+Found by ``torch.compile(model, backend="rainfusion")`` through the ``torch_dynamo_backends``
+entry point, without importing rf_compile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from rf_compile.config import RainFusionConfig
+from rf_compile.passes.assign_layout import assign_layouts
+from rf_compile.passes.context import PassContext
+from rf_compile.passes.find_attention import find_attention
+from rf_compile.passes.rewrite import rewrite_sites
+from rf_compile.report import CompileReport
+
+log = logging.getLogger(__name__)
+
+PASSES = (find_attention, assign_layouts, rewrite_sites)
+
+# Reports of every graph compiled in this process, newest last (``rf_compile.inspect`` reads them).
+REPORTS: list[CompileReport] = []
+
+
+def rainfusion(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable:
+    """Dynamo backend: RainFusion passes over ``gm``, then ``compile_fx`` with the remaining options."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    config, inductor_options = RainFusionConfig.from_options(options)
+    ctx = PassContext(gm=gm, config=config, graph_index=len(REPORTS))
+    for run_pass in PASSES:
+        try:
+            run_pass(gm, ctx)
+        except ValueError:
+            raise
+        except Exception as error:  # a failing pass must not break the user's model
+            if config.strict:
+                raise
+            log.warning("rainfusion pass %s failed (%s); remaining sites stay dense", run_pass.__name__, error)
+            for site in ctx.sites:
+                if site.report.status != "sparse":
+                    site.make_dense(f"pass {run_pass.__name__} failed: {error}")
+            break
+    report = CompileReport(ctx.reports)
+    REPORTS.append(report)
+    if config.report:
+        print(report.table())
+    patches = {**(list_mode_options(mode) if mode else {}), **inductor_options}
+    return compile_fx(gm, example_inputs, config_patches=patches or None)

@@ -1,0 +1,111 @@
+"""Adaptive Recognition Module: which pattern (and bandwidth) each head uses, on the device.
+
+Algorithm 1 of the paper, vectorised over batch, heads and bandwidths: the local sample (the
+first frame's tokens) estimates the recall of the temporal mask, the global sample (every
+omega-th video token) the recall of the spatial mask. Everything stays on the device: the
+decision is a tensor of variant ids, never read back by the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rf_compile.config import RainFusionConfig
+from rf_compile.layout import VideoLayout
+from rf_compile.ops.patterns import Pattern, variants_for
+from rf_compile.reference.masks import band_halfwidth
+
+
+def _sampled_recall(
+    q: torch.Tensor, k: torch.Tensor, position: torch.Tensor, halfwidths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Recall [B, H, nb] of bands ``|position_i - position_j| <= halfwidth`` over sampled tokens."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    probs = torch.softmax(scores, dim=-1)
+    distance = (position[:, None] - position[None, :]).abs()
+    inside = (distance[None] <= halfwidths[:, None, None]).to(probs.dtype)  # [nb, S, S]
+    return torch.einsum("bhqk,nqk->bhn", probs, inside) / q.shape[-2]
+
+
+def arm_recalls(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    bandwidths: tuple[float, ...],
+    sample_stride: int | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimated recall of the temporal and spatial masks, float32 [B, H, len(bandwidths)] each.
+
+    Parameters
+    ----------
+    q, k: [B, H, N, D]
+        The attention inputs of one call.
+    bandwidths:
+        Band fractions, ascending.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    device, P, F = q.device, layout.prefix, layout.frames
+    omega = sample_stride or F
+    halfwidths = torch.tensor([band_halfwidth(layout, b) for b in bandwidths], device=device)
+
+    # Local sample: frame 0. In spatial-major order its tokens sit F apart.
+    local = slice(P, P + layout.frame_tokens)
+    local_position = torch.arange(layout.frame_tokens, device=device) * F
+    recall_t = _sampled_recall(q[..., local, :], k[..., local, :], local_position, halfwidths, scale)
+
+    # Global sample: every omega-th video token, at its frame-major position.
+    global_ = slice(P, P + layout.video_tokens, omega)
+    global_position = torch.arange(0, layout.video_tokens, omega, device=device)
+    recall_s = _sampled_recall(q[..., global_, :], k[..., global_, :], global_position, halfwidths, scale)
+    return recall_t, recall_s
+
+
+def choose_variants(recall_temporal: torch.Tensor, recall_spatial: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Variant ids [B, H] (``variants_for`` order) from recalls [B, H, nb], bandwidths ascending.
+
+    Temporal first, then spatial, each at the smallest bandwidth reaching ``threshold``;
+    textural when neither does.
+    """
+    nb = recall_temporal.shape[-1]
+    index = torch.arange(nb, device=recall_temporal.device)
+
+    def smallest_passing(recall: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        passing = recall >= threshold
+        first = torch.where(passing, index, nb).amin(-1)
+        return passing.any(-1), first
+
+    temporal_ok, temporal_first = smallest_passing(recall_temporal)
+    spatial_ok, spatial_first = smallest_passing(recall_spatial)
+    textural = torch.full_like(temporal_first, 2 * nb)
+    return torch.where(temporal_ok, nb + temporal_first, torch.where(spatial_ok, spatial_first, textural))
+
+
+def classify_variants(
+    q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, scale: float | None = None
+) -> torch.Tensor:
+    """Variant id per (batch element, head), int64 [B, H], on q's device."""
+    recall_t, recall_s = arm_recalls(q, k, layout, config.head_bandwidths, config.sample_stride, scale)
+    return choose_variants(recall_t, recall_s, config.threshold)
+
+
+def classify_heads(
+    q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: RainFusionConfig | None = None
+) -> torch.Tensor:
+    """The ARM's pattern per (batch element, head): int64 [B, H] of ``Pattern`` values.
+
+    Parameters
+    ----------
+    q, k: [B, H, N, D]
+        Queries and keys of one attention call over a sequence described by ``layout``.
+    config:
+        ``alpha``, ``sample_stride`` and, in mode ``"v1+"``, the candidate bandwidths.
+    """
+    config = config or RainFusionConfig()
+    layout.check_seq_len(q.shape[-2])
+    variants = classify_variants(q, k, layout, config)
+    pattern_of = torch.tensor([v.pattern for v in variants_for(config)], device=q.device)
+    return pattern_of[variants]
+
+
+__all__ = ["Pattern", "arm_recalls", "choose_variants", "classify_heads", "classify_variants"]

@@ -1,0 +1,123 @@
+"""Find every scaled_dot_product_attention call in a Dynamo graph and check it can be sparse.
+
+Eligibility gives reasons, not booleans: a site that cannot run RainFusion keeps SDPA and its
+report says why (cross-attention, causal, dropout, mask, grouped heads, symbolic shapes, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+import torch.nn.functional as F
+
+from rf_compile.ops.attention import is_key_padding_mask
+from rf_compile.passes.context import PassContext, Site
+from rf_compile.report import SiteReport
+
+log = logging.getLogger(__name__)
+
+SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def find_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+    """Record one ``Site`` per SDPA node, each with the first reason it must stay dense (if any)."""
+    names: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+            continue
+        args = sdpa_arguments(node)
+        module = module_path(node)
+        count = names.get(module, 0)
+        names[module] = count + 1
+        report = SiteReport(
+            name=module if count == 0 else f"{module}#{count + 1}",
+            module=module,
+            source=source_line(node),
+            graph=ctx.graph_index,
+        )
+        site = Site(node=node, args=args, report=report)
+        _describe_shapes(site)
+        reason = not_supported_reason(args)
+        if reason:
+            site.make_dense(reason)
+        ctx.sites.append(site)
+    log.debug("rainfusion: found %d attention sites", len(ctx.sites))
+
+
+def sdpa_arguments(node: torch.fx.Node) -> dict:
+    """SDPA arguments of a node by name, whether they were passed positionally or by keyword."""
+    args = dict(_SDPA_DEFAULTS)
+    args.update(zip(_SDPA_ARGS, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def example(value):
+    """The fake tensor Dynamo recorded for a node (or the constant itself)."""
+    if isinstance(value, torch.fx.Node):
+        return value.meta.get("example_value", value.meta.get("val"))
+    return value
+
+
+def _describe_shapes(site: Site) -> None:
+    q, k = example(site.args["query"]), example(site.args["key"])
+    if isinstance(q, torch.Tensor) and q.dim() == 4:
+        site.report.heads, site.report.seq_len, site.report.head_dim = _ints(q.shape[1], q.shape[2], q.shape[3])
+    if isinstance(k, torch.Tensor) and k.dim() == 4:
+        site.report.kv_len = _ints(k.shape[2])[0]
+
+
+def _ints(*sizes) -> tuple:
+    return tuple(s if isinstance(s, int) else None for s in sizes)
+
+
+def not_supported_reason(args: dict) -> str | None:
+    """Why this SDPA call cannot become RainFusion attention (None if it can)."""
+    q, k, v = (example(args[name]) for name in ("query", "key", "value"))
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return "query/key/value are not 4-D [B, H, N, D] tensors"
+    if not all(isinstance(s, int) for s in (*q.shape, *k.shape)):
+        return "symbolic shapes (dynamic=True or automatic dynamic): compile with dynamic=False"
+    if q.shape[2] != k.shape[2]:
+        return f"cross-attention (query length {q.shape[2]} != key length {k.shape[2]})"
+    if q.shape[1] != k.shape[1] or args["enable_gqa"]:
+        return f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key heads)"
+    if args["is_causal"] is not False:
+        return "causal attention"
+    if isinstance(args["dropout_p"], torch.fx.Node) or args["dropout_p"] != 0.0:
+        return "attention dropout"
+    if isinstance(args["scale"], torch.fx.Node):
+        return "softmax scale computed at run time"
+    mask = example(args["attn_mask"])
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            return "attention mask is not a tensor"
+        if not is_key_padding_mask(mask.shape, k.shape[2]):
+            return f"attention mask of shape {tuple(mask.shape)} (supported: key-padding [B|1, 1, 1, N])"
+    return None
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """Dotted path of the innermost nn.Module that made this call, e.g. ``transformer_blocks.0.attn1``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
+    path = re.sub(r"\._modules\.", ".", path).strip(".")
+    return path or node.name
+
+
+def source_line(node: torch.fx.Node) -> str:
+    """``file.py:123`` of the innermost frame that called attention, from the node's stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if not frames:
+        return ""
+    path, line = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line}"

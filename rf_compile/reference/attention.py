@@ -1,0 +1,39 @@
+"""Pure-PyTorch RainFusion attention: SDPA with the token-level mask of each head's variant.
+
+O(N^2) memory per head: the ground truth for tests and the CPU path of the op, not a fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rf_compile.ops.patterns import PlanTable, element_mask
+
+
+def variant_masks(table: PlanTable) -> torch.Tensor:
+    """Bool [P, N, N]: each variant's mask in the original token order."""
+    return torch.stack([element_mask(table, p) for p in range(len(table.variants))])
+
+
+def combine_masks(pattern_mask: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply a user SDPA mask (bool: True attends; float: additive) on top of a bool pattern mask."""
+    if attn_mask is None:
+        return pattern_mask
+    if attn_mask.dtype == torch.bool:
+        return pattern_mask & attn_mask
+    return torch.where(pattern_mask, attn_mask, float("-inf")).to(attn_mask.dtype)
+
+
+def sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: PlanTable,
+    variant_of_head: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of each (batch, head) under its variant's mask; [B, H, N, D] like q."""
+    masks = variant_masks(table).to(q.device)[variant_of_head.long()]  # [B, H, N, N]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=combine_masks(masks, attn_mask), scale=scale)

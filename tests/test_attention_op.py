@@ -1,0 +1,143 @@
+"""The op and the functional layer against F.scaled_dot_product_attention."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rf_compile import Pattern, RainFusionConfig, VideoLayout, classify_heads, sparse_attention
+from rf_compile.ops.attention import attention, key_padding_bias
+from rf_compile.ops.patterns import build_plan_table, variants_for
+from rf_compile.ops.runtime import register_site, reset, stats
+from rf_compile.reference import masks
+from rf_compile.reference.attention import sparse_attention_reference
+from rf_compile.reference.synthetic import planted_qk
+
+ODD_LAYOUTS = [VideoLayout(3, 5, 7, prefix=5), VideoLayout(2, 3, 7, suffix=3), VideoLayout(3, 3, 5, prefix=1, suffix=2)]
+
+
+def qkv(layout, batch=2, heads=3, dim=24, dtype=torch.float32):
+    return [torch.randn(batch, heads, layout.seq_len, dim, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("layout", ODD_LAYOUTS, ids=str)
+def test_full_masks_equal_sdpa(layout):
+    q, k, v = qkv(layout)
+    # bandwidth 1 makes the spatial and temporal bands full; a tiny alpha makes every head temporal.
+    config = RainFusionConfig(bandwidth=1.0, alpha=1e-6)
+    out = sparse_attention(q, k, v, layout, config=config)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ODD_LAYOUTS, ids=str)
+def test_sparse_output_equals_sdpa_with_the_chosen_pattern_as_additive_mask(layout):
+    q, k = planted_qk(layout, [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL], head_dim=32, batch=2, seed=5, dtype=torch.float64)
+    v = torch.randn_like(q)
+    out = sparse_attention(q, k, v, layout, scale=0.2)
+    chosen = classify_heads(q, k, layout)
+    pattern_masks = {
+        Pattern.SPATIAL: masks.spatial_mask(layout, 0.25),
+        Pattern.TEMPORAL: masks.temporal_mask(layout, 0.25),
+        Pattern.TEXTURAL: masks.textural_mask(layout, 2),
+    }
+    for b in range(2):
+        for h in range(3):
+            mask = pattern_masks[Pattern(int(chosen[b, h]))]
+            bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+            expected = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], attn_mask=bias, scale=0.2)
+            torch.testing.assert_close(out[b, h], expected, atol=1e-9, rtol=1e-9)
+
+
+def test_reference_honours_boolean_key_padding_mask_and_float_masks():
+    layout = VideoLayout(2, 4, 4, suffix=6)
+    q, k, v = qkv(layout, batch=2)
+    table = build_plan_table(layout, variants_for(RainFusionConfig()))
+    variant = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    padding = torch.ones(2, 1, 1, layout.seq_len, dtype=torch.bool)
+    padding[1, ..., -3:] = False
+    out_bool = sparse_attention_reference(q, k, v, table, variant, attn_mask=padding)
+    additive = torch.zeros(padding.shape).masked_fill(~padding, float("-inf"))
+    out_float = sparse_attention_reference(q, k, v, table, variant, attn_mask=additive)
+    torch.testing.assert_close(out_bool, out_float)
+    # Padded keys get no weight: changing their values changes nothing.
+    v2 = v.clone()
+    v2[1, :, -3:] += 100
+    torch.testing.assert_close(sparse_attention_reference(q, k, v2, table, variant, attn_mask=padding), out_bool)
+    bias = key_padding_bias(padding, 2, layout.seq_len)
+    assert bias.shape == (2, layout.seq_len) and torch.isinf(bias[1, -3:]).all() and (bias[0] == 0).all()
+
+
+def test_dense_mode_is_exact_sdpa():
+    layout = ODD_LAYOUTS[0]
+    q, k, v = qkv(layout)
+    out = sparse_attention(q, k, v, layout, config=RainFusionConfig(mode="dense"))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=0, rtol=0)
+
+
+def test_op_warmup_follows_the_timestep_and_records_stats():
+    reset()
+    layout = VideoLayout(3, 4, 4, prefix=4)
+    key = register_site("test.warmup", layout, RainFusionConfig(dense_warmup=0.2))
+    q, k, v = qkv(layout)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    out_early = attention(q, k, v, None, torch.tensor([950.0, 950.0]), None, key)
+    torch.testing.assert_close(out_early, dense)
+    out_late = attention(q, k, v, None, torch.tensor([300.0, 300.0]), None, key)
+    expected = sparse_attention(q, k, v, layout)
+    torch.testing.assert_close(out_late, expected)
+    site = stats()["test.warmup"]
+    assert (site["calls"], site["dense_calls"], site["sparse_calls"], site["arm_runs"]) == (2, 1, 1, 1)
+    assert sum(sum(head[p] for p in ("spatial", "temporal", "textural")) for head in site["heads"]) == 2 * 3
+    assert 0.0 < site["sparsity"] < 1.0
+
+
+def test_op_without_timestep_counts_calls_and_reset_restarts():
+    reset()
+    layout = VideoLayout(2, 4, 4)
+    key = register_site("test.counter", layout, RainFusionConfig(dense_warmup=0.1, num_steps=20))
+    q, k, v = qkv(layout, batch=1)
+    for _ in range(3):
+        attention(q, k, v, None, None, None, key)
+    assert stats()["test.counter"]["dense_calls"] == 2  # ceil(0.1 * 20)
+    reset()
+    assert stats()["test.counter"]["calls"] == 0
+
+
+def test_op_reuses_the_arm_decision_with_arm_every():
+    reset()
+    layout = VideoLayout(2, 4, 4)
+    key = register_site("test.arm_every", layout, RainFusionConfig(dense_warmup=0.0, arm_every=3))
+    q, k, v = qkv(layout, batch=1)
+    for _ in range(4):
+        attention(q, k, v, None, None, None, key)
+    assert stats()["test.arm_every"]["arm_runs"] == 2
+
+
+def test_op_passes_opcheck():
+    layout = VideoLayout(2, 3, 4, prefix=2)
+    key = register_site("test.opcheck", layout, RainFusionConfig(dense_warmup=0.0))
+    q, k, v = qkv(layout)
+    torch.library.opcheck(attention, (q, k, v, None, None, None, key))
+
+
+def test_grad_required_raises_clear_error():
+    layout = VideoLayout(2, 3, 4)
+    q, k, v = qkv(layout)
+    q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        sparse_attention(q, k, v, layout)
+
+
+def test_mismatched_layout_and_shapes_raise():
+    layout = VideoLayout(2, 3, 4)
+    q, k, v = qkv(layout)
+    with pytest.raises(ValueError, match="has 24"):
+        sparse_attention(q, k, v, VideoLayout(2, 3, 5))
+    with pytest.raises(ValueError, match="self-attention"):
+        sparse_attention(q, k[:, :, :10], v, layout)
+
+
+def test_unregistered_site_is_a_clear_error():
+    layout = VideoLayout(2, 3, 4)
+    q, k, v = qkv(layout)
+    with pytest.raises(RuntimeError, match="not registered"):
+        attention(q, k, v, None, None, None, "no.such.site")

@@ -1,0 +1,147 @@
+"""The backend on a hand-written model: site discovery, reasons, rewrite, exactness, options."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import rf_compile
+from rf_compile import RainFusionConfig, VideoLayout, sparse_attention
+from rf_compile.backend import rainfusion
+
+LAYOUT = VideoLayout(3, 4, 6, prefix=5)  # 77 tokens
+
+
+class ToyVideoBlock(nn.Module):
+    """Self-attention over [text, video], cross-attention to a context, and a causal attention."""
+
+    def __init__(self, dim=32, heads=2, use_rainfusion=False):
+        super().__init__()
+        self.heads, self.use_rainfusion = heads, use_rainfusion
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.cross_q, self.cross_kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.time = nn.Linear(1, dim)
+
+    def split(self, x, parts):
+        B, N, _ = x.shape
+        return [t.transpose(1, 2) for t in x.view(B, N, parts, self.heads, -1).unbind(2)]
+
+    def merge(self, x):
+        return x.transpose(1, 2).flatten(2)
+
+    def forward(self, x, context, timestep):
+        x = x + self.time(timestep[:, None, None].float() / 1000)
+        q, k, v = self.split(self.qkv(x), 3)
+        if self.use_rainfusion:
+            attn = sparse_attention(q, k, v, LAYOUT, config=RainFusionConfig())
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.merge(attn)
+        (cq,) = self.split(self.cross_q(x), 1)
+        ck, cv = self.split(self.cross_kv(context), 2)
+        x = x + self.merge(F.scaled_dot_product_attention(cq, ck, cv))
+        q, k, v = self.split(self.qkv(x), 3)
+        return x + self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def inputs(batch=2, t=400.0):
+    return torch.randn(batch, LAYOUT.seq_len, 32), torch.randn(batch, 7, 32), torch.full((batch,), t)
+
+
+OPTIONS = {"layout": LAYOUT, "min_video_tokens": 0, "dense_warmup": 0.1}
+
+
+def test_backend_is_registered_by_entry_point():
+    assert "rainfusion" in torch._dynamo.list_backends()
+
+
+def test_sites_are_found_with_reasons():
+    model = ToyVideoBlock().eval()
+    report = rf_compile.inspect(model, *inputs(), options=OPTIONS)
+    assert [s.status for s in report.sites] == ["sparse", "dense", "dense"]
+    sparse, cross, causal = report.sites
+    assert sparse.layout == LAYOUT and (sparse.heads, sparse.head_dim, sparse.seq_len) == (2, 16, 77)
+    assert sparse.kernel == "reference"
+    assert cross.reason == "cross-attention (query length 77 != key length 7)"
+    assert causal.reason == "causal attention"
+    assert sparse.source.startswith("test_backend.py:")
+    assert "1 sparse, 2 dense" in report.table()
+    assert rf_compile.CompileReport.from_json(report.to_json()) == report
+
+
+def test_dense_mode_matches_eager_and_counts_rewrites():
+    counters.clear()
+    model = ToyVideoBlock().eval()
+    args = inputs()
+    compiled = torch.compile(model, backend="rainfusion", options={**OPTIONS, "mode": "dense"}, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), model(*args), atol=1e-5, rtol=1e-5)
+    assert counters["rainfusion"]["sparse_sites"] == 1 and counters["rainfusion"]["dense_sites"] == 2
+
+
+def test_sparse_mode_matches_the_functional_layer():
+    model = ToyVideoBlock().eval()
+    reference = ToyVideoBlock(use_rainfusion=True).eval()
+    reference.load_state_dict(model.state_dict())
+    args = inputs(t=300.0)  # below the dense warm-up threshold of 900
+    compiled = torch.compile(model, backend="rainfusion", options=OPTIONS, fullgraph=True)
+    with torch.no_grad():
+        sparse = compiled(*args)
+        torch.testing.assert_close(sparse, reference(*args), atol=1e-5, rtol=1e-5)
+        assert (sparse - model(*args)).abs().max() > 1e-4  # it really is sparse
+
+
+def test_warmup_step_is_dense():
+    model = ToyVideoBlock().eval()
+    args = inputs(t=990.0)
+    compiled = torch.compile(model, backend="rainfusion", options=OPTIONS, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), model(*args), atol=1e-5, rtol=1e-5)
+
+
+def test_symbolic_shapes_stay_dense_with_reason():
+    captured = []
+
+    def record(gm, example_inputs):
+        captured.append(rainfusion(gm, example_inputs, options=OPTIONS))
+        return captured[-1]
+
+    from rf_compile.backend import REPORTS
+
+    start = len(REPORTS)
+    compiled = torch.compile(ToyVideoBlock().eval(), backend=record, dynamic=True)
+    with torch.no_grad():
+        compiled(*inputs())
+    reasons = {s.reason for r in REPORTS[start:] for s in r.sites}
+    assert any("symbolic shapes" in reason for reason in reasons)
+
+
+def test_layout_override_that_fits_nothing_is_an_error():
+    model = ToyVideoBlock().eval()
+    with pytest.raises(Exception, match=r"matches no self-attention site; their sequence lengths are \[77\]"):
+        rf_compile.inspect(model, *inputs(), options={"layout": VideoLayout(2, 2, 2), "min_video_tokens": 0})
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(Exception, match="unknown rainfusion option"):
+        rf_compile.inspect(ToyVideoBlock().eval(), *inputs(), options={"bandwith": 0.2})
+
+
+def test_small_sites_stay_dense():
+    report = rf_compile.inspect(ToyVideoBlock().eval(), *inputs(), options={"layout": LAYOUT})
+    assert report.sites[0].status == "dense"
+    assert report.sites[0].reason == "72 video tokens < min_video_tokens=256"
+
+
+def test_failing_pass_leaves_sites_dense_unless_strict(monkeypatch):
+    import rf_compile.backend as backend
+
+    def broken(gm, ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(backend, "PASSES", (backend.find_attention, broken, backend.rewrite_sites))
+    report = rf_compile.inspect(ToyVideoBlock().eval(), *inputs(), options=OPTIONS)
+    assert all(s.status == "dense" and "pass broken failed: boom" in s.reason for s in report.sites)
+    with pytest.raises(Exception, match="boom"):
+        rf_compile.inspect(ToyVideoBlock().eval(), *inputs(), options={**OPTIONS, "strict": True})

@@ -1,0 +1,53 @@
+"""Option parsing: our keys become a validated RainFusionConfig, the rest stays for inductor."""
+
+import pytest
+
+from rf_compile import RainFusionConfig, VideoLayout
+
+
+def test_defaults_follow_the_paper():
+    config, rest = RainFusionConfig.from_options(None)
+    assert (config.mode, config.bandwidth, config.stride, config.dense_warmup) == ("v1", 0.25, 2, 0.1)
+    assert rest == {}
+
+
+def test_our_keys_are_taken_and_inductor_keys_left():
+    config, rest = RainFusionConfig.from_options(
+        {"mode": "v1+", "bandwidths": [0.5, 0.25], "layout": {"frames": 2, "height": 3, "width": 4}, "max_autotune": True}
+    )
+    assert config.mode == "v1+" and config.head_bandwidths == (0.25, 0.5)
+    assert config.layout == VideoLayout(2, 3, 4)
+    assert rest == {"max_autotune": True}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "sparse"}, r"'mode' must be one of \['v1', 'v1\+', 'dense'\]"),
+        ({"bandwidth": 0.0}, r"'bandwidth' must be a fraction in \(0, 1\]"),
+        ({"bandwidth": 1.5}, r"'bandwidth' must be a fraction"),
+        ({"bandwidths": []}, "'bandwidths' must hold at least one"),
+        ({"stride": 1}, "'stride' must be an int >= 2"),
+        ({"stride": 2.5}, "'stride' must be an int >= 2"),
+        ({"alpha": -0.1}, "'alpha' must be a fraction"),
+        ({"dense_warmup": 1.0}, r"'dense_warmup' must be a fraction in \[0, 1\)"),
+        ({"sample_stride": 0}, "'sample_stride' must be an int >= 1"),
+        ({"arm_every": 0}, "'arm_every' must be an int >= 1"),
+        ({"kernel": "cuda"}, "'kernel' must be one of"),
+        ({"report": "yes"}, "'report' must be True or False"),
+        ({"bandwith": 0.25}, r"unknown rainfusion option\(s\) \['bandwith'\]; accepted keys"),
+        ({"layout": {"frames": 0, "height": 3, "width": 4}}, "layout frames must be a positive int"),
+        ({"layout": {"frames": 2, "height": 3}}, r"layout is missing \['width'\]"),
+        ({"layout": {"frames": 2, "height": 3, "width": 4, "depth": 1}}, r"unknown keys \['depth'\]"),
+        ({"layout": "13x30x45"}, "layout must be a VideoLayout, a dict"),
+        ({"layout": (2, 3, 4, -1)}, "layout prefix must be a non-negative int"),
+    ],
+)
+def test_bad_options_raise_value_error_naming_the_key(options, message):
+    with pytest.raises(ValueError, match=message):
+        RainFusionConfig.from_options(options)
+
+
+def test_layout_accepts_tuples():
+    layout = VideoLayout.from_value((13, 30, 45, 226))
+    assert (layout.seq_len, layout.describe()) == (17776, "13x30x45 +226 text first")

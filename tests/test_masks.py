@@ -1,0 +1,110 @@
+"""Pattern masks against brute force from the paper's definitions, and block plans against masks."""
+
+import itertools
+
+import pytest
+import torch
+
+from rf_compile.config import RainFusionConfig
+from rf_compile.layout import VideoLayout
+from rf_compile.ops.patterns import Pattern, build_plan_table, element_mask, variants_for
+from rf_compile.reference import masks
+
+LAYOUTS = [
+    VideoLayout(3, 5, 7, prefix=6),
+    VideoLayout(4, 3, 3, suffix=5),
+    VideoLayout(2, 5, 4, prefix=3, suffix=4),
+    VideoLayout(5, 4, 7),
+    VideoLayout(1, 6, 5, prefix=2),
+]
+
+
+def token_coords(layout):
+    """(is_text, frame, h, w) per token, written out one token at a time."""
+    coords = [(True, None, None, None)] * layout.prefix
+    for f, h, w in itertools.product(range(layout.frames), range(layout.height), range(layout.width)):
+        coords.append((False, f, h, w))
+    return coords + [(True, None, None, None)] * layout.suffix
+
+
+def brute_force(layout, kind, bandwidth=0.25, stride=2):
+    coords = token_coords(layout)
+    V, F, HW = layout.video_tokens, layout.frames, layout.frame_tokens
+    half = int(bandwidth * V)
+    N = layout.seq_len
+    mask = torch.zeros(N, N, dtype=torch.bool)
+    for i, j in itertools.product(range(N), range(N)):
+        ti, fi, hi, wi = coords[i]
+        tj, fj, hj, wj = coords[j]
+        if ti or tj:
+            mask[i, j] = True
+        elif kind == "spatial":
+            mask[i, j] = abs((fi * HW + hi * layout.width + wi) - (fj * HW + hj * layout.width + wj)) <= half
+        elif kind == "temporal":
+            pi, pj = (hi * layout.width + wi) * F + fi, (hj * layout.width + wj) * F + fj
+            mask[i, j] = abs(pi - pj) <= half
+        else:
+            mask[i, j] = any(hj % stride == k and wj % stride == k for k in range(stride))
+    return mask
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("bandwidth", [0.125, 0.25, 0.5])
+def test_band_masks_match_brute_force(layout, bandwidth):
+    assert torch.equal(masks.spatial_mask(layout, bandwidth), brute_force(layout, "spatial", bandwidth))
+    assert torch.equal(masks.temporal_mask(layout, bandwidth), brute_force(layout, "temporal", bandwidth))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("stride", [2, 3, 4])
+def test_textural_mask_matches_brute_force(layout, stride):
+    assert torch.equal(masks.textural_mask(layout, stride), brute_force(layout, "textural", stride=stride))
+
+
+def test_quarter_bandwidth_keeps_seven_sixteenths():
+    layout = VideoLayout(16, 16, 16)
+    for mask in (masks.spatial_mask(layout, 0.25), masks.temporal_mask(layout, 0.25)):
+        assert mask.float().mean().item() == pytest.approx(7 / 16, abs=2e-3)
+
+
+def test_checkerboard_keeps_one_over_stride():
+    layout = VideoLayout(2, 12, 12)
+    for stride in (2, 3, 4):
+        assert layout.checkerboard(stride).float().mean().item() == pytest.approx(1 / stride)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32)])
+def test_block_plans_compute_exactly_the_masks(layout, blocks):
+    variants = variants_for(RainFusionConfig(mode="v1+")) + variants_for(RainFusionConfig(stride=3))
+    table = build_plan_table(layout, variants, block_m=blocks[0], block_n=blocks[1])
+    block_mask = table.to_dense()
+    for p, variant in enumerate(variants):
+        if variant.pattern == Pattern.TEXTURAL:
+            expected = masks.textural_mask(layout, variant.stride)
+        elif variant.pattern == Pattern.SPATIAL:
+            expected = masks.spatial_mask(layout, variant.bandwidth)
+        else:
+            expected = masks.temporal_mask(layout, variant.bandwidth)
+        assert torch.equal(element_mask(table, p), expected), variant
+        assert table.score_density()[p].item() == pytest.approx(expected.float().mean().item(), abs=1e-6)
+        # In the variant's orders, a block is listed iff it holds an allowed pair; "full" ones hold only allowed
+        # pairs (the flag may be conservative on blocks that mix text and video).
+        permuted = expected[table.orders[table.q_order[p]].long()][:, table.orders[table.kv_order[p]].long()]
+        bm, bn = blocks
+        for m in range(block_mask.shape[1]):
+            listed = table.kv_indices[p, m, : table.kv_num_blocks[p, m]].tolist()
+            assert listed == sorted(listed)
+            for t, n in enumerate(listed):
+                tile = permuted[m * bm : (m + 1) * bm, n * bn : (n + 1) * bn]
+                if table.block_full[p, m, t]:
+                    assert bool(tile.all()), (variant, m, n)
+            for n in range(block_mask.shape[2]):
+                tile = permuted[m * bm : (m + 1) * bm, n * bn : (n + 1) * bn]
+                assert bool(tile.any()) == bool(block_mask[p, m, n]), (variant, m, n)
+
+
+def test_real_shape_plan_density_near_half():
+    table = build_plan_table(VideoLayout(13, 30, 45, prefix=226), variants_for(RainFusionConfig()))
+    density = table.density()
+    assert 0.4 < density.min() and density.max() < 0.6
