@@ -30,7 +30,8 @@ def test_full_masks_equal_sdpa(layout):
 
 @pytest.mark.parametrize("layout", ODD_LAYOUTS, ids=str)
 def test_sparse_output_equals_sdpa_with_the_chosen_pattern_as_additive_mask(layout):
-    q, k = planted_qk(layout, [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL], head_dim=32, batch=2, seed=5, dtype=torch.float64)
+    patterns = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL]
+    q, k = planted_qk(layout, patterns, head_dim=32, batch=2, seed=5, dtype=torch.float64)
     v = torch.randn_like(q)
     out = sparse_attention(q, k, v, layout, scale=0.2)
     chosen = classify_heads(q, k, layout)

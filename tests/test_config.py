@@ -13,7 +13,12 @@ def test_defaults_follow_the_paper():
 
 def test_our_keys_are_taken_and_inductor_keys_left():
     config, rest = RainFusionConfig.from_options(
-        {"mode": "v1+", "bandwidths": [0.5, 0.25], "layout": {"frames": 2, "height": 3, "width": 4}, "max_autotune": True}
+        {
+            "mode": "v1+",
+            "bandwidths": [0.5, 0.25],
+            "layout": {"frames": 2, "height": 3, "width": 4},
+            "max_autotune": True,
+        }
     )
     assert config.mode == "v1+" and config.head_bandwidths == (0.25, 0.5)
     assert config.layout == VideoLayout(2, 3, 4)

@@ -177,7 +177,8 @@ def _build_plan_table(
     # Stable sort of "not needed" puts the needed key blocks first, in ascending order.
     kv_indices = torch.sort((~any_blocks).to(torch.int8), dim=-1, stable=True).indices
     block_full = torch.gather(full_blocks, -1, kv_indices)
-    kv_indices = torch.where(torch.arange(kv_indices.shape[-1], device=device) < kv_num_blocks[..., None], kv_indices, 0)
+    listed = torch.arange(kv_indices.shape[-1], device=device) < kv_num_blocks[..., None]
+    kv_indices = torch.where(listed, kv_indices, 0)
     return PlanTable(
         layout=layout,
         variants=variants,
@@ -188,7 +189,7 @@ def _build_plan_table(
         kv_valid=kv_valid,
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices.to(torch.int32),
-        block_full=block_full & (torch.arange(kv_indices.shape[-1], device=device) < kv_num_blocks[..., None]),
+        block_full=block_full & listed,
         block_m=block_m,
         block_n=block_n,
     )
