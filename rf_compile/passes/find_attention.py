@@ -109,7 +109,7 @@ def module_path(node: torch.fx.Node) -> str:
     path = list(stack.values())[-1][0]
     path = re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
-    path = re.sub(r"\._modules\.", ".", path).strip(".")
+    path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path).strip(".")
     return path or node.name
 
 
