@@ -142,3 +142,15 @@ def test_unregistered_site_is_a_clear_error():
     q, k, v = qkv(layout)
     with pytest.raises(RuntimeError, match="not registered"):
         attention(q, k, v, None, None, None, "no.such.site")
+
+
+def test_stats_report_estimated_recall_and_bandwidth_per_head():
+    reset()
+    layout = VideoLayout(4, 6, 6, prefix=3)
+    key = register_site("test.recall", layout, RainFusionConfig(mode="v1+", dense_warmup=0.0))
+    q, k = planted_qk(layout, [Pattern.TEMPORAL, Pattern.TEXTURAL], head_dim=32, seed=2)
+    v = torch.randn_like(q)
+    attention(q, k, v, None, None, None, key)
+    temporal, textural = stats()["test.recall"]["heads"]
+    assert temporal["temporal"] == 1 and temporal["mean_recall"] > 0.9 and temporal["mean_bandwidth"] == 0.125
+    assert textural["textural"] == 1 and textural["mean_recall"] is None and textural["mean_bandwidth"] is None

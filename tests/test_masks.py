@@ -87,7 +87,7 @@ def test_block_plans_compute_exactly_the_masks(layout, blocks):
         else:
             expected = masks.temporal_mask(layout, variant.bandwidth)
         assert torch.equal(element_mask(table, p), expected), variant
-        assert table.score_density()[p].item() == pytest.approx(expected.float().mean().item(), abs=1e-6)
+        assert table.score_density[p].item() == pytest.approx(expected.float().mean().item(), abs=1e-6)
         # In the variant's orders, a block is listed iff it holds an allowed pair; "full" ones hold only allowed
         # pairs (the flag may be conservative on blocks that mix text and video).
         permuted = expected[table.orders[table.q_order[p]].long()][:, table.orders[table.kv_order[p]].long()]

@@ -81,12 +81,24 @@ def choose_variants(recall_temporal: torch.Tensor, recall_spatial: torch.Tensor,
     return torch.where(temporal_ok, nb + temporal_first, torch.where(spatial_ok, spatial_first, textural))
 
 
+def decide(
+    q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variant id (int64 [B, H], ``variants_for`` order) and the estimated recall of its mask.
+
+    The recall is float32 [B, H], NaN for textural heads (the ARM estimates no textural recall).
+    """
+    recall_t, recall_s = arm_recalls(q, k, layout, config.head_bandwidths, config.sample_stride, scale)
+    variants = choose_variants(recall_t, recall_s, config.threshold)
+    recalls = torch.cat([recall_s, recall_t, torch.full_like(recall_t[..., :1], float("nan"))], dim=-1)
+    return variants, recalls.gather(-1, variants[..., None]).squeeze(-1)
+
+
 def classify_variants(
     q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, scale: float | None = None
 ) -> torch.Tensor:
     """Variant id per (batch element, head), int64 [B, H], on q's device."""
-    recall_t, recall_s = arm_recalls(q, k, layout, config.head_bandwidths, config.sample_stride, scale)
-    return choose_variants(recall_t, recall_s, config.threshold)
+    return decide(q, k, layout, config, scale)[0]
 
 
 def classify_heads(
@@ -108,4 +120,4 @@ def classify_heads(
     return pattern_of[variants]
 
 
-__all__ = ["Pattern", "arm_recalls", "choose_variants", "classify_heads", "classify_variants"]
+__all__ = ["Pattern", "arm_recalls", "choose_variants", "classify_heads", "classify_variants", "decide"]

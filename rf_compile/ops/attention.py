@@ -164,10 +164,10 @@ def attention(
         return out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale))
     config = state.config
     table = build_plan_table(state.layout, state.variants, q.device)
-    variant_of_head = state.variants_for_call(lambda: arm.classify_variants(q, k, state.layout, config, scale))
-    if variant_of_head.shape != q.shape[:2]:  # batch size changed since the cached decision
-        variant_of_head = state.cached_variants = arm.classify_variants(q, k, state.layout, config, scale)
-    state.record(variant_of_head, table.score_density().to(q.device))
+    variant_of_head, recall = state.decision_for_call(
+        q.shape[:2], lambda: arm.decide(q, k, state.layout, config, scale)
+    )
+    state.record(variant_of_head, recall, table.score_density.to(q.device))
     return out.copy_(_run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel))
 
 

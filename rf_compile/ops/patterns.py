@@ -107,6 +107,7 @@ class PlanTable:
         blocks_k = -(-self.layout.seq_len // self.block_n)
         return self.kv_num_blocks.float().sum(-1) / (self.kv_num_blocks.shape[-1] * blocks_k)
 
+    @functools.cached_property
     def score_density(self) -> torch.Tensor:
         """Float [P]: fraction of (query, key) token pairs each variant attends (text included)."""
         layout, N = self.layout, self.layout.seq_len

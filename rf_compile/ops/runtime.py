@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -29,8 +30,9 @@ class SiteState:
     calls: int = 0
     dense_calls: int = 0
     arm_runs: int = 0
-    cached_variants: torch.Tensor | None = None
+    cached_decision: tuple[torch.Tensor, torch.Tensor] | None = None  # (variants, recall) [B, H]
     variant_counts: torch.Tensor | None = None  # int64 [H, P] on the device
+    recall_sums: torch.Tensor | None = None  # float64 [H, 2] on the device: sum and count of estimated recalls
     kept_pairs: torch.Tensor | None = None  # float64 scalar on the device: sum of kept score fractions
     sparse_heads: int = 0
 
@@ -45,22 +47,31 @@ class SiteState:
             return current_timestep(timestep) >= (1.0 - config.dense_warmup) * 1000.0
         return self.calls < math.ceil(config.dense_warmup * config.num_steps)
 
-    def variants_for_call(self, compute: callable) -> torch.Tensor:
-        """Run the ARM (``compute()``) or reuse its last decision, per ``arm_every``."""
+    def decision_for_call(
+        self, batch_heads: torch.Size, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the ARM (``compute()``) or reuse its last decision, per ``arm_every``.
+
+        A decision made for another batch size is never reused.
+        """
         sparse_call = self.calls - self.dense_calls
-        cached = self.cached_variants
-        if cached is None or sparse_call % self.config.arm_every == 0:
-            self.cached_variants = cached = compute()
+        cached = self.cached_decision
+        if cached is None or cached[0].shape != batch_heads or sparse_call % self.config.arm_every == 0:
+            self.cached_decision = cached = compute()
             self.arm_runs += 1
         return cached
 
-    def record(self, variant_of_head: torch.Tensor, density: torch.Tensor) -> None:
-        """Accumulate pattern counts per head and the kept fraction, on the device."""
+    def record(self, variant_of_head: torch.Tensor, recall: torch.Tensor, density: torch.Tensor) -> None:
+        """Accumulate pattern counts, estimated recalls and the kept fraction per head, on the device."""
         one_hot = torch.nn.functional.one_hot(variant_of_head, len(self.variants)).sum(0)
         if self.variant_counts is None or self.variant_counts.shape != one_hot.shape:
             self.variant_counts = torch.zeros_like(one_hot)
+            self.recall_sums = torch.zeros(one_hot.shape[0], 2, dtype=torch.float64, device=one_hot.device)
             self.kept_pairs = torch.zeros((), dtype=torch.float64, device=one_hot.device)
         self.variant_counts += one_hot
+        known = ~recall.isnan()
+        self.recall_sums[:, 0] += torch.where(known, recall, 0).double().sum(0)
+        self.recall_sums[:, 1] += known.double().sum(0)
         self.kept_pairs += density[variant_of_head].double().sum()
         self.sparse_heads += variant_of_head.numel()
 
@@ -69,7 +80,8 @@ class SiteState:
         heads = []
         if self.variant_counts is not None:
             counts = self.variant_counts.cpu()
-            for row in counts.tolist():
+            recall_sum, recall_count = self.recall_sums.cpu().unbind(-1)
+            for h, row in enumerate(counts.tolist()):
                 per_pattern = {p.name.lower(): 0 for p in Pattern}
                 bandwidths = []
                 for variant, n in zip(self.variants, row):
@@ -80,6 +92,7 @@ class SiteState:
                     {
                         **per_pattern,
                         "mean_bandwidth": sum(bandwidths) / len(bandwidths) if bandwidths else None,
+                        "mean_recall": float(recall_sum[h] / recall_count[h]) if recall_count[h] else None,
                     }
                 )
         density = float(self.kept_pairs) / self.sparse_heads if self.sparse_heads else None
