@@ -16,14 +16,25 @@ from rf_compile.ops.patterns import Pattern, variants_for
 from rf_compile.reference.masks import band_halfwidth
 
 
-def _sampled_recall(
-    q: torch.Tensor, k: torch.Tensor, position: torch.Tensor, halfwidths: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Recall [B, H, nb] of bands ``|position_i - position_j| <= halfwidth`` over sampled tokens."""
+def _use_triton(q: torch.Tensor) -> bool:
+    return q.is_cuda
+
+
+def _sampled_recall(q: torch.Tensor, k: torch.Tensor, step: int, halfwidths: list[int], scale: float) -> torch.Tensor:
+    """Recall [B, H, nb] of bands ``|pos_i - pos_j| <= halfwidth`` over samples ``step`` positions apart.
+
+    On CUDA a Triton kernel computes it without writing the S x S scores; elsewhere PyTorch does.
+    """
+    if _use_triton(q):
+        from rf_compile.kernels.arm import band_recall
+
+        return band_recall(q, k, step, halfwidths, scale)
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     probs = torch.softmax(scores, dim=-1)
+    position = torch.arange(q.shape[-2], device=q.device) * step
     distance = (position[:, None] - position[None, :]).abs()
-    inside = (distance[None] <= halfwidths[:, None, None]).to(probs.dtype)  # [nb, S, S]
+    widths = torch.tensor(halfwidths, device=q.device)
+    inside = (distance[None] <= widths[:, None, None]).to(probs.dtype)  # [nb, S, S]
     return torch.einsum("bhqk,nqk->bhn", probs, inside) / q.shape[-2]
 
 
@@ -45,19 +56,15 @@ def arm_recalls(
         Band fractions, ascending.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    device, P, F = q.device, layout.prefix, layout.frames
+    P, F = layout.prefix, layout.frames
     omega = sample_stride or F
-    halfwidths = torch.tensor([band_halfwidth(layout, b) for b in bandwidths], device=device)
-
+    halfwidths = [band_halfwidth(layout, b) for b in bandwidths]
     # Local sample: frame 0. In spatial-major order its tokens sit F apart.
     local = slice(P, P + layout.frame_tokens)
-    local_position = torch.arange(layout.frame_tokens, device=device) * F
-    recall_t = _sampled_recall(q[..., local, :], k[..., local, :], local_position, halfwidths, scale)
-
-    # Global sample: every omega-th video token, at its frame-major position.
+    recall_t = _sampled_recall(q[..., local, :], k[..., local, :], F, halfwidths, scale)
+    # Global sample: every omega-th video token, omega apart in frame-major order.
     global_ = slice(P, P + layout.video_tokens, omega)
-    global_position = torch.arange(0, layout.video_tokens, omega, device=device)
-    recall_s = _sampled_recall(q[..., global_, :], k[..., global_, :], global_position, halfwidths, scale)
+    recall_s = _sampled_recall(q[..., global_, :], k[..., global_, :], omega, halfwidths, scale)
     return recall_t, recall_s
 
 
