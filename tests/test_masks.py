@@ -108,3 +108,11 @@ def test_real_shape_plan_density_near_half():
     table = build_plan_table(VideoLayout(13, 30, 45, prefix=226), variants_for(RainFusionConfig()))
     density = table.density()
     assert 0.4 < density.min() and density.max() < 0.6
+
+
+def test_row_masks_are_rows_of_the_full_masks():
+    layout = VideoLayout(3, 5, 6, prefix=4, suffix=2)
+    rows = torch.tensor([0, 3, 4, 17, 50, 93, 95])
+    assert torch.equal(masks.spatial_mask(layout, 0.25, rows=rows), masks.spatial_mask(layout, 0.25)[rows])
+    assert torch.equal(masks.temporal_mask(layout, 0.125, rows=rows), masks.temporal_mask(layout, 0.125)[rows])
+    assert torch.equal(masks.textural_mask(layout, 3, rows=rows), masks.textural_mask(layout, 3)[rows])

@@ -27,31 +27,44 @@ def _is_text(layout: VideoLayout, device: torch.device | str) -> torch.Tensor:
     return (index < layout.prefix) | (index >= layout.prefix + layout.video_tokens)
 
 
-def _with_text(layout: VideoLayout, video_mask: torch.Tensor) -> torch.Tensor:
-    """Embed a [V, V] video mask in the full [N, N] mask with dense text rows and columns."""
-    text = _is_text(layout, video_mask.device)
-    mask = text[:, None] | text[None, :]
-    mask[layout.video_slice, layout.video_slice] = video_mask
+def _mask(layout: VideoLayout, rows: torch.Tensor | None, device, video_rule) -> torch.Tensor:
+    """Bool [R, N] for query ``rows`` (all if None): text rows/columns dense, ``video_rule`` elsewhere.
+
+    ``video_rule(query_video_index [R'], key_video_index [V]) -> bool [R', V]``.
+    """
+    rows = torch.arange(layout.seq_len, device=device) if rows is None else rows.to(device)
+    text = _is_text(layout, device)
+    mask = text[rows][:, None] | text[None, :]
+    video_rows = ~text[rows]
+    keys = torch.arange(layout.video_tokens, device=device)
+    mask[video_rows, layout.video_slice] = video_rule(rows[video_rows] - layout.prefix, keys)
     return mask
 
 
-def spatial_mask(layout: VideoLayout, bandwidth: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool [N, N]: frame-major band (global spatial, local temporal)."""
-    video = torch.arange(layout.video_tokens, device=device)
+def spatial_mask(
+    layout: VideoLayout, bandwidth: float, device: torch.device | str = "cpu", rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool [N, N] (or [len(rows), N]): frame-major band (global spatial, local temporal)."""
     width = band_halfwidth(layout, bandwidth)
-    return _with_text(layout, (video[:, None] - video[None, :]).abs() <= width)
+    return _mask(layout, rows, device, lambda i, j: (i[:, None] - j[None, :]).abs() <= width)
 
 
-def temporal_mask(layout: VideoLayout, bandwidth: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool [N, N]: spatial-major band (local spatial, global temporal)."""
-    video = torch.arange(layout.video_tokens, device=device)
-    frame, position = video // layout.frame_tokens, video % layout.frame_tokens
-    spatial_major = position * layout.frames + frame
+def temporal_mask(
+    layout: VideoLayout, bandwidth: float, device: torch.device | str = "cpu", rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool [N, N] (or [len(rows), N]): spatial-major band (local spatial, global temporal)."""
     width = band_halfwidth(layout, bandwidth)
-    return _with_text(layout, (spatial_major[:, None] - spatial_major[None, :]).abs() <= width)
+
+    def rule(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        i, j = ((t % layout.frame_tokens) * layout.frames + t // layout.frame_tokens for t in (i, j))
+        return (i[:, None] - j[None, :]).abs() <= width
+
+    return _mask(layout, rows, device, rule)
 
 
-def textural_mask(layout: VideoLayout, stride: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bool [N, N]: every query sees the checkerboard subset of video keys (and all text)."""
+def textural_mask(
+    layout: VideoLayout, stride: int, device: torch.device | str = "cpu", rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bool [N, N] (or [len(rows), N]): every query sees the checkerboard subset of video keys (and all text)."""
     keep = layout.checkerboard(stride, device)
-    return _with_text(layout, keep[None, :].expand(layout.video_tokens, -1).clone())
+    return _mask(layout, rows, device, lambda i, j: keep[None, :].expand(len(i), -1))
