@@ -4,7 +4,9 @@
 - temporal heads: q and k encode the (h, w) position, so a query attends its own position in
   every frame;
 - textural heads: keys are random with a few salient tokens that every query attends, the
-  irregular structure of the paper's Fig. 4.
+  irregular structure of the paper's Fig. 4;
+- mixed heads (``pattern=None``): frame and position codes at once, so a query attends its
+  frame and its position in every frame (neither mask holds all of it).
 Text tokens get random features. Used by the ARM tests and the fidelity benchmark.
 """
 
@@ -26,7 +28,7 @@ def _codes(count: int, dim: int, generator: torch.Generator) -> torch.Tensor:
 
 def planted_head(
     layout: VideoLayout,
-    pattern: Pattern,
+    pattern: Pattern | None,
     head_dim: int,
     generator: torch.Generator,
     strength: float = 6.0,
@@ -43,6 +45,11 @@ def planted_head(
         codes = _codes(layout.frames, head_dim, generator)[frame]
     elif pattern == Pattern.TEMPORAL:
         codes = _codes(layout.frame_tokens, head_dim, generator)[position]
+    elif pattern is None:
+        codes = _codes(layout.frames, head_dim, generator)[frame] + _codes(layout.frame_tokens, head_dim, generator)[
+            position
+        ]
+        codes = codes / 2**0.5
     else:
         salient = torch.randperm(V, generator=generator)[: max(1, math.isqrt(V))]
         direction = _codes(1, head_dim, generator)
@@ -56,7 +63,7 @@ def planted_head(
 
 def planted_qk(
     layout: VideoLayout,
-    patterns: list[Pattern],
+    patterns: list[Pattern | None],
     head_dim: int = 64,
     batch: int = 1,
     seed: int = 0,
@@ -64,7 +71,7 @@ def planted_qk(
     noise: float = 0.3,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k [batch, len(patterns), N, head_dim] with head h planted as ``patterns[h]``."""
+    """q, k [batch, len(patterns), N, head_dim] with head h planted as ``patterns[h]`` (None: mixed)."""
     generator = torch.Generator().manual_seed(seed)
     qs, ks = [], []
     for _ in range(batch):
