@@ -91,9 +91,10 @@ def fx_digraph(gm: torch.fx.GraphModule) -> nx.DiGraph:
     return _facts(gm).digraph
 
 
-def _facts(gm: torch.fx.GraphModule) -> _GraphFacts:
+def _facts(gm: torch.fx.GraphModule, holding: Iterable[torch.fx.Node] = ()) -> _GraphFacts:
+    """The cached facts of ``gm``, recomputed if the graph changed (node count, or ``holding`` unknown)."""
     facts = _FACTS.get(gm)
-    if facts is None or facts.num_nodes != len(gm.graph.nodes):
+    if facts is None or facts.num_nodes != len(gm.graph.nodes) or any(n not in facts.dims for n in holding):
         digraph = nx.DiGraph()
         digraph.add_nodes_from(gm.graph.nodes)
         digraph.add_edges_from((node, user) for node in gm.graph.nodes for user in node.users)
@@ -137,7 +138,7 @@ def infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> Vid
     if seq != kv_seq:
         return f"cross-attention: query length {seq} != key length {kv_seq}"
 
-    facts = _facts(gm)
+    facts = _facts(gm, holding=(query, key))
     spans = _merge_dims(_dim(facts.dims[query], -2), _dim(facts.dims[key], -2))
     spans = spans or ((seq, None),)
     conflicts = [info for _, info in spans if isinstance(info, _Conflict)]
