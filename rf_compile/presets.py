@@ -112,6 +112,8 @@ def _cogvideox(b: _Build, version: str) -> tuple[type, dict, tuple, dict, VideoL
         # CogVideoX1.5-5B at 1360x768, 81 frames: 21 latent frames, padded by the pipeline to 22.
         frames, height, width = b.grid((6, 8, 12), (22, 96, 170))
         sample = b.pick((8 * height, 8 * width, 4 * frames - 3), (300, 300, 81))
+        if frames % p_t:
+            raise ValueError(f"cogvideox1.5 needs an even number of latent frames (the pipeline pads), got {frames}")
     else:
         # CogVideoX-5B at 720x480, 49 frames.
         frames, height, width = b.grid((3, 8, 12), (13, 60, 90))
@@ -365,9 +367,10 @@ def build_preset(
         Number of transformer layers instead of the size's default (HunyuanVideo: of both the
         dual- and the single-stream stacks).
     seed:
-        Seed of the random weights and inputs.
+        Seed of the random weights and inputs (through ``torch.manual_seed``, so it reseeds the global RNG).
     latent:
-        Latent video (frames, height, width) instead of the size's default, before patching.
+        Latent video (frames, height, width) instead of the size's default, before patching
+        (LTX: the token grid, its patch size is 1).
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")

@@ -108,7 +108,15 @@ def test_unknown_preset_lists_the_presets():
         build_preset("sora")
 
 
-@pytest.mark.parametrize("kwargs", [dict(size="huge"), dict(batch=0), dict(layers=0)])
-def test_bad_arguments_raise(kwargs):
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("wan", dict(size="huge")),
+        ("wan", dict(batch=0)),
+        ("wan", dict(layers=0)),
+        ("cogvideox1.5", dict(latent=(3, 8, 8))),
+    ],
+)
+def test_bad_arguments_raise(name, kwargs):
     with pytest.raises(ValueError):
-        build_preset("wan", **kwargs)
+        build_preset(name, **kwargs)
