@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     preset.add_argument("--device", default="cpu", help="device of the model and inputs (default: cpu)")
     preset.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="default: float32")
-    preset.add_argument("--layers", type=_positive_int, metavar="N", help="number of transformer layers instead of the size's")
+    preset.add_argument(
+        "--layers", type=_positive_int, metavar="N", help="number of transformer layers instead of the size's"
+    )
     preset.add_argument("--batch", type=_positive_int, default=1, help="batch size of the inputs (default: 1)")
     preset.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     backend = parser.add_argument_group("backend options")
