@@ -139,13 +139,29 @@ def test_scale_argument():
     assert (out.float() - default.float()).abs().max() > 1e-2, "scale had no effect"
 
 
-def test_runtime_branch_equals_split_loops():
-    """The one-loop (run-time mask branch) kernel agrees with the two-loop one."""
+@pytest.mark.parametrize("loop", ["branch", "split_full_first", "masked"])
+def test_loop_forms_agree(loop):
+    """Every way of walking masked / unmasked blocks gives the default (two-loop) result."""
     voh = torch.tensor([[0, 1, 2]])
     split, (q, k, v, table, voh) = run_case(LAYOUTS["both"], V1, voh, dtype=torch.float32)
-    branch = block_sparse_attention(q, k, v, table, voh, split_full=False)
-    assert_close_three_way(branch, q, k, v, head_masks(table, voh))
-    torch.testing.assert_close(branch, split, atol=1e-5, rtol=1e-5)
+    other = block_sparse_attention(q, k, v, table, voh, loop=loop)
+    assert_close_three_way(other, q, k, v, head_masks(table, voh))
+    torch.testing.assert_close(other, split, atol=1e-5, rtol=1e-5)
+
+
+def test_key_subtiles():
+    """A plan block walked as two key sub-tiles (SPLIT_N=2, the d=64 Hopper config) is exact."""
+    import triton
+
+    from rf_compile.kernels import block_sparse
+
+    block_sparse._FORCED_CONFIG = triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": 2}, num_warps=4, num_stages=1)
+    try:
+        run_case(LAYOUTS["prefix"], V1, torch.tensor([[0, 1, 2]]), block=(32, 64))
+        run_case(LAYOUTS["suffix"], V1, torch.tensor([[2, 1]]), block=(32, 64), loop="masked",
+                 key_bias=torch.where(torch.rand(1, 257) < 0.1, float("-inf"), 0.0).to(DEVICE))
+    finally:
+        block_sparse._FORCED_CONFIG = None
 
 
 def test_bnhd_views_keep_layout():
@@ -197,9 +213,9 @@ GPU_LAYOUTS = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("loads", ["gather", "tma"])
-@pytest.mark.parametrize("split_full", [True, False])
+@pytest.mark.parametrize("loop", ["split", "split_full_first", "masked"])
 @pytest.mark.parametrize("layout_name,D", [("cogvideox_small", 64), ("hunyuan_small", 128), ("wan_small", 128)])
-def test_gpu_bf16_against_dense_sdpa(layout_name, D, loads, split_full):
+def test_gpu_bf16_against_dense_sdpa(layout_name, D, loads, loop):
     """Real tile sizes (128x128) in bf16: three-way check, and equal to dense SDPA with the same
     mask given as an additive -inf mask."""
     from rf_compile.kernels.block_sparse import _has_tma
@@ -216,7 +232,7 @@ def test_gpu_bf16_against_dense_sdpa(layout_name, D, loads, split_full):
     if layout.suffix:
         bias = torch.zeros(B, layout.seq_len, device="cuda")
         bias[1, -100:] = float("-inf")
-    out = block_sparse_attention(q, k, v, table, voh, key_bias=bias, loads=loads, split_full=split_full)
+    out = block_sparse_attention(q, k, v, table, voh, key_bias=bias, loads=loads, loop=loop)
     mask = head_masks(table, voh)
     assert_close_three_way(out, q, k, v, mask, key_bias=bias)
     additive = torch.zeros(mask.shape, device="cuda", dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
@@ -240,7 +256,17 @@ def test_gpu_full_size_rows_against_reference():
     q, k, v = make_qkv(B, H, N, D, torch.bfloat16, device="cuda", bnhd=True)
     out = block_sparse_attention(q, k, v, table, voh)
     rows = torch.randperm(N, device="cuda")[:512]
-    masks = torch.stack([element_mask(table, p)[rows] for p in range(len(V1))])[voh[0].long()]
+    pos = torch.arange(N, device="cuda")
+    video = (pos >= layout.prefix) & (pos < layout.prefix + layout.video_tokens)
+    masks = []
+    for p in range(len(V1)):  # the plan rule for the sampled rows only ([512, N], never N x N)
+        q_order, kv_order = table.orders[table.q_order[p]].long(), table.orders[table.kv_order[p]].long()
+        i = torch.empty_like(q_order).scatter_(0, q_order, pos)[rows]
+        band, valid = int(table.band[p]), int(table.kv_valid[p])
+        allowed = (pos[None, :] < valid) & ((band < 0) | ~video[None, :] | ((i[:, None] - pos[None, :]).abs() <= band))
+        allowed = allowed | ~video[i][:, None]
+        masks.append(torch.zeros_like(allowed).index_copy_(1, kv_order, allowed))
+    masks = torch.stack(masks)[voh[0].long()]
     scores = torch.einsum("hnd,hmd->hnm", q[0, :, rows].double() * D**-0.5, k[0].double())
     ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v[0].double()
     rel = (out[0, :, rows].double() - ref).norm() / ref.norm()

@@ -67,24 +67,32 @@ def _supports_warp_specialize() -> bool:
 
 def _configs() -> list[triton.Config]:
     if _INTERPRET or not torch.cuda.is_available():
-        return [triton.Config({"WARP_SPECIALIZE": False}, num_warps=4, num_stages=1)]
-    configs = [
-        triton.Config({"WARP_SPECIALIZE": False}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)
-    ]
-    if _supports_warp_specialize():
-        configs.append(triton.Config({"WARP_SPECIALIZE": True}, num_warps=4, num_stages=2))
+        return [triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": 1}, num_warps=4, num_stages=1)]
+    # (warps, stages, key sub-tiles per plan block); run 1 on H100 chose w4/s2 at d=64, w8/s3 at d=128.
+    plain = [(4, 2, 1), (4, 3, 1), (8, 2, 1), (8, 3, 1), (8, 3, 2)]
+    configs = [triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": n}, num_warps=w, num_stages=s) for w, s, n in plain]
+    if _supports_warp_specialize():  # Triton 3.6: warp specialisation only takes with 4 warps
+        configs += [triton.Config({"WARP_SPECIALIZE": True, "SPLIT_N": 1}, num_warps=4, num_stages=s) for s in (2, 3)]
     return configs
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Warp specialisation only with TMA loads (pointer loads with gathered rows do not split)."""
-    use_tma = kwargs.get("USE_TMA", named_args.get("USE_TMA", False))
-    kept = [c for c in configs if use_tma or not c.kwargs.get("WARP_SPECIALIZE", False)]
+    """Warp specialisation only with TMA loads; 4 warps at d=128 spill (anchors/triton_ceiling.md)."""
+    args = {**named_args, **kwargs}
+    kept = [
+        c for c in configs
+        if (args.get("USE_TMA") or not c.kwargs.get("WARP_SPECIALIZE"))
+        and not (args.get("HEAD_DIM") == 128 and c.num_warps == 4 and not c.kwargs.get("WARP_SPECIALIZE"))
+        and not (args.get("HEAD_DIM") == 64 and c.num_warps == 8 and c.num_stages == 2)
+        and args.get("BLOCK_N", 128) % (16 * c.kwargs.get("SPLIT_N", 1)) == 0
+    ]
     return kept or configs[:1]
 
 
-# Configurations the launcher uses; tests and benchmarks may replace it (``set_configs``).
 _CONFIGS = _configs()
+
+# Benchmarks set this to a ``triton.Config`` to bypass the autotuner (tuning sweeps).
+_FORCED_CONFIG: triton.Config | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ def _load_kv(
     return k, v, k_pos, bias
 
 
-@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "SPLIT_FULL"],
+@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _block_sparse_fwd_kernel(
@@ -202,10 +210,11 @@ def _block_sparse_fwd_kernel(
     H, N, prefix, video_end, num_q_blocks, max_kv_blocks, qk_scale,
     N_BUCKET: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, SPLIT_FULL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_TMA: tl.constexpr, LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+    UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_N: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_N % 16 == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
+    tl.static_assert(BLOCK_N % (16 * SPLIT_N) == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
+    SUB_N: tl.constexpr = BLOCK_N // SPLIT_N  # key tile: a plan block is walked in SPLIT_N sub-tiles
     m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -241,9 +250,9 @@ def _block_sparse_fwd_kernel(
         q_desc = tl.make_tensor_descriptor(q_head, shape=[N, HEAD_DIM], strides=[stride_qm, 1],
                                            block_shape=[BLOCK_M, HEAD_DIM])
         k_desc = tl.make_tensor_descriptor(k_head, shape=[N, HEAD_DIM], strides=[stride_km, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+                                           block_shape=[SUB_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(v_head, shape=[N, HEAD_DIM], strides=[stride_vm, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+                                           block_shape=[SUB_N, HEAD_DIM])
         q = q_desc.load([m * BLOCK_M, 0])
     else:
         k_desc = k_head  # unused placeholders
@@ -255,37 +264,60 @@ def _block_sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = qk_scale * 1.44269504  # log2(e)
 
-    if SPLIT_FULL:
-        # Plans are reordered (launcher, cached per table): blocks that need the element mask first.
-        num_partial = tl.load(KVNumPartial + plan_row)
-        for t in range(0, num_partial):
-            kb = tl.load(idx_row + t)
-            k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
-                                         kb, N, stride_km, stride_vm,
-                                         HEAD_DIM, BLOCK_N, USE_TMA, HAS_BIAS, EVEN_N)
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix, video_end,
-                                          band, kv_valid, qk_scale, True, HAS_BIAS, UPCAST)
-        for t in tl.range(num_partial, num_blocks, warp_specialize=WARP_SPECIALIZE):
-            kb = tl.load(idx_row + t)
-            k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
-                                         kb, N, stride_km, stride_vm,
-                                         HEAD_DIM, BLOCK_N, USE_TMA, HAS_BIAS, True)
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix, video_end,
-                                          band, kv_valid, qk_scale, False, HAS_BIAS, UPCAST)
-    else:
-        # One loop, the element mask behind a run-time branch per block.
+    # LOOP 0: one loop, element mask behind a run-time branch per block. 1 / 2: plans reordered
+    # (launcher, cached per table) with the masked blocks first; 1 walks them first, 2 last, so the
+    # unmasked loop has no branch and can be warp-specialised. 3: one loop, mask on every block.
+    if LOOP == 0:
         for t in tl.range(0, num_blocks, warp_specialize=WARP_SPECIALIZE):
             kb = tl.load(idx_row + t)
             needs_mask = tl.load(mask_row + t)
-            k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
-                                         kb, N, stride_km, stride_vm,
-                                         HEAD_DIM, BLOCK_N, USE_TMA, HAS_BIAS, EVEN_N)
-            if needs_mask != 0:
+            for s in tl.static_range(SPLIT_N):
+                k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
+                                             kb * SPLIT_N + s, N, stride_km, stride_vm,
+                                             HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, EVEN_N)
+                if needs_mask != 0:
+                    acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix,
+                                                  video_end, band, kv_valid, qk_scale, True, HAS_BIAS, UPCAST)
+                else:
+                    acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix,
+                                                  video_end, band, kv_valid, qk_scale, False, HAS_BIAS, UPCAST)
+    elif LOOP == 3:
+        for t in tl.range(0, num_blocks, warp_specialize=WARP_SPECIALIZE):
+            kb = tl.load(idx_row + t)
+            for s in tl.static_range(SPLIT_N):
+                k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
+                                             kb * SPLIT_N + s, N, stride_km, stride_vm,
+                                             HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, EVEN_N)
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix, video_end,
                                               band, kv_valid, qk_scale, True, HAS_BIAS, UPCAST)
-            else:
+    else:
+        num_partial = tl.load(KVNumPartial + plan_row)
+        if LOOP == 1:
+            for t in range(0, num_partial):
+                kb = tl.load(idx_row + t)
+                for s in tl.static_range(SPLIT_N):
+                    k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
+                                                 kb * SPLIT_N + s, N, stride_km, stride_vm,
+                                                 HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, EVEN_N)
+                    acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix,
+                                                  video_end, band, kv_valid, qk_scale, True, HAS_BIAS, UPCAST)
+        for t in tl.range(num_partial, num_blocks, warp_specialize=WARP_SPECIALIZE):
+            kb = tl.load(idx_row + t)
+            for s in tl.static_range(SPLIT_N):
+                k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
+                                             kb * SPLIT_N + s, N, stride_km, stride_vm,
+                                             HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, True)
                 acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix, video_end,
                                               band, kv_valid, qk_scale, False, HAS_BIAS, UPCAST)
+        if LOOP == 2:
+            for t in range(0, num_partial):
+                kb = tl.load(idx_row + t)
+                for s in tl.static_range(SPLIT_N):
+                    k, v, k_pos, bias = _load_kv(k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
+                                                 kb * SPLIT_N + s, N, stride_km, stride_vm,
+                                                 HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, EVEN_N)
+                    acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k, v, bias, q_pos, k_pos, N, prefix,
+                                                  video_end, band, kv_valid, qk_scale, True, HAS_BIAS, UPCAST)
 
     # -- epilogue: normalise, store rows at their original positions --
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key (all-masked padding) gives 0
@@ -336,6 +368,7 @@ def _plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     return cache
 
 
+_LOOPS = {"branch": 0, "split": 1, "split_full_first": 2, "masked": 3}
 _ALLOCATOR_SET = False
 
 
@@ -368,7 +401,7 @@ def block_sparse_attention(
     scale: float | None = None,
     key_bias: torch.Tensor | None = None,
     loads: str = "auto",
-    split_full: bool = True,
+    loop: str = "split",
 ) -> torch.Tensor:
     """Block-sparse attention of every (batch, head) with its own RainFusion variant.
 
@@ -391,8 +424,11 @@ def block_sparse_attention(
     loads:
         ``"gather"`` (permutation fused into pointer loads), ``"tma"`` (copy the permuted heads
         once, then TMA tile loads; Hopper only) or ``"auto"`` (the measured faster one available).
-    split_full:
-        Two loops (masked blocks, then unmasked) instead of a run-time branch per block.
+    loop:
+        How masked and unmasked key blocks are walked: ``"split"`` (two loops, masked blocks
+        first; default, fastest measured), ``"split_full_first"`` (unmasked loop first),
+        ``"branch"`` (one loop, run-time branch per block) or ``"masked"`` (one loop, element
+        mask on every block).
 
     Returns
     -------
@@ -423,6 +459,8 @@ def block_sparse_attention(
                          f"{list(key_bias.shape)}")
     if loads not in ("auto", "gather", "tma"):
         raise ValueError(f"loads must be 'auto', 'gather' or 'tma', got {loads!r}")
+    if loop not in _LOOPS:
+        raise ValueError(f"loop must be one of {list(_LOOPS)}, got {loop!r}")
 
     # Unit stride along D lets every row load be vectorised; copy only if a caller breaks it.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -463,11 +501,15 @@ def block_sparse_attention(
 
     P, Mq, Mk = table.kv_indices.shape
     grid = (Mq, B * H)
-    _block_sparse_fwd_kernel[grid](
+    kernel, meta = _block_sparse_fwd_kernel, {}
+    if _FORCED_CONFIG is not None:
+        kernel = _block_sparse_fwd_kernel.fn
+        meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps, num_stages=_FORCED_CONFIG.num_stages)
+    kernel[grid](
         q, k, v, qp, kp, vp, out, bias,
         extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
         extras["kv_num_blocks"], extras["num_partial"],
-        extras["split_indices"] if split_full else extras["kv_indices"],
+        extras["split_indices"] if _LOOPS[loop] in (1, 2) else extras["kv_indices"],
         extras["needs_mask"], voh,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -478,7 +520,8 @@ def block_sparse_attention(
         float(scale if scale is not None else D ** -0.5),
         N_BUCKET=triton.next_power_of_2(N),
         HEAD_DIM=D, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
-        USE_TMA=use_tma, SPLIT_FULL=split_full, HAS_BIAS=key_bias is not None, EVEN_N=N % table.block_n == 0,
+        USE_TMA=use_tma, LOOP=_LOOPS[loop], HAS_BIAS=key_bias is not None, EVEN_N=N % table.block_n == 0,
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        **meta,
     )
     return out
