@@ -167,6 +167,10 @@ def test_factory(capsys):
     code, out, _ = run(capsys, spec, "--option", "min_video_tokens=0")
     assert code == 0 and counts(out) == (1, 0)
     assert " 2x4x6 " in out and "sparse" in out
+    # No timestep input: the warm-up counts calls, ceil(0.1 * 50) = 5 > 2, so both runs are dense.
+    code, out, _ = run(capsys, spec, "--option", "min_video_tokens=0", "--run", "2")
+    assert code == 0 and "no 'timestep' keyword input" in out
+    assert out.splitlines()[5].rstrip().endswith(" 2/2")
 
 
 def test_parse_options():
@@ -198,6 +202,11 @@ def test_parse_options():
         (["cogvideox", "--option", "bandwidth=2"], "option 'bandwidth' must be a fraction in (0, 1], got 2"),
         (["cogvideox", "--layout", "1,2,3"], "layout option 1x2x3 (6 tokens) matches no self-attention site"),
         (["cogvideox", "--export", "graph.png"], "must end in .graphml or .dot"),
+        # diffusers' Mochi calls torch.autocast(device.type): no capture on meta, say so.
+        (
+            ["mochi", "--size", "full", "--layers", "1"],
+            "cannot capture mochi (full, float32 on meta) on the meta device",
+        ),
     ],
 )
 def test_errors(capsys, argv, message):

@@ -429,8 +429,13 @@ def format_text(result: Inspection) -> str:
             "note: captured on the meta device; the kernel in brackets is what kernel='auto' picks off CUDA "
             "(on CUDA it picks triton where the kernel supports the site)"
         )
-    if result.steps:
+    if result.steps and isinstance(result.target.kwargs.get("timestep"), torch.Tensor):
         lines.append(f"after {result.steps} step(s), timesteps {', '.join(f'{t:g}' for t in timesteps(result.steps))}")
+    elif result.steps:
+        lines.append(
+            f"after {result.steps} step(s) of the same inputs: the model has no 'timestep' keyword input, so the "
+            "dense warm-up counted calls (option num_steps)"
+        )
     return "\n".join(lines)
 
 
@@ -474,7 +479,16 @@ def _main(args: argparse.Namespace) -> int:
         args.model, args.size, device, DTYPES[args.dtype], layers=args.layers, batch=args.batch, seed=args.seed
     )
     with torch._dynamo.config.patch(dynamo_config):
-        result = inspect_target(target, options, steps=args.run or 0)
+        try:
+            result = inspect_target(target, options, steps=args.run or 0)
+        except (RuntimeError, NotImplementedError, torch._dynamo.exc.TorchDynamoException) as error:
+            if device != "meta":
+                raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CliError(
+                f"cannot capture {target.label} on the meta device: {reason}; capture it on a real device "
+                f"instead: --size full --run 1 --device cuda (add --layers 1 to save memory)"
+            ) from None
     print(to_json(result) if args.json else format_text(result))
     if args.plot:
         from rf_compile.cli.plot import plot_patterns
