@@ -16,7 +16,8 @@ from rf_compile.layout import VideoLayout
 
 log = logging.getLogger(__name__)
 
-MODES = ("v1", "v1+", "dense")
+MODES = ("v1", "v1+", "v2", "dense")
+SELECTIONS = ("topk", "mass")
 KERNELS = ("auto", "triton", "reference")
 
 
@@ -28,8 +29,9 @@ class RainFusionConfig:
     ----------
     mode:
         ``"v1"`` RainFusion (one bandwidth for all spatial/temporal heads), ``"v1+"``
-        RainFusion+ (per-head bandwidth from ``bandwidths``), ``"dense"`` (rewrite every site
-        but always compute dense attention: the exactness check of the pass itself).
+        RainFusion+ (per-head bandwidth from ``bandwidths``), ``"v2"`` RainFusion 2.0
+        (block-mean prediction over 3-D tiles), ``"dense"`` (rewrite every site but always
+        compute dense attention: the exactness check of the pass itself).
     bandwidth:
         v1 band half-width as a fraction of the video tokens, in (0, 1]. 0.25 keeps 7/16 of
         the video-video scores of spatial and temporal heads.
@@ -55,6 +57,20 @@ class RainFusionConfig:
         restarts the count).
     arm_every:
         Re-run the ARM every k-th sparse call of a site and reuse its decision in between.
+    sparsity:
+        v2 target fraction of key blocks skipped per query block, in [0, 1).
+    select:
+        v2 block selection: ``"topk"`` keeps ``ceil(kv_blocks * (1 - sparsity))`` key blocks per
+        query block (as the public implementations); ``"mass"`` keeps blocks by descending
+        predicted score until ``mass`` of it is covered, never more than ``"topk"`` would.
+    mass:
+        v2 predicted softmax mass to cover with ``select="mass"``, in (0, 1].
+    tile:
+        v2 tile (frames, height, width) of one kernel block of 128 tokens; ``None`` picks
+        2x8x8 for video and 1x8x16 for images.
+    sink_frames:
+        v2 first latent frames whose blocks are always attended (rows and columns); ``None``:
+        1 for video, 0 for images (frames == 1).
     layout:
         Explicit ``VideoLayout`` (or dict / tuple) for every video site, overriding inference.
     min_video_tokens:
@@ -77,6 +93,11 @@ class RainFusionConfig:
     dense_warmup: float = 0.1
     num_steps: int = 50
     arm_every: int = 1
+    sparsity: float = 0.8
+    select: str = "topk"
+    mass: float = 0.9
+    tile: tuple[int, int, int] | None = None
+    sink_frames: int | None = None
     layout: VideoLayout | None = None
     min_video_tokens: int = 256
     kernel: str = "auto"
@@ -86,6 +107,15 @@ class RainFusionConfig:
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("select", self.select, SELECTIONS)
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise ValueError(f"option 'sparsity' must be a fraction in [0, 1), got {self.sparsity!r}")
+        _check_fraction("mass", self.mass)
+        if self.tile is not None:
+            if len(self.tile) != 3 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tile):
+                raise ValueError(f"option 'tile' must be 3 positive ints (frames, height, width), got {self.tile!r}")
+        if self.sink_frames is not None:
+            _check_int("sink_frames", self.sink_frames, minimum=0)
         _check_fraction("bandwidth", self.bandwidth)
         if not self.bandwidths:
             raise ValueError("option 'bandwidths' must hold at least one fraction in (0, 1]")
@@ -123,8 +153,9 @@ class RainFusionConfig:
         values = {key: options.pop(key) for key in list(options) if key in ours}
         if "layout" in values and values["layout"] is not None:
             values["layout"] = VideoLayout.from_value(values["layout"])
-        if "bandwidths" in values:
-            values["bandwidths"] = tuple(values["bandwidths"])
+        for key in ("bandwidths", "tile"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
         unknown = [key for key in options if not _is_inductor_option(key)]
         if unknown:
             raise ValueError(

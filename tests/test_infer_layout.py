@@ -170,7 +170,7 @@ class _Sequence(_Attention):
 
 
 class _Image(_Attention):
-    """Conv patches of an image: a 2-D 8x8 grid, not a video."""
+    """Conv patches of an image: a 2-D grid, one frame."""
 
     def __init__(self):
         super().__init__()
@@ -217,9 +217,8 @@ def test_plain_sequence_is_not_video():
     assert isinstance(reason, str) and "64 query tokens" in reason and "options={'layout'" in reason
 
 
-def test_image_grid_is_not_video():
-    reason = _only_site(_Image(), torch.randn(1, 4, 16, 16))
-    assert isinstance(reason, str) and reason.startswith("not a video sequence") and "8x8" in reason
+def test_image_grid_is_a_single_frame():
+    assert _only_site(_Image(), torch.randn(1, 4, 16, 14)) == VideoLayout(1, 8, 7)
 
 
 @pytest.mark.parametrize("keywords", [False, True])

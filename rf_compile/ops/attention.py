@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.ops import arm
+from rf_compile.ops import arm, v2
 from rf_compile.ops.patterns import PlanTable, build_plan_table, variants_for
 from rf_compile.ops.runtime import get_site
 from rf_compile.reference.attention import sparse_attention_reference
@@ -138,9 +138,21 @@ def sparse_attention(
     _check_inputs(q, k, v, layout)
     if config.mode == "dense":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    table = build_plan_table(layout, variants_for(config), q.device)
-    variant_of_head = arm.classify_variants(q, k, layout, config, scale)
+    if config.mode == "v2":
+        table, variant_of_head = _v2_plan(q, k, layout, config, scale)
+    else:
+        table = build_plan_table(layout, variants_for(config), q.device)
+        variant_of_head = arm.classify_variants(q, k, layout, config, scale)
     return _run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel)
+
+
+def _v2_plan(
+    q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, scale: float | None
+) -> tuple[PlanTable, torch.Tensor]:
+    """RainFusion 2.0 plan: one variant per (batch element, head)."""
+    B, H = q.shape[:2]
+    table = v2.predict_plan(q, k, layout, config, scale)
+    return table, torch.arange(B * H, device=q.device).view(B, H)
 
 
 @torch.library.custom_op("rainfusion::attention", mutates_args=())
@@ -163,6 +175,10 @@ def attention(
         state.dense_calls += 1
         return out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale))
     config = state.config
+    if config.mode == "v2":
+        table, variant_of_head = _v2_plan(q, k, state.layout, config, scale)
+        state.record_blocks(table.density().view(q.shape[:2]))
+        return out.copy_(_run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel))
     table = build_plan_table(state.layout, state.variants, q.device)
     variant_of_head, recall = state.decision_for_call(
         q.shape[:2], lambda: arm.decide(q, k, state.layout, config, scale)

@@ -102,6 +102,11 @@ class PlanTable:
     block_m: int = BLOCK_M
     block_n: int = BLOCK_N
 
+    @property
+    def num_plans(self) -> int:
+        """P: one plan per variant (v1) or per (batch element, head) (v2)."""
+        return self.kv_num_blocks.shape[0]
+
     def density(self) -> torch.Tensor:
         """Float [P]: fraction of (query block, key block) pairs each variant computes."""
         blocks_k = -(-self.layout.seq_len // self.block_n)
@@ -114,7 +119,7 @@ class PlanTable:
         text, video = N - layout.video_tokens, layout.video_tokens
         i = torch.arange(video, dtype=torch.float64, device=self.band.device)
         kept = []
-        for p in range(len(self.variants)):
+        for p in range(self.num_plans):
             band = int(self.band[p])
             if band < 0:  # textural: every video row sees the valid keys
                 per_row = torch.full_like(i, float(self.kv_valid[p]))
@@ -174,12 +179,9 @@ def _build_plan_table(
 
     q_order, kv_order, band, kv_valid = (torch.tensor(col, dtype=torch.int32, device=device) for col in zip(*rows))
     any_blocks, full_blocks = _block_masks(layout, band, kv_valid, block_m, block_n)
-    kv_num_blocks = any_blocks.sum(-1, dtype=torch.int32)
-    # Stable sort of "not needed" puts the needed key blocks first, in ascending order.
-    kv_indices = torch.sort((~any_blocks).to(torch.int8), dim=-1, stable=True).indices
-    block_full = torch.gather(full_blocks, -1, kv_indices)
+    kv_num_blocks, kv_indices = listed_blocks(any_blocks)
     listed = torch.arange(kv_indices.shape[-1], device=device) < kv_num_blocks[..., None]
-    kv_indices = torch.where(listed, kv_indices, 0)
+    block_full = torch.gather(full_blocks, -1, kv_indices.long()) & listed
     return PlanTable(
         layout=layout,
         variants=variants,
@@ -189,11 +191,23 @@ def _build_plan_table(
         band=band,
         kv_valid=kv_valid,
         kv_num_blocks=kv_num_blocks,
-        kv_indices=kv_indices.to(torch.int32),
-        block_full=block_full & listed,
+        kv_indices=kv_indices,
+        block_full=block_full,
         block_m=block_m,
         block_n=block_n,
     )
+
+
+def listed_blocks(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool [..., Mq, Mk] block mask -> (kv_num_blocks int32 [..., Mq], kv_indices int32 [..., Mq, Mk]).
+
+    Indices ascending, padded with 0; computed on the mask's device without a host sync.
+    """
+    kv_num_blocks = block_mask.sum(-1, dtype=torch.int32)
+    # Stable sort of "not needed" puts the needed key blocks first, in ascending order.
+    kv_indices = torch.sort((~block_mask).to(torch.int8), dim=-1, stable=True).indices
+    listed = torch.arange(block_mask.shape[-1], device=block_mask.device) < kv_num_blocks[..., None]
+    return kv_num_blocks, torch.where(listed, kv_indices, 0).to(torch.int32)
 
 
 def _block_masks(
@@ -229,7 +243,8 @@ def _block_masks(
 def element_mask(table: PlanTable, variant_id: int) -> torch.Tensor:
     """Bool [N, N] mask in the original token order that a variant's plan computes.
 
-    Used by tests to check the plan semantics against ``rf_compile.reference.masks``.
+    The token rule of the module docstring, restricted to the listed blocks (for v1 plans the
+    blocks cover the rule; for v2 plans the blocks are the mask). Used by the reference and tests.
     """
     layout, N = table.layout, table.layout.seq_len
     device = table.orders.device
@@ -240,6 +255,8 @@ def element_mask(table: PlanTable, variant_id: int) -> torch.Tensor:
     if band >= 0:
         allowed = allowed & (~video[None, :] | ((pos[:, None] - pos[None, :]).abs() <= band))
     allowed = allowed | ~video[:, None]
+    in_plan = table.to_dense()[variant_id][pos[:, None] // table.block_m, pos[None, :] // table.block_n]
+    allowed = allowed & in_plan
     q_order = table.orders[table.q_order[variant_id]].long()
     kv_order = table.orders[table.kv_order[variant_id]].long()
     mask = torch.zeros(N, N, dtype=torch.bool, device=device)

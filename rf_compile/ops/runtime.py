@@ -33,7 +33,8 @@ class SiteState:
     cached_decision: tuple[torch.Tensor, torch.Tensor] | None = None  # (variants, recall) [B, H]
     variant_counts: torch.Tensor | None = None  # int64 [H, P] on the device
     recall_sums: torch.Tensor | None = None  # float64 [H, 2] on the device: sum and count of estimated recalls
-    kept_pairs: torch.Tensor | None = None  # float64 scalar on the device: sum of kept score fractions
+    kept_pairs: torch.Tensor | None = None  # float64 scalar on the device: sum of kept fractions
+    block_density_sums: torch.Tensor | None = None  # v2: float64 [H] on the device
     sparse_heads: int = 0
 
     def is_dense_call(self, timestep: torch.Tensor | None) -> bool:
@@ -75,6 +76,15 @@ class SiteState:
         self.kept_pairs += density[variant_of_head].double().sum()
         self.sparse_heads += variant_of_head.numel()
 
+    def record_blocks(self, density: torch.Tensor) -> None:
+        """v2: accumulate the fraction of key blocks each (batch element, head) computed, [B, H]."""
+        if self.block_density_sums is None or self.block_density_sums.shape[0] != density.shape[1]:
+            self.block_density_sums = torch.zeros(density.shape[1], dtype=torch.float64, device=density.device)
+            self.kept_pairs = torch.zeros((), dtype=torch.float64, device=density.device)
+        self.block_density_sums += density.double().sum(0)
+        self.kept_pairs += density.double().sum()
+        self.sparse_heads += density.numel()
+
     def summary(self) -> dict:
         """Host-side statistics (reads the device counters)."""
         heads = []
@@ -95,6 +105,9 @@ class SiteState:
                         "mean_recall": float(recall_sum[h] / recall_count[h]) if recall_count[h] else None,
                     }
                 )
+        if self.block_density_sums is not None:
+            calls = self.sparse_heads / len(self.block_density_sums)
+            heads = [{"block_density": d / calls} for d in self.block_density_sums.cpu().tolist()]
         density = float(self.kept_pairs) / self.sparse_heads if self.sparse_heads else None
         return {
             "layout": self.layout.describe(),
@@ -102,7 +115,7 @@ class SiteState:
             "dense_calls": self.dense_calls,
             "sparse_calls": self.calls - self.dense_calls,
             "arm_runs": self.arm_runs,
-            "block_density": density,
+            "density": density,
             "sparsity": None if density is None else 1.0 - density,
             "heads": heads,
         }

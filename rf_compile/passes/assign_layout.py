@@ -31,6 +31,9 @@ def assign_layouts(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
                 site.make_dense(layout)
                 continue
         site.report.layout = layout
+        if layout.frames == 1 and config.mode in ("v1", "v1+"):
+            site.make_dense("single-frame (image) grid: the v1 head patterns need frames; mode='v2' makes it sparse")
+            continue
         if layout.video_tokens < config.min_video_tokens:
             site.make_dense(f"{layout.video_tokens} video tokens < min_video_tokens={config.min_video_tokens}")
             continue

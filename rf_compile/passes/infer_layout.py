@@ -148,13 +148,15 @@ def infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> Vid
     if not grids:
         return _no_grid_reason(facts, (query, key), seq)
     videos = [(i, info) for i, info in grids if len(info) == 3]
+    if not videos:  # an image (or a single latent frame): a height x width grid is one frame
+        videos = [(i, (1, *info)) for i, info in grids if len(info) == 2]
     if len(videos) > 1:
         found = ", ".join("x".join(map(str, info)) for _, info in videos)
         return f"ambiguous: {len(videos)} video grids ({found}) in one sequence of {seq} tokens; {LAYOUT_HINT}"
     if not videos:
         found = ", ".join("x".join(map(str, info)) for _, info in grids)
         return (
-            f"not a video sequence: its tokens are a flattened {found} grid, not frames x height x width; "
+            f"not a video sequence: its tokens are a flattened {found} grid, not [frames x] height x width; "
             f"if it is video, {LAYOUT_HINT}"
         )
     index, (frames, height, width) = videos[0]

@@ -13,7 +13,7 @@ from rf_compile.ops.patterns import PlanTable, element_mask
 
 def variant_masks(table: PlanTable) -> torch.Tensor:
     """Bool [P, N, N]: each variant's mask in the original token order."""
-    return torch.stack([element_mask(table, p) for p in range(len(table.variants))])
+    return torch.stack([element_mask(table, p) for p in range(table.num_plans)])
 
 
 def combine_masks(pattern_mask: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""RainFusion 2.0: block-mean mask prediction over spatio-temporal tiles.
+
+1. A token order puts every kernel block of video tokens on a compact 3-D tile (by default
+   2 frames x 8 x 8 for video, 1 x 8 x 16 for images): the first ``sink_frames`` frames first
+   (tiled within the frame), then slabs of ``tile[0]`` frames cut into whole tiles, then each
+   slab's leftover rows and columns in raster order. Text stays where it was.
+2. Q and K are mean-pooled per block in that order; pooled scores (softmax over key blocks)
+   predict which key blocks each query block needs: top-k or cumulative mass.
+3. Text blocks and sink blocks are always attended (rows and columns), so is the diagonal.
+The result is a ``PlanTable`` with one plan per (batch element, head), run by the same
+block-sparse kernel as v1. Everything is computed on the device; the host never waits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from rf_compile.config import RainFusionConfig
+from rf_compile.layout import VideoLayout
+from rf_compile.ops.patterns import BLOCK_M, PlanTable, listed_blocks
+
+
+def default_tile(layout: VideoLayout, block: int = BLOCK_M) -> tuple[int, int, int]:
+    """2 frames x square-ish tile for video, 1 frame x (h, 2h) for images, holding ``block`` tokens."""
+    frames = 2 if layout.frames > 1 else 1
+    rest = block // frames
+    height = 2 ** int(math.log2(math.isqrt(rest)))
+    return frames, height, rest // height
+
+
+def sink_frame_count(layout: VideoLayout, config: RainFusionConfig) -> int:
+    if config.sink_frames is not None:
+        return min(config.sink_frames, layout.frames)
+    return 1 if layout.frames > 1 else 0
+
+
+@functools.lru_cache(maxsize=32)
+def tile_order(layout: VideoLayout, tile: tuple[int, int, int], sink_frames: int, device: str = "cpu") -> torch.Tensor:
+    """Permutation (``order[p]`` = original index of position ``p``) putting blocks on 3-D tiles."""
+    F, H, W, P = layout.frames, layout.height, layout.width, layout.prefix
+    grid = torch.arange(layout.video_tokens).view(F, H, W) + P
+    tile_t, tile_h, tile_w = tile
+    image_tile = default_tile(VideoLayout(1, H, W), tile_t * tile_h * tile_w)
+    pieces = [torch.arange(P)]
+    slabs = [(0, sink_frames, image_tile)] if sink_frames else []
+    slabs += [(f, min(f + tile_t, F), tile) for f in range(sink_frames, F, tile_t)]
+    for start, stop, (_, th, tw) in slabs:
+        slab = grid[start:stop]
+        nh, nw = H // th, W // tw
+        core = slab[:, : nh * th, : nw * tw].reshape(stop - start, nh, th, nw, tw)
+        pieces.append(core.permute(1, 3, 0, 2, 4).reshape(-1))
+        leftover = torch.ones(slab.shape, dtype=torch.bool)
+        leftover[:, : nh * th, : nw * tw] = False
+        pieces.append(slab[leftover])
+    pieces.append(torch.arange(P + layout.video_tokens, layout.seq_len))
+    return torch.cat(pieces).to(device)
+
+
+def block_means(x: torch.Tensor, block_of_token: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Mean of ``x`` [B, H, N, D] over the tokens of each block -> float32 [B, H, blocks, D]."""
+    B, H, N, D = x.shape
+    sums = torch.zeros(B, H, blocks, D, device=x.device, dtype=torch.float32)
+    sums.index_add_(2, block_of_token, x.float())
+    counts = torch.bincount(block_of_token, minlength=blocks).clamp_(min=1)
+    return sums / counts[:, None]
+
+
+def select_blocks(scores: torch.Tensor, config: RainFusionConfig) -> torch.Tensor:
+    """Bool [..., Mk]: key blocks chosen per query block from predicted probabilities [..., Mk]."""
+    Mk = scores.shape[-1]
+    keep_max = max(1, math.ceil(Mk * (1.0 - config.sparsity)))
+    order = scores.argsort(dim=-1, descending=True)
+    if config.select == "topk":
+        keep = torch.full(scores.shape[:-1], keep_max, device=scores.device)
+    else:
+        covered_before = scores.gather(-1, order).cumsum(-1) - scores.gather(-1, order)
+        keep = (covered_before < config.mass).sum(-1).clamp(1, keep_max)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(Mk, device=scores.device).expand_as(order))
+    return rank < keep[..., None]
+
+
+def predict_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    config: RainFusionConfig,
+    scale: float | None = None,
+    block: int = BLOCK_M,
+) -> PlanTable:
+    """One block plan per (batch element, head) from block means; variant id of head (b, h) is ``b * H + h``.
+
+    ``block`` is the kernel block (query and key); tests use small ones on small layouts.
+    """
+    tile = config.tile or default_tile(layout, block)
+    if math.prod(tile) != block:
+        raise ValueError(f"option 'tile' {tile} holds {math.prod(tile)} tokens; a kernel block holds {block}")
+    return _predict(q, k, layout, config, scale, tile, block)
+
+
+def _predict(q, k, layout, config, scale, tile, block) -> PlanTable:
+    B, H, N, D = q.shape
+    device = q.device
+    sinks = sink_frame_count(layout, config)
+    order = tile_order(layout, tile, sinks, str(device))
+    M = -(-N // block)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(N, device=device)
+    block_of_token = position // block
+    scale = D**-0.5 if scale is None else scale
+    pooled_q, pooled_k = block_means(q, block_of_token, M), block_means(k, block_of_token, M)
+    scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
+    chosen = select_blocks(scores, config)
+
+    # Always attended: blocks holding text or sink-frame tokens (rows and columns), and the diagonal.
+    pos = torch.arange(N, device=device)
+    always = (pos < layout.prefix + sinks * layout.frame_tokens) | (pos >= layout.prefix + layout.video_tokens)
+    forced = torch.zeros(M, dtype=torch.int32, device=device).index_add_(0, pos // block, always.int()) > 0
+    chosen = chosen | forced[None, None, None, :] | forced[None, None, :, None]
+    chosen = chosen | torch.eye(M, dtype=torch.bool, device=device)
+
+    kv_num_blocks, kv_indices = listed_blocks(chosen.view(B * H, M, M))
+    P = B * H
+    zeros = torch.zeros(P, dtype=torch.int32, device=device)
+    return PlanTable(
+        layout=layout,
+        variants=(),
+        orders=order[None].to(torch.int32),
+        q_order=zeros,
+        kv_order=zeros,
+        band=zeros - 1,
+        kv_valid=zeros + N,
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices,
+        block_full=torch.arange(M, device=device) < kv_num_blocks[..., None],
+        block_m=block,
+        block_n=block,
+    )

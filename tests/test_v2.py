@@ -1,0 +1,177 @@
+"""RainFusion 2.0: tile permutation, block-mean plans, forced blocks, image models."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rf_compile
+from rf_compile import RainFusionConfig, VideoLayout, sparse_attention
+from rf_compile.ops import v2
+from rf_compile.ops.patterns import element_mask
+
+LAYOUTS = [
+    VideoLayout(5, 6, 9, prefix=7, suffix=3),
+    VideoLayout(4, 9, 10),
+    VideoLayout(1, 7, 11, suffix=5),
+    VideoLayout(3, 4, 4, prefix=2),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("tile", [(2, 2, 4), (2, 4, 2), (1, 4, 4)])
+def test_tile_order_is_a_permutation_that_round_trips(layout, tile):
+    order = v2.tile_order(layout, tile, sink_frames=1 if layout.frames > 1 else 0)
+    assert sorted(order.tolist()) == list(range(layout.seq_len))
+    text = list(range(layout.prefix)) + list(range(layout.prefix + layout.video_tokens, layout.seq_len))
+    assert order[: layout.prefix].tolist() + order[layout.seq_len - layout.suffix :].tolist() == text
+    x = torch.randn(2, 3, layout.seq_len, 4)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(layout.seq_len)
+    assert torch.equal(x[:, :, order][:, :, inverse], x)
+
+
+def test_whole_tiles_are_compact_boxes():
+    layout = VideoLayout(5, 8, 12)
+    tile = (2, 4, 4)
+    order = v2.tile_order(layout, tile, sink_frames=1) - layout.prefix
+    frame, h, w = order // 96, (order % 96) // 12, order % 12
+    # The sink frame (8x12 -> two 4x... image tiles of 32 tokens come first), then 2x4x4 tiles.
+    start = 96  # after frame 0
+    for block in range(start, start + 2 * 96 - 32, 32):
+        f_, h_, w_ = frame[block : block + 32], h[block : block + 32], w[block : block + 32]
+        extents = (int(f_.max() - f_.min()) + 1, int(h_.max() - h_.min()) + 1, int(w_.max() - w_.min()) + 1)
+        assert extents == tile, block
+    assert set(frame[:96].tolist()) == {0}
+
+
+def reference_block_means(x, order, block):
+    """Per-block means of x in ``order``, written out block by block."""
+    permuted = x[:, :, order].double()
+    return torch.stack(
+        [permuted[:, :, s : s + block].mean(2) for s in range(0, x.shape[2], block)], dim=2
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_block_means_equal_reference(layout):
+    order = v2.tile_order(layout, (2, 2, 4), 1 if layout.frames > 1 else 0)
+    x = torch.randn(2, 3, layout.seq_len, 8)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(layout.seq_len)
+    blocks = math.ceil(layout.seq_len / 16)
+    torch.testing.assert_close(v2.block_means(x, position // 16, blocks).double(), reference_block_means(x, order, 16))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+@pytest.mark.parametrize("select", ["topk", "mass"])
+def test_plans_keep_sink_text_and_diagonal_and_respect_the_budget(layout, select):
+    tile = (2, 2, 4) if layout.frames > 1 else (1, 4, 4)
+    config = RainFusionConfig(mode="v2", sparsity=0.7, select=select, mass=0.5, tile=tile)
+    q, k = torch.randn(2, 3, layout.seq_len, 16), torch.randn(2, 3, layout.seq_len, 16)
+    table = v2.predict_plan(q, k, layout, config, block=16)
+    blocks = table.to_dense()  # [B*H, M, M]
+    M = blocks.shape[-1]
+    sinks = v2.sink_frame_count(layout, config)
+    pos = torch.arange(layout.seq_len)
+    always = (pos < layout.prefix + sinks * layout.frame_tokens) | (pos >= layout.prefix + layout.video_tokens)
+    forced = torch.zeros(M, dtype=torch.bool)
+    forced[(pos[always] // 16).unique()] = True
+    assert blocks[:, forced, :].all() and blocks[:, :, forced].all()
+    assert blocks[:, torch.arange(M), torch.arange(M)].all()
+    budget = math.ceil(M * 0.3)
+    free = ~forced
+    chosen_free = (blocks[:, free][:, :, free]).sum(-1)
+    assert (chosen_free <= budget + 1).all()  # + the diagonal
+
+
+def test_topk_keeps_the_highest_predicted_blocks():
+    layout = VideoLayout(4, 8, 8)
+    config = RainFusionConfig(mode="v2", sparsity=0.75, tile=(2, 2, 4), sink_frames=0)
+    q, k = torch.randn(1, 2, layout.seq_len, 16), torch.randn(1, 2, layout.seq_len, 16)
+    table = v2.predict_plan(q, k, layout, config, block=16)
+    order = v2.tile_order(layout, (2, 2, 4), 0)
+    scores = reference_block_means(q, order, 16) @ reference_block_means(k, order, 16).transpose(-1, -2)
+    keep = math.ceil(scores.shape[-1] * 0.25)
+    top = scores.topk(keep, dim=-1).indices  # [1, 2, M, keep]
+    blocks = table.to_dense().view(1, 2, *table.to_dense().shape[-2:])
+    assert blocks.gather(-1, top).all()
+    assert (blocks.sum(-1) <= keep + 1).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_v2_output_equals_sdpa_under_its_plan_mask(layout):
+    config = RainFusionConfig(mode="v2", sparsity=0.6, tile=(2, 2, 4) if layout.frames > 1 else (1, 4, 4))
+    q, k, v = (torch.randn(2, 2, layout.seq_len, 16, dtype=torch.float64) for _ in range(3))
+    table = v2.predict_plan(q, k, layout, config, block=16)
+    from rf_compile.ops.attention import _run_sparse
+
+    out = _run_sparse(q, k, v, table, torch.arange(4).view(2, 2), None, None, "reference")
+    order = v2.tile_order(layout, config.tile, v2.sink_frame_count(layout, config))
+    position = torch.empty_like(order)
+    position[order] = torch.arange(layout.seq_len)
+    for b in range(2):
+        for h in range(2):
+            blocks = table.to_dense()[b * 2 + h]
+            mask = blocks[position[:, None] // 16, position[None, :] // 16]
+            assert torch.equal(element_mask(table, b * 2 + h), mask)
+            expected = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], attn_mask=mask)
+            torch.testing.assert_close(out[b, h], expected)
+
+
+def test_zero_sparsity_is_dense():
+    layout = VideoLayout(3, 4, 6, prefix=5)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16) for _ in range(3))
+    out = sparse_attention(q, k, v, layout, config=RainFusionConfig(mode="v2", sparsity=0.0))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_images_get_real_sparsity_and_no_sink_by_default():
+    layout = VideoLayout(1, 16, 16, suffix=8)
+    config = RainFusionConfig(mode="v2", sparsity=0.75)
+    assert v2.sink_frame_count(layout, config) == 0
+    assert v2.default_tile(layout, 16) == (1, 4, 4)
+    q, k = torch.randn(1, 2, layout.seq_len, 16), torch.randn(1, 2, layout.seq_len, 16)
+    table = v2.predict_plan(q, k, layout, RainFusionConfig(mode="v2", sparsity=0.75, tile=(1, 4, 4)), block=16)
+    assert table.density().max() < 0.6
+
+
+def test_tile_must_fill_a_block():
+    layout = VideoLayout(3, 8, 8)
+    q = torch.randn(1, 1, layout.seq_len, 16)
+    with pytest.raises(ValueError, match=r"'tile' \(2, 2, 2\) holds 8 tokens; a kernel block holds 16"):
+        v2.predict_plan(q, q, layout, RainFusionConfig(mode="v2", tile=(2, 2, 2)), block=16)
+
+
+def tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+    ).eval()  # fmt: skip
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 16, 12),
+        encoder_hidden_states=torch.randn(2, 9, 32),
+        pooled_projections=torch.randn(2, 16),
+        timestep=torch.tensor([500.0, 500.0]),
+    )
+    return model, inputs
+
+
+def test_image_transformer_sites_get_single_frame_layouts():
+    model, inputs = tiny_sd3()
+    report = rf_compile.inspect(model, **inputs, options={"mode": "v2", "min_video_tokens": 0})
+    assert [s.layout for s in report.sparse] == [VideoLayout(1, 8, 6, suffix=9)] * 2
+    v1 = rf_compile.inspect(model, **inputs, options={"min_video_tokens": 0})
+    assert all(s.status == "dense" and "single-frame" in s.reason for s in v1.sites)
+
+
+def test_v2_stats_report_block_density():
+    rf_compile.reset()
+    model, inputs = tiny_sd3()
+    rf_compile.inspect(model, **inputs, options={"mode": "v2", "min_video_tokens": 0})
+    site = rf_compile.stats()["transformer_blocks.0.attn"]
+    assert site["sparse_calls"] == 1 and site["density"] == 1.0  # 57 tokens: one 128-token block
+    assert [h["block_density"] for h in site["heads"]] == [1.0, 1.0]
