@@ -27,6 +27,24 @@ PASSES = (find_attention, assign_layouts, rewrite_sites)
 REPORTS: list[CompileReport] = []
 
 
+def apply_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+    """Run ``PASSES`` over ``gm``. A pass that fails (other than a ValueError about the user's options)
+    leaves the remaining sites dense with the error as their reason, unless ``strict``."""
+    for run_pass in PASSES:
+        try:
+            run_pass(gm, ctx)
+        except ValueError:
+            raise
+        except Exception as error:  # a failing pass must not break the user's model
+            if ctx.config.strict:
+                raise
+            log.warning("rainfusion pass %s failed (%s); remaining sites stay dense", run_pass.__name__, error)
+            for site in ctx.sites:
+                if site.report.status != "sparse":
+                    site.make_dense(f"pass {run_pass.__name__} failed: {error}")
+            return
+
+
 def rainfusion(
     gm: torch.fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -39,19 +57,7 @@ def rainfusion(
 
     config, inductor_options = RainFusionConfig.from_options(options)
     ctx = PassContext(gm=gm, config=config, graph_index=len(REPORTS))
-    for run_pass in PASSES:
-        try:
-            run_pass(gm, ctx)
-        except ValueError:
-            raise
-        except Exception as error:  # a failing pass must not break the user's model
-            if config.strict:
-                raise
-            log.warning("rainfusion pass %s failed (%s); remaining sites stay dense", run_pass.__name__, error)
-            for site in ctx.sites:
-                if site.report.status != "sparse":
-                    site.make_dense(f"pass {run_pass.__name__} failed: {error}")
-            break
+    apply_passes(gm, ctx)
     report = CompileReport(ctx.reports)
     REPORTS.append(report)
     if config.report:

@@ -16,6 +16,7 @@ class SiteReport:
 
     ``status`` is ``"sparse"`` (rewritten to RainFusion) or ``"dense"`` (left as SDPA, or
     rewritten in ``mode="dense"``); ``reason`` says why a site is dense, for a person.
+    ``key`` names a rewritten site in ``rf_compile.stats()``.
     """
 
     name: str
@@ -30,6 +31,7 @@ class SiteReport:
     kernel: str | None = None
     source: str = ""
     graph: int = 0
+    key: str | None = None
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

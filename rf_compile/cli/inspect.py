@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from rf_compile.backend import PASSES
+from rf_compile.backend import apply_passes
 from rf_compile.config import RainFusionConfig
 from rf_compile.passes.context import PassContext, Site
 from rf_compile.report import CompileReport
@@ -246,22 +246,6 @@ def _from_factory(spec: str) -> Target:
 # -- capture, passes, steps ---------------------------------------------------------------------------
 
 
-def apply_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
-    """The backend's pass pipeline with its failure rules (see ``rf_compile.backend.rainfusion``)."""
-    for run_pass in PASSES:
-        try:
-            run_pass(gm, ctx)
-        except ValueError:
-            raise
-        except Exception as error:  # same rule as the backend: the site stays dense, with the reason
-            if ctx.config.strict:
-                raise
-            for site in ctx.sites:
-                if site.report.status != "sparse":
-                    site.make_dense(f"pass {run_pass.__name__} failed: {error}")
-            break
-
-
 def capture(target: Target, options: dict[str, Any]) -> tuple[Callable, list[Captured]]:
     """Compile ``target.model`` with a backend that runs our passes and keeps each graph (no inductor).
 
@@ -287,13 +271,6 @@ def capture(target: Target, options: dict[str, Any]) -> tuple[Callable, list[Cap
             raise CliError(str(error.inner_exception)) from None
         raise
     return compiled, graphs
-
-
-def stats_key(site: Site) -> str | None:
-    """Key of a rewritten site in ``rf_compile.stats()`` (the op's ``site`` argument), else None."""
-    if site.node.target is torch.ops.rainfusion.attention.default:
-        return site.node.args[-1]
-    return None
 
 
 def timesteps(steps: int) -> list[float]:
@@ -331,7 +308,7 @@ def inspect_target(target: Target, options: dict[str, Any], steps: int = 0) -> I
             site.report.name: measured[key]
             for graph in graphs
             for site in graph.sites
-            if (key := stats_key(site)) in measured
+            if (key := site.report.key) in measured
         }
     return result
 

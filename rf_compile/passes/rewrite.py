@@ -28,7 +28,7 @@ def rewrite_sites(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
             counters["rainfusion"]["dense_sites"] += 1
             continue
         args = site.args
-        key = register_site(site.report.name, site.report.layout, ctx.config)
+        key = site.report.key = register_site(site.report.name, site.report.layout, ctx.config)
         with gm.graph.inserting_before(site.node):
             new = gm.graph.call_function(
                 torch.ops.rainfusion.attention.default,
