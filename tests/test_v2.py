@@ -56,12 +56,11 @@ def reference_block_means(x, order, block):
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 def test_block_means_equal_reference(layout):
-    order = v2.tile_order(layout, (2, 2, 4), 1 if layout.frames > 1 else 0)
-    x = torch.randn(2, 3, layout.seq_len, 8)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(layout.seq_len)
-    blocks = math.ceil(layout.seq_len / 16)
-    torch.testing.assert_close(v2.block_means(x, position // 16, blocks).double(), reference_block_means(x, order, 16))
+    sinks = 1 if layout.frames > 1 else 0
+    order = v2.tile_order(layout, (2, 2, 4), sinks)
+    x = torch.randn(2, 3, layout.seq_len, 8, dtype=torch.float64)
+    pooling = v2.pooling_matrix(layout, (2, 2, 4), sinks, 16, "cpu", torch.float64)
+    torch.testing.assert_close(v2.block_means(x, pooling).double(), reference_block_means(x, order, 16))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)

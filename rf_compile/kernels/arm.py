@@ -9,6 +9,8 @@ matrix is never written to memory (the PyTorch version in ``ops.arm`` writes it,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -61,6 +63,12 @@ def _band_recall_kernel(
     tl.store(Out + (pid_bh * tl.num_programs(0) + pid_m) * NB_PAD + band, tl.sum(recall, 0), mask=band < NB)
 
 
+@functools.lru_cache(maxsize=64)
+def _device_ints(values: tuple[int, ...], device: str) -> torch.Tensor:
+    """A small int32 tensor on the device, made once (a fresh host-to-device copy would sync)."""
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
 def band_recall(
     q: torch.Tensor, k: torch.Tensor, position_step: int, halfwidths: list[int], scale: float
 ) -> torch.Tensor:
@@ -81,7 +89,7 @@ def band_recall(
     block_m, block_n = (64, 64) if D <= 64 else (64, 32)
     grid = (triton.cdiv(S, block_m), B * H)
     partial = torch.zeros(B * H, grid[0], triton.next_power_of_2(nb), device=q.device, dtype=torch.float32)
-    widths = torch.tensor(halfwidths, device=q.device, dtype=torch.int32)
+    widths = _device_ints(tuple(halfwidths), str(q.device))
     _band_recall_kernel[grid](
         q, k, widths, partial,
         *q.stride(), *k.stride(),

@@ -64,12 +64,15 @@ class SiteState:
 
     def record(self, variant_of_head: torch.Tensor, recall: torch.Tensor, density: torch.Tensor) -> None:
         """Accumulate pattern counts, estimated recalls and the kept fraction per head, on the device."""
-        one_hot = torch.nn.functional.one_hot(variant_of_head, len(self.variants)).sum(0)
-        if self.variant_counts is None or self.variant_counts.shape != one_hot.shape:
-            self.variant_counts = torch.zeros_like(one_hot)
-            self.recall_sums = torch.zeros(one_hot.shape[0], 2, dtype=torch.float64, device=one_hot.device)
-            self.kept_pairs = torch.zeros((), dtype=torch.float64, device=one_hot.device)
-        self.variant_counts += one_hot
+        B, H = variant_of_head.shape
+        P, device = len(self.variants), variant_of_head.device
+        if self.variant_counts is None or self.variant_counts.shape != (H, P):
+            self.variant_counts = torch.zeros(H, P, dtype=torch.int64, device=device)
+            self.recall_sums = torch.zeros(H, 2, dtype=torch.float64, device=device)
+            self.kept_pairs = torch.zeros((), dtype=torch.float64, device=device)
+        # Counts per (head, variant) without one_hot, whose range check would sync with the device.
+        cells = (torch.arange(H, device=device) * P + variant_of_head).flatten()
+        self.variant_counts.view(-1).index_add_(0, cells, torch.ones_like(cells))
         known = ~recall.isnan()
         self.recall_sums[:, 0] += torch.where(known, recall, 0).double().sum(0)
         self.recall_sums[:, 1] += known.double().sum(0)

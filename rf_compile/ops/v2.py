@@ -59,13 +59,28 @@ def tile_order(layout: VideoLayout, tile: tuple[int, int, int], sink_frames: int
     return torch.cat(pieces).to(device)
 
 
-def block_means(x: torch.Tensor, block_of_token: torch.Tensor, blocks: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def pooling_matrix(
+    layout: VideoLayout, tile: tuple[int, int, int], sink_frames: int, block: int, device: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """[blocks, N] matrix averaging the tokens of each block of the tile order (built once per layout).
+
+    Pooling Q or K is then one matmul on tensor cores that reads them once in their own dtype.
+    """
+    order = tile_order(layout, tile, sink_frames)
+    N = layout.seq_len
+    block_of_token = torch.empty_like(order)
+    block_of_token[order] = torch.arange(N) // block
+    blocks = -(-N // block)
+    counts = torch.bincount(block_of_token, minlength=blocks)
+    matrix = torch.zeros(blocks, N)
+    matrix[block_of_token, torch.arange(N)] = 1.0 / counts[block_of_token]
+    return matrix.to(device=device, dtype=dtype)
+
+
+def block_means(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` [B, H, N, D] over the tokens of each block -> float32 [B, H, blocks, D]."""
-    B, H, N, D = x.shape
-    sums = torch.zeros(B, H, blocks, D, device=x.device, dtype=torch.float32)
-    sums.index_add_(2, block_of_token, x.float())
-    counts = torch.bincount(block_of_token, minlength=blocks).clamp_(min=1)
-    return sums / counts[:, None]
+    return torch.matmul(matrix, x).float()
 
 
 def select_blocks(scores: torch.Tensor, config: RainFusionConfig) -> torch.Tensor:
@@ -106,11 +121,9 @@ def _predict(q, k, layout, config, scale, tile, block) -> PlanTable:
     sinks = sink_frame_count(layout, config)
     order = tile_order(layout, tile, sinks, str(device))
     M = -(-N // block)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(N, device=device)
-    block_of_token = position // block
     scale = D**-0.5 if scale is None else scale
-    pooled_q, pooled_k = block_means(q, block_of_token, M), block_means(k, block_of_token, M)
+    pooling = pooling_matrix(layout, tile, sinks, block, str(device), q.dtype)
+    pooled_q, pooled_k = block_means(q, pooling), block_means(k, pooling)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
     chosen = select_blocks(scores, config)
 
