@@ -69,3 +69,21 @@ def test_v2_plan_on_gpu_equals_cpu():
     # Block means may differ in the last bits: compare the chosen block sets, allowing rare ties.
     agree = (cpu.to_dense() == gpu.to_dense().cpu()).float().mean().item()
     assert agree > 0.999
+
+
+@pytest.mark.parametrize("mode", ["v1+", "v2"])
+def test_op_call_with_stats_never_waits_for_the_device(mode):
+    from rf_compile.ops.attention import attention
+    from rf_compile.ops.runtime import register_site, stats
+
+    layout, heads, dim = REAL["wan"]
+    q, k, v = qkv(layout, heads, dim, batch=2)
+    key = register_site(f"gpu.nosync.{mode}", layout, RainFusionConfig(mode=mode, dense_warmup=0.0))
+    attention(q, k, v, None, None, None, key)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        attention(q, k, v, None, None, None, key)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats()[key]["sparse_calls"] == 2
