@@ -170,7 +170,7 @@ def test_image_transformer_sites_get_single_frame_layouts():
 def test_v2_stats_report_block_density():
     rf_compile.reset()
     model, inputs = tiny_sd3()
-    rf_compile.inspect(model, **inputs, options={"mode": "v2", "min_video_tokens": 0})
-    site = rf_compile.stats()["transformer_blocks.0.attn"]
+    report = rf_compile.inspect(model, **inputs, options={"mode": "v2", "min_video_tokens": 0})
+    site = rf_compile.stats()[report.sparse[0].key]
     assert site["sparse_calls"] == 1 and site["density"] == 1.0  # 57 tokens: one 128-token block
     assert [h["block_density"] for h in site["heads"]] == [1.0, 1.0]
