@@ -180,7 +180,7 @@ def bench_shape(model, heads, D, layout, args, records, log):
         density = float(table.density()[voh.long()].mean())
         ref = reference_rows(q, k, v, table, voh, rows)
         common = dict(base, pattern=pattern, density=density, best_dense_ms=best_dense)
-        for loads, loop in VARIANTS:
+        for loads, loop in args.variants:
             name = f"{loads}/{loop}"
             try:
                 fn = functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh, loads=loads, loop=loop)
@@ -265,7 +265,11 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=float, default=200)
     parser.add_argument("--check-rows", type=int, default=128)
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--variants", nargs="*", default=[f"{a}/{b}" for a, b in VARIANTS],
+                        help="forms of ours as loads/loop")
+    parser.add_argument("--stem", default="attention", help="result file name (without extension)")
     args = parser.parse_args()
+    args.variants = [tuple(v.split("/")) for v in args.variants]
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
     env = environment()
@@ -282,7 +286,7 @@ def main() -> None:
               f"torch {env['torch']}, triton {env['triton']}, cuDNN {env.get('cudnn')}, CUDA {env.get('cuda')}\n\n"
               f"Command: `{env['command']}`\n\nefficiency = best_dense_ms * density / ms (block density, "
               "text blocks included); B=1, bf16, contiguous (B, H, N, D).\n\n" + summarize(records) + "\n")
-        write_results(out_dir, "attention", env, records, md)
+        write_results(out_dir, args.stem, env, records, md)
         torch.cuda.empty_cache()
     print(summarize(records))
 

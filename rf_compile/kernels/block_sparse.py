@@ -68,7 +68,8 @@ def _supports_warp_specialize() -> bool:
 def _configs() -> list[triton.Config]:
     if _INTERPRET or not torch.cuda.is_available():
         return [triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": 1}, num_warps=4, num_stages=1)]
-    # (warps, stages, key sub-tiles per plan block); run 1 on H100 chose w4/s2 at d=64, w8/s3 at d=128.
+    # (warps, stages, key sub-tiles per plan block). H100 run 2 chose w4/s3 + warp specialisation at
+    # d=64 and w8/s3 at d=128; SPLIT_N=2 never won (benchmarks/results/nvidia-h100-80gb-hbm3/NOTES.md).
     plain = [(4, 2, 1), (4, 3, 1), (8, 2, 1), (8, 3, 1), (8, 3, 2)]
     configs = [triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": n}, num_warps=w, num_stages=s) for w, s, n in plain]
     if _supports_warp_specialize():  # Triton 3.6: warp specialisation only takes with 4 warps
@@ -135,9 +136,8 @@ def _attend_block(
         qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
     else:
         qk = tl.dot(q, tl.trans(k))
-    qk = qk * qk_scale
     if HAS_BIAS:
-        qk += bias[None, :]
+        qk = qk * qk_scale + bias[None, :]
     if APPLY_MASK:
         # -- element mask: text rows see all keys; video rows see existing keys in the band or text --
         text_q = (q_pos < prefix) | (q_pos >= video_end)
@@ -147,12 +147,18 @@ def _attend_block(
         allowed = (allowed | text_q[:, None]) & (k_pos < N)[None, :]
         qk = tl.where(allowed, qk, float("-inf"))
     # -- online softmax --
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if HAS_BIAS:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    else:  # scale folded into one FMA per score (qk_scale > 0, checked by the launcher)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if APPLY_MASK or HAS_BIAS:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at 0
     else:
         m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
+    if HAS_BIAS:
+        p = tl.math.exp2(qk - m_use[:, None])
+    else:
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -459,6 +465,8 @@ def block_sparse_attention(
                          f"{list(key_bias.shape)}")
     if loads not in ("auto", "gather", "tma"):
         raise ValueError(f"loads must be 'auto', 'gather' or 'tma', got {loads!r}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale!r}")
     if loop not in _LOOPS:
         raise ValueError(f"loop must be one of {list(_LOOPS)}, got {loop!r}")
 
