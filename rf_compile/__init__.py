@@ -38,10 +38,13 @@ __all__ = [
 def inspect(model: torch.nn.Module, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> CompileReport:
     """Compile ``model`` with the rainfusion backend, run one forward, and report every attention site.
 
-    Returns the ``CompileReport`` of the graphs compiled by that forward.
+    Returns the ``CompileReport`` of the graphs compiled by that forward. Dynamo's caches are
+    reset first (``torch._dynamo.reset()``) so that the model is really recompiled: code compiled
+    earlier for the same model class would otherwise be reused and report nothing.
     """
     from rf_compile.backend import REPORTS, rainfusion
 
+    torch._dynamo.reset()
     start = len(REPORTS)
     compiled = torch.compile(model, backend=rainfusion, options=options)
     with torch.no_grad():

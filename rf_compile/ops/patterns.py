@@ -240,8 +240,8 @@ def _block_masks(
     return any_blocks, full_blocks & any_blocks
 
 
-def element_mask(table: PlanTable, variant_id: int) -> torch.Tensor:
-    """Bool [N, N] mask in the original token order that a variant's plan computes.
+def element_mask(table: PlanTable, variant_id: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool [N, N] (or [len(rows), N] for original query ``rows``): the mask a plan computes, original order.
 
     The token rule of the module docstring, restricted to the listed blocks (for v1 plans the
     blocks cover the rule; for v2 plans the blocks are the mask). Used by the reference and tests.
@@ -249,16 +249,19 @@ def element_mask(table: PlanTable, variant_id: int) -> torch.Tensor:
     layout, N = table.layout, table.layout.seq_len
     device = table.orders.device
     pos = torch.arange(N, device=device)
+    rows = pos if rows is None else rows.to(device)
     video = (pos >= layout.prefix) & (pos < layout.prefix + layout.video_tokens)
-    band = int(table.band[variant_id])
-    allowed = (pos[None, :] < int(table.kv_valid[variant_id])).expand(N, N)
-    if band >= 0:
-        allowed = allowed & (~video[None, :] | ((pos[:, None] - pos[None, :]).abs() <= band))
-    allowed = allowed | ~video[:, None]
-    in_plan = table.to_dense()[variant_id][pos[:, None] // table.block_m, pos[None, :] // table.block_n]
-    allowed = allowed & in_plan
     q_order = table.orders[table.q_order[variant_id]].long()
     kv_order = table.orders[table.kv_order[variant_id]].long()
-    mask = torch.zeros(N, N, dtype=torch.bool, device=device)
-    mask[q_order[:, None], kv_order[None, :]] = allowed
+    i = torch.empty_like(q_order)
+    i[q_order] = pos
+    i = i[rows]  # the rows' positions in the query order
+    band = int(table.band[variant_id])
+    allowed = (pos[None, :] < int(table.kv_valid[variant_id])).expand(len(rows), N)
+    if band >= 0:
+        allowed = allowed & (~video[None, :] | ((i[:, None] - pos[None, :]).abs() <= band))
+    allowed = allowed | ~video[i][:, None]
+    in_plan = table.to_dense()[variant_id][i[:, None] // table.block_m, pos[None, :] // table.block_n]
+    mask = torch.zeros(len(rows), N, dtype=torch.bool, device=device)
+    mask[:, kv_order] = allowed & in_plan
     return mask
