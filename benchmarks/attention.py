@@ -48,6 +48,7 @@ SHAPES = {
     "Wan2.1-14B": (40, 128, VideoLayout(21, 30, 52)),  # N = 32760
 }
 PATTERNS = ("spatial", "temporal", "textural", "mix", "density0.5", "density0.3", "density0.2")
+V2_SPARSITIES = (0.7, 0.8, 0.9)  # RainFusion 2.0 key-block sparsity (density ~0.3 / 0.2 / 0.1 + forced blocks)
 V1 = variants_for(RainFusionConfig())
 
 
@@ -173,6 +174,8 @@ def bench_shape(model, heads, D, layout, args, records, log):
         except Exception as exc:  # noqa: BLE001
             log(f"{model} {method}: failed {exc!r}")
     best_dense = min(dense.values())
+    if args.v2:
+        bench_v2(model, layout, q, k, v, best_dense, base, args, records, log)
     flex = FlexRunner(layout, heads) if not args.no_flex else None
     rows = torch.randperm(N, device="cuda")[: args.check_rows]
     for pattern in args.patterns:
@@ -222,6 +225,41 @@ def bench_shape(model, heads, D, layout, args, records, log):
         del ref
 
 
+def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
+    """RainFusion 2.0: block-mean prediction + the same kernel, timed together and apart."""
+    from rf_compile.kernels import block_sparse
+    from rf_compile.ops.attention import _v2_plan
+    from rf_compile.ops.patterns import element_mask
+
+    rows = torch.randperm(layout.seq_len, device="cuda")[: args.check_rows]
+    for sparsity in args.v2:
+        config = RainFusionConfig(mode="v2", sparsity=sparsity)
+        table, voh = _v2_plan(q, k, layout, config, None)
+        density = float(table.density().mean())
+        # Reference on a few query rows: float64 softmax under each head's plan mask.
+        masks = torch.stack([element_mask(table, p, rows) for p in range(table.num_plans)]).view(
+            *voh.shape, len(rows), -1
+        )
+        scores = torch.einsum("bhrd,bhnd->bhrn", q[:, :, rows].double(), k.double()) * q.shape[-1] ** -0.5
+        ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v.double()
+        out = block_sparse.block_sparse_attention(q, k, v, table, voh.int())
+        err = rel_err(out[:, :, rows], ref)
+        predict = do_bench(lambda config=config: _v2_plan(q, k, layout, config, None), rep_ms=args.rep_ms)
+        kernel = do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh.int()),
+                          rep_ms=args.rep_ms)
+
+        def total(config=config):
+            plan, heads = _v2_plan(q, k, layout, config, None)
+            return block_sparse.block_sparse_attention(q, k, v, plan, heads.int())
+
+        t = do_bench(total, rep_ms=args.rep_ms)
+        records.append(dict(base, method="rainfusion", pattern=f"v2 s={sparsity}", variant="v2 predict+kernel",
+                            density=density, best_dense_ms=best_dense, predict_ms=predict["ms"],
+                            kernel_ms=kernel["ms"], rel_err=err, efficiency=best_dense * density / kernel["ms"], **t))
+        log(f"{model} v2 s={sparsity} d={density:.3f}: total {t['ms']:.3f} ms (predict {predict['ms']:.3f}, "
+            f"kernel {kernel['ms']:.3f}) {best_dense / t['ms']:.2f}x dense, err {err:.1e}")
+
+
 def _best_config(kernel) -> str:
     cfg = getattr(kernel, "best_config", None)
     if cfg is None:
@@ -247,11 +285,12 @@ def summarize(records: list[dict]) -> str:
                 ours_ms=best["ms"], ours_variant=f"{best['variant']} {best.get('config', '')}",
                 efficiency=best_dense * best["density"] / best["ms"], speedup_vs_dense=best_dense / best["ms"],
                 flex_ms=flex_ms, speedup_vs_flex=flex_ms / best["ms"], rel_err=best.get("rel_err", math.nan),
+                predict_ms=best.get("predict_ms", math.nan),
                 **{f"{v}_ms": min((r["ms"] for r in ours if r["variant"] == v), default=math.nan)
                    for v in (f"{a}/{b}" for a, b in VARIANTS)},
             ))
     cols = ["model", "pattern", "density", "best_dense_ms", "ours_ms", "efficiency", "speedup_vs_dense", "flex_ms",
-            "speedup_vs_flex", "ours_variant", *(f"{a}/{b}_ms" for a, b in VARIANTS), "rel_err"]
+            "speedup_vs_flex", "ours_variant", *(f"{a}/{b}_ms" for a, b in VARIANTS), "predict_ms", "rel_err"]
     dense_rows = [dict(model=r["model"], method=r["method"], ms=r["ms"]) for r in records if r["pattern"] == "dense"]
     return (markdown_table(rows, cols) + "\n\nDense SDPA per backend (ms):\n\n"
             + markdown_table(dense_rows, ["model", "method", "ms"]))
@@ -268,6 +307,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[f"{a}/{b}" for a, b in VARIANTS],
                         help="forms of ours as loads/loop")
     parser.add_argument("--stem", default="attention", help="result file name (without extension)")
+    parser.add_argument("--v2", nargs="*", type=float, default=list(V2_SPARSITIES),
+                        help="RainFusion 2.0 sparsities to time (prediction included); none: skip v2")
     args = parser.parse_args()
     args.variants = [tuple(v.split("/")) for v in args.variants]
     torch.manual_seed(0)
