@@ -26,6 +26,7 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 def find_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
     """Record one ``Site`` per SDPA node, each with the first reason it must stay dense (if any)."""
     names: dict[str, int] = {}
+    distributed = has_collectives(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in SDPA_TARGETS:
             continue
@@ -42,10 +43,35 @@ def find_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         site = Site(node=node, args=args, report=report)
         _describe_shapes(site)
         reason = not_supported_reason(args)
+        if not reason and distributed:
+            reason = _sequence_shard_reason(gm, node)
         if reason:
             site.make_dense(reason)
         ctx.sites.append(site)
     log.debug("rainfusion: found %d attention sites", len(ctx.sites))
+
+
+def has_collectives(gm: torch.fx.GraphModule) -> bool:
+    """Whether the graph calls functional collectives (torch.distributed under torch.compile)."""
+    return any(
+        node.op == "call_function"
+        and (
+            str(node.target).startswith("_c10d_functional.")  # torch.ops._c10d_functional.* (packet or overload)
+            or getattr(node.target, "__module__", "") == "torch.distributed._functional_collectives"
+        )
+        for node in gm.graph.nodes
+    )
+
+
+def _sequence_shard_reason(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """Context parallelism: a site over a shard of the sequence (ring attention) stays dense, layout option or not."""
+    from rf_compile.passes.infer_layout import sequence_shard_reason
+
+    try:
+        return sequence_shard_reason(gm, node)
+    except Exception as error:  # the check is advisory; inference reports its own failure later
+        log.debug("rainfusion: shard check of %s failed: %s", node.name, error)
+        return None
 
 
 def sdpa_arguments(node: torch.fx.Node) -> dict:
@@ -110,6 +136,8 @@ def module_path(node: torch.fx.Node) -> str:
     path = re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
     path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path).strip(".")
+    # A module wrapped by a diffusers hook (context parallelism) is reached through its forward's closure.
+    path = re.sub(r"(\.forward)?(\.func)?\.__closure__\.\d+\.cell_contents(\.forward)?\.__self__(?=\.|$)", "", path)
     return path or node.name
 
 

@@ -55,10 +55,35 @@ class _Conflict:
     what: str
 
 
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """One of ``parts`` equal chunks of a dimension whose spans are ``whole`` (a sequence shard, e.g.
+    this rank's part under context parallelism); the chunk cuts a grid, so locally it is no grid."""
+
+    whole: Any  # _Dim
+    parts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ranks:
+    """Dimension 0 after a ``parts``-way all-to-all: which rank each slice came from."""
+
+    parts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sharded:
+    """Tokens of sequence shards that no VideoLayout describes (interleaved, or a shard alone)."""
+
+    what: str
+
+
 _VIEW_OPS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "view_as", "reshape_as"}
 _PERMUTE_OPS = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
 _CAT_OPS = {"cat", "concat", "concatenate"}
 _SPLIT_OPS = {"chunk", "split", "tensor_split", "split_with_sizes", "unbind"}
+_ALL_TO_ALL_OPS = {"all_to_all_single"}
+_WAIT_OPS = {"wait_tensor"}
 
 
 # -- graph-wide facts, computed once per graph ---------------------------------------------------
@@ -141,6 +166,9 @@ def infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> Vid
     facts = _facts(gm, holding=(query, key))
     spans = _merge_dims(_dim(facts.dims[query], -2), _dim(facts.dims[key], -2))
     spans = spans or ((seq, None),)
+    reason = _shard_reason(spans, seq)
+    if reason:
+        return reason
     conflicts = [info for _, info in spans if isinstance(info, _Conflict)]
     if conflicts:
         return f"ambiguous: {conflicts[0].what} both fit the {seq} tokens of the query; {LAYOUT_HINT}"
@@ -170,6 +198,44 @@ def infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> Vid
         )
     log.debug("site %s: layout %s", sdpa_node.name, layout.describe())
     return layout
+
+
+SHARD_HINT = "RainFusion needs the whole sequence of a head on one rank (Ulysses: ulysses_degree > 1, ring_degree 1)"
+
+
+def _shard_reason(spans: Sequence[tuple[int, _Info]], seq: int) -> str | None:
+    """Why a sequence made of shards cannot have a VideoLayout (None if it holds no shard)."""
+    for _, info in spans:
+        if isinstance(info, _Piece):
+            return (
+                f"sequence-sharded attention: the {seq} query tokens are 1 of {info.parts} chunks of the sequence "
+                f"(context-parallel ring attention, or a shard not gathered by an all-to-all); {SHARD_HINT}"
+            )
+        if isinstance(info, (_Sharded, _Ranks)):
+            what = info.what if isinstance(info, _Sharded) else "an all-to-all's rank dimension"
+            return (
+                f"sequence shards that no VideoLayout describes ({what}); the Ulysses all-to-all keeps each rank's "
+                "token order, so shard a joint video+text sequence such that the gathered order is text, video, text "
+                "(not the video of one rank, its text, the next rank's video...), or keep it dense"
+            )
+    return None
+
+
+def sequence_shard_reason(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> str | None:
+    """Why ``sdpa_node`` attends over a shard of a sequence (None if it does not, or cannot tell).
+
+    For graphs with collectives (context parallelism): such a site must stay dense even when a
+    ``layout`` option was given, because its tokens are not the layout's sequence.
+    """
+    query, key = _qk(gm, sdpa_node)
+    if query is None or key is None or _shape(query) is None or _shape(key) is None:
+        return None
+    facts = _facts(gm, holding=(query, key))
+    for node in (query, key):
+        reason = _shard_reason(_dim(facts.dims[node], -2) or (), _fake(node).shape[-2])
+        if reason:
+            return reason
+    return None
 
 
 def _qk(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[torch.fx.Node | None, torch.fx.Node | None]:
@@ -235,6 +301,8 @@ def _node_dims(node: torch.fx.Node, shape: tuple, dims: dict[torch.fx.Node, _Ten
     if name == "stack":
         return _stack_dims(node, shape, dims)
     if source is not None and _shape(source) is not None:
+        if name in _VIEW_OPS and (exchanged := _exchange_dims(source, shape, dims)) is not None:
+            return exchanged
         if name in _VIEW_OPS:  # where grids are born: even from a tensor with no known dimension
             tensor = dims.get(source) or (None,) * len(_shape(source))
             return _view_dims(tensor, _shape(source), shape)
@@ -246,7 +314,7 @@ def _node_dims(node: torch.fx.Node, shape: tuple, dims: dict[torch.fx.Node, _Ten
 def _op_name(node: torch.fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
-    return getattr(node.target, "__name__", "")
+    return getattr(node.target, "__name__", "").split(".")[0]  # aten/c10d overloads: "name.default"
 
 
 def _fake(node: torch.fx.Node) -> Any:
@@ -306,6 +374,9 @@ def _view_dims(tensor: _Tensor, in_shape: tuple, out_shape: tuple) -> _Tensor:
         if not in_dims or not out_dims:
             continue
         infos = [_whole(tensor[i], in_shape[i]) for i in in_dims]
+        if len(in_dims) == 2 and len(out_dims) == 1 and isinstance(infos[0], _Ranks):
+            out[out_dims[0]] = _gather_pieces(infos[0], tensor[in_dims[1]], in_shape[in_dims[1]])
+            continue
         conflict = next((info for info in infos if isinstance(info, _Conflict)), None)
         factors: list[int] = []
         for i, info in zip(in_dims, infos, strict=True):
@@ -321,6 +392,25 @@ def _view_dims(tensor: _Tensor, in_shape: tuple, out_shape: tuple) -> _Tensor:
                 out[o] = ((size, sub),) if sub is not None and len(sub) >= 2 else None
             before *= size
     return tuple(out)
+
+
+def _gather_pieces(ranks: _Ranks, dim: _Dim, size: int) -> _Dim:
+    """flatten(ranks, tokens) after an all-to-all: each rank's piece, in rank order, is the whole sequence."""
+    piece = _whole(dim, size)
+    if isinstance(piece, _Piece) and piece.parts == ranks.parts:
+        return piece.whole
+    if dim is not None and any(isinstance(info, _Piece) for _, info in dim):
+        what = ", ".join(f"{info.parts}-way shard" if isinstance(info, _Piece) else "other tokens" for _, info in dim)
+        return (
+            (
+                ranks.parts * size,
+                _Sharded(
+                    f"each rank's {size} tokens are [{what}]: after the all-to-all the "
+                    f"shards of {ranks.parts} ranks are interleaved"
+                ),
+            ),
+        )
+    return None
 
 
 def _whole(dim: _Dim, size: int) -> _Info:
@@ -435,10 +525,43 @@ def _split_item_dims(source: torch.fx.Node, index: Any, shape: tuple, dims: dict
     dim = dim % len(in_shape)
     if name == "unbind":
         return tuple(d for i, d in enumerate(tensor) if i != dim)
-    start = sum(piece.shape[dim] for piece in _fake(source)[:index])
+    pieces = _fake(source)
+    start = sum(piece.shape[dim] for piece in pieces[:index])
     if not isinstance(start, int) or shape[dim] is None:
         return None
-    return tuple(_slice_dim(d, start, start + shape[dim]) if i == dim else d for i, d in enumerate(tensor))
+    cut = _slice_dim(tensor[dim], start, start + shape[dim])
+    if cut is None and _has_grid(tensor[dim]) and len({piece.shape[dim] for piece in pieces}) == 1 and len(pieces) > 1:
+        # An equal chunk that cuts a grid (a sequence shard): keep what it is a piece of, so that an
+        # all-to-all that puts the pieces back together (Ulysses) gives the whole sequence again.
+        cut = ((shape[dim], _Piece(tensor[dim], len(pieces))),)
+    return tuple(cut if i == dim else d for i, d in enumerate(tensor))
+
+
+def _has_grid(dim: _Dim) -> bool:
+    return dim is not None and any(isinstance(info, (tuple, _Piece)) for _, info in dim)
+
+
+def _exchange_dims(node: torch.fx.Node, shape: tuple, dims: dict[torch.fx.Node, _Tensor]) -> _Tensor:
+    """``reshape(wait(all_to_all_single(flatten(t))), t.shape)``: the all-to-all of Ulysses attention.
+
+    ``t`` is (n, ...) with n the group size: slice j goes to rank j, and after the exchange slice j
+    came from rank j. Dimension 0 becomes ``_Ranks(n)``; the others keep what they were (a
+    ``_Piece`` of a sequence stays one: merged with the ranks by a later flatten, it is whole again).
+    """
+    while _op_name(node) in _WAIT_OPS and node.args and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    if _op_name(node) not in _ALL_TO_ALL_OPS or not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    flat = node.args[0]
+    splits = [a for a in (*node.args[1:3], node.kwargs.get("output_split_sizes")) if isinstance(a, (list, tuple))]
+    source = flat.args[0] if _op_name(flat) in _VIEW_OPS and flat.args else None
+    if not isinstance(source, torch.fx.Node) or _shape(source) != shape or not shape or shape[0] is None:
+        return None
+    parts = len(splits[0]) if splits else shape[0]
+    if parts != shape[0] or any(len(set(s)) != 1 for s in splits):
+        return None  # uneven splits (Ulysses "anything"): not a plain exchange
+    tensor = dims.get(source) or (None,) * len(shape)
+    return (((parts, _Ranks(parts)),), *tensor[1:])
 
 
 def _cat_dims(node: torch.fx.Node, shape: tuple, dims: dict[torch.fx.Node, _Tensor]) -> _Tensor:
@@ -543,11 +666,21 @@ def _merge_info(a: _Info, b: _Info) -> _Info:
         return b if a is None else a
     if b is None or isinstance(b, _Conflict):
         return a if b is None else b
+    if not (isinstance(a, tuple) and isinstance(b, tuple)):
+        return _Conflict(f"{_describe(a)} and {_describe(b)}")
     if _refines(a, b):
         return a
     if _refines(b, a):
         return b
     return _Conflict(f"grids {'x'.join(map(str, a))} and {'x'.join(map(str, b))}")
+
+
+def _describe(info: _Info) -> str:
+    if isinstance(info, tuple):
+        return "grid " + "x".join(map(str, info))
+    if isinstance(info, _Piece):
+        return f"a {info.parts}-way sequence shard"
+    return "sequence shards" if isinstance(info, _Sharded) else "an all-to-all rank dimension"
 
 
 def _refines(fine: tuple[int, ...], coarse: tuple[int, ...]) -> bool:
