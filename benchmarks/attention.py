@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.utils import (  # noqa: E402
     do_bench,
+    do_bench_graph,
     environment,
     gpu_slug,
     markdown_table,
@@ -245,6 +246,7 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
         out = block_sparse.block_sparse_attention(q, k, v, table, voh.int())
         err = rel_err(out[:, :, rows], ref)
         predict = do_bench(lambda config=config: _v2_plan(q, k, layout, config, None), rep_ms=args.rep_ms)
+        predict_gpu_ms = do_bench_graph(lambda config=config: _v2_plan(q, k, layout, config, None))
         kernel = do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh.int()),
                           rep_ms=args.rep_ms)
 
@@ -255,6 +257,7 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
         t = do_bench(total, rep_ms=args.rep_ms)
         records.append(dict(base, method="rainfusion", pattern=f"v2 s={sparsity}", variant="v2 predict+kernel",
                             density=density, best_dense_ms=best_dense, predict_ms=predict["ms"],
+                            predict_gpu_ms=predict_gpu_ms,
                             kernel_ms=kernel["ms"], rel_err=err, efficiency=best_dense * density / kernel["ms"], **t))
         log(f"{model} v2 s={sparsity} d={density:.3f}: total {t['ms']:.3f} ms (predict {predict['ms']:.3f}, "
             f"kernel {kernel['ms']:.3f}) {best_dense / t['ms']:.2f}x dense, err {err:.1e}")
@@ -285,12 +288,13 @@ def summarize(records: list[dict]) -> str:
                 ours_ms=best["ms"], ours_variant=f"{best['variant']} {best.get('config', '')}",
                 efficiency=best_dense * best["density"] / best["ms"], speedup_vs_dense=best_dense / best["ms"],
                 flex_ms=flex_ms, speedup_vs_flex=flex_ms / best["ms"], rel_err=best.get("rel_err", math.nan),
-                predict_ms=best.get("predict_ms", math.nan),
+                predict_ms=best.get("predict_ms", math.nan), predict_gpu_ms=best.get("predict_gpu_ms", math.nan),
                 **{f"{v}_ms": min((r["ms"] for r in ours if r["variant"] == v), default=math.nan)
                    for v in (f"{a}/{b}" for a, b in VARIANTS)},
             ))
     cols = ["model", "pattern", "density", "best_dense_ms", "ours_ms", "efficiency", "speedup_vs_dense", "flex_ms",
-            "speedup_vs_flex", "ours_variant", *(f"{a}/{b}_ms" for a, b in VARIANTS), "predict_ms", "rel_err"]
+            "speedup_vs_flex", "ours_variant", *(f"{a}/{b}_ms" for a, b in VARIANTS), "predict_ms", "predict_gpu_ms",
+            "rel_err"]
     dense_rows = [dict(model=r["model"], method=r["method"], ms=r["ms"]) for r in records if r["pattern"] == "dense"]
     return (markdown_table(rows, cols) + "\n\nDense SDPA per backend (ms):\n\n"
             + markdown_table(dense_rows, ["model", "method", "ms"]))

@@ -23,6 +23,17 @@ def do_bench(fn, warmup_ms: float = 25, rep_ms: float = 200) -> dict[str, float]
     return {"ms": q50, "ms_p20": q20, "ms_p80": q80}
 
 
+def do_bench_graph(fn, rep_ms: float = 100) -> float:
+    """Median device time of ``fn`` in ms, replayed from a CUDA graph: no launch gaps, no host overhead.
+
+    For small multi-kernel steps (ARM, v2 prediction) whose wall time is host-bound in isolation but
+    overlaps with the previous kernels inside a model.
+    """
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
 def environment() -> dict[str, object]:
     """GPU name, versions and the exact command, for every result file."""
     import triton

@@ -44,7 +44,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def head_masks(table, variant_of_head: torch.Tensor) -> torch.Tensor:
     """Bool [B, H, N, N] allowed-score mask in the original order, from ``element_mask``."""
-    per_variant = torch.stack([element_mask(table, p) for p in range(len(table.variants))])
+    per_variant = torch.stack([element_mask(table, p) for p in range(table.num_plans)])
     return per_variant[variant_of_head.long()]
 
 
@@ -209,6 +209,37 @@ GPU_LAYOUTS = {
     "hunyuan_small": VideoLayout(8, 16, 24, suffix=256),  # N = 3328
     "wan_small": VideoLayout(5, 20, 26),  # N = 2600
 }
+
+
+@pytest.mark.parametrize("layout_name", ["prefix", "both", "none_tail"])
+def test_v2_plans_one_per_head(layout_name):
+    """RainFusion 2.0 tables: a tile order that is not order 0 and one block plan per (batch, head)."""
+    from rf_compile.ops.v2 import predict_plan
+
+    layout = LAYOUTS[layout_name]
+    config = RainFusionConfig(mode="v2", sparsity=0.6, tile=(2, 4, 4))
+    q, k, v = make_qkv(2, 2, layout.seq_len, 64, torch.float16)
+    table = predict_plan(q, k, layout, config, block=32)
+    assert table.num_plans == 4 and table.density().max() < 1.0
+    voh = torch.arange(4, dtype=torch.int32, device=DEVICE).view(2, 2)
+    out = block_sparse_attention(q, k, v, table, voh)
+    assert_close_three_way(out, q, k, v, head_masks(table, voh))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loads", ["gather", "tma"])
+def test_gpu_v2_plans(loads):
+    from rf_compile.kernels.block_sparse import _has_tma
+    from rf_compile.ops.v2 import predict_plan
+
+    if loads == "tma" and not _has_tma():
+        pytest.skip("TMA needs Hopper and Triton tensor descriptors")
+    layout = GPU_LAYOUTS["wan_small"]
+    q, k, v = make_qkv(2, 3, layout.seq_len, 128, torch.bfloat16, device="cuda", bnhd=True)
+    table = predict_plan(q, k, layout, RainFusionConfig(mode="v2", sparsity=0.8))
+    voh = torch.arange(6, dtype=torch.int32, device="cuda").view(2, 3)
+    out = block_sparse_attention(q, k, v, table, voh, loads=loads)
+    assert_close_three_way(out, q, k, v, head_masks(table, voh))
 
 
 @pytest.mark.gpu

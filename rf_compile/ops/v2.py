@@ -13,6 +13,7 @@ block-sparse kernel as v1. Everything is computed on the device; the host never 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -87,14 +88,13 @@ def select_blocks(scores: torch.Tensor, config: RainFusionConfig) -> torch.Tenso
     """Bool [..., Mk]: key blocks chosen per query block from predicted probabilities [..., Mk]."""
     Mk = scores.shape[-1]
     keep_max = max(1, math.ceil(Mk * (1.0 - config.sparsity)))
-    order = scores.argsort(dim=-1, descending=True)
-    if config.select == "topk":
-        keep = torch.full(scores.shape[:-1], keep_max, device=scores.device)
+    top = scores.topk(keep_max, dim=-1)
+    if config.select == "mass":  # the smallest prefix of the top blocks covering ``mass``, at least one
+        covered_before = top.values.cumsum(-1) - top.values
+        keep = (covered_before < config.mass) | (torch.arange(keep_max, device=scores.device) == 0)
     else:
-        covered_before = scores.gather(-1, order).cumsum(-1) - scores.gather(-1, order)
-        keep = (covered_before < config.mass).sum(-1).clamp(1, keep_max)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(Mk, device=scores.device).expand_as(order))
-    return rank < keep[..., None]
+        keep = torch.ones_like(top.values, dtype=torch.bool)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, keep)
 
 
 def predict_plan(
@@ -115,39 +115,60 @@ def predict_plan(
     return _predict(q, k, layout, config, scale, tile, block)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What v2 needs per (layout, tile, sink frames, block, device, dtype, plans): built once."""
+
+    orders: torch.Tensor  # int32 [2, N]: identity, tile order
+    pooling: torch.Tensor  # [M, N] block-averaging matrix
+    always: torch.Tensor  # bool [M, M]: text/sink rows and columns, and the diagonal
+    plan_order: torch.Tensor  # int32 [P] of ones: every plan reads order 1
+    kv_valid: torch.Tensor  # int32 [P] of N
+    block_index: torch.Tensor  # [M]
+
+
+@functools.lru_cache(maxsize=32)
+def _static(layout, tile, sinks, block, device: str, dtype: torch.dtype, plans: int) -> _Static:
+    N = layout.seq_len
+    M = -(-N // block)
+    order = tile_order(layout, tile, sinks)
+    pos = torch.arange(N)
+    # Blocks holding text or sink-frame tokens (positions in the tile order), rows and columns.
+    held = (pos < layout.prefix + sinks * layout.frame_tokens) | (pos >= layout.prefix + layout.video_tokens)
+    forced = torch.zeros(M, dtype=torch.bool)
+    forced[(pos[held] // block).unique()] = True
+    always = forced[None, :] | forced[:, None] | torch.eye(M, dtype=torch.bool)
+    ones = torch.ones(plans, dtype=torch.int32)
+    return _Static(
+        orders=torch.stack([pos, order]).to(device=device, dtype=torch.int32),  # order 0 is the identity
+        pooling=pooling_matrix(layout, tile, sinks, block, device, dtype),
+        always=always.to(device),
+        plan_order=ones.to(device),
+        kv_valid=(ones * N).to(device),
+        block_index=torch.arange(M, device=device),
+    )
+
+
 def _predict(q, k, layout, config, scale, tile, block) -> PlanTable:
     B, H, N, D = q.shape
-    device = q.device
-    sinks = sink_frame_count(layout, config)
-    order = tile_order(layout, tile, sinks, str(device))
-    M = -(-N // block)
+    static = _static(layout, tile, sink_frame_count(layout, config), block, str(q.device), q.dtype, B * H)
     scale = D**-0.5 if scale is None else scale
-    pooling = pooling_matrix(layout, tile, sinks, block, str(device), q.dtype)
-    pooled_q, pooled_k = block_means(q, pooling), block_means(k, pooling)
+    pooled_q, pooled_k = block_means(q, static.pooling), block_means(k, static.pooling)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    chosen = select_blocks(scores, config)
-
-    # Always attended: blocks holding text or sink-frame tokens (rows and columns), and the diagonal.
-    pos = torch.arange(N, device=device)
-    always = (pos < layout.prefix + sinks * layout.frame_tokens) | (pos >= layout.prefix + layout.video_tokens)
-    forced = torch.zeros(M, dtype=torch.int32, device=device).index_add_(0, pos // block, always.int()) > 0
-    chosen = chosen | forced[None, None, None, :] | forced[None, None, :, None]
-    chosen = chosen | torch.eye(M, dtype=torch.bool, device=device)
-
+    chosen = select_blocks(scores, config) | static.always
+    M = static.always.shape[0]
     kv_num_blocks, kv_indices = listed_blocks(chosen.view(B * H, M, M))
-    P = B * H
-    zeros = torch.zeros(P, dtype=torch.int32, device=device)
     return PlanTable(
         layout=layout,
         variants=(),
-        orders=order[None].to(torch.int32),
-        q_order=zeros,
-        kv_order=zeros,
-        band=zeros - 1,
-        kv_valid=zeros + N,
+        orders=static.orders,
+        q_order=static.plan_order,
+        kv_order=static.plan_order,
+        band=-static.plan_order,
+        kv_valid=static.kv_valid,
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,
-        block_full=torch.arange(M, device=device) < kv_num_blocks[..., None],
+        block_full=static.block_index < kv_num_blocks[..., None],
         block_m=block,
         block_n=block,
     )
