@@ -3,7 +3,7 @@
 Real-size configs (random bf16 weights, no downloads) of CogVideoX-5B, HunyuanVideo and
 Wan2.1-14B, cut to ``--layers`` blocks, run a short Euler denoising loop (the first 10% of the
 trajectory dense, as RainFusion's warm-up). Variants, in one run on one GPU: eager (diffusers'
-SDPA), inductor, rainfusion ``mode="dense"``, v1 and v1+. Per variant: median ms per step,
+SDPA), inductor, rainfusion ``mode="dense"``, v1, v1+ and v2 (80% block sparsity). Per variant: median ms per step,
 speed-ups, attention share of the step (profiler), compile time, peak memory, graph breaks,
 recompiles and the relative error of the final latent against inductor. Writes ``e2e.json``,
 ``e2e.md`` and ``e2e.png`` under ``benchmarks/results/<gpu>/``.
@@ -15,6 +15,7 @@ recompiles and the relative error of the final latent against inductor. Writes `
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ VARIANTS = {
     "rf_dense": {"backend": "rainfusion", "options": {"mode": "dense"}},
     "rf_v1": {"backend": "rainfusion", "options": {"mode": "v1"}},
     "rf_v1plus": {"backend": "rainfusion", "options": {"mode": "v1+"}},
+    "rf_v2": {"backend": "rainfusion", "options": {"mode": "v2"}},
 }
 ATTENTION_KERNELS = ("attention", "attn", "fmha", "flash", "cudnn", "sdpa", "block_sparse", "band_recall")
 
@@ -129,6 +131,22 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write(records: list[dict], args, env: dict, out_dir: Path, dtype: torch.dtype) -> str:
+    columns = [
+        "model", "variant", "ms_per_step", "speedup_vs_eager", "speedup_vs_inductor", "attention_share",
+        "compile_s", "peak_gib", "graph_breaks", "recompiles", "rel_err",
+    ]  # fmt: skip
+    table = markdown_table(records, columns)
+    markdown = (
+        f"# End to end: compile vs eager\n\nenv: {env}\n\n{args.layers} transformer blocks per model, "
+        f"{args.steps} Euler steps (first 10% of the trajectory dense), CFG batch where the model uses it, "
+        f"{dtype}. ms_per_step: median over the steps; rel_err: final latent vs inductor.\n\n{table}\n"
+    )
+    write_results(out_dir, "e2e", env, records, markdown)
+    plot(records, out_dir / "e2e.png")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -137,6 +155,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: CPU smoke run")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<gpu>)")
+    parser.add_argument("--append", action="store_true", help="keep the other models' records of an existing e2e.json")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -145,6 +164,9 @@ def main() -> None:
     out_dir = args.out or Path(__file__).parent / "results" / gpu_slug(env.get("gpu", "cpu"))
     timesteps = torch.linspace(999, 0, args.steps + 1)[:-1].tolist()
     records = []
+    if args.append and (out_dir / "e2e.json").exists():
+        names = {MODELS[key] for key in args.models}
+        records = [r for r in json.loads((out_dir / "e2e.json").read_text())["records"] if r["model"] not in names]
     for key in args.models:
         preset = build_preset(key, args.size, batch=CFG_BATCH[key], device=device, dtype=dtype, layers=args.layers)
         preset.model.eval().requires_grad_(False)
@@ -170,18 +192,7 @@ def main() -> None:
         del preset
         if cuda:
             torch.cuda.empty_cache()
-    columns = [
-        "model", "variant", "ms_per_step", "speedup_vs_eager", "speedup_vs_inductor", "attention_share",
-        "compile_s", "peak_gib", "graph_breaks", "recompiles", "rel_err",
-    ]  # fmt: skip
-    table = markdown_table(records, columns)
-    markdown = (
-        f"# End to end: compile vs eager\n\nenv: {env}\n\n{args.layers} transformer blocks per model, "
-        f"{args.steps} Euler steps (first 10% of the trajectory dense), CFG batch where the model uses it, "
-        f"{dtype}. rel_err: final latent vs inductor.\n\n{table}\n"
-    )
-    write_results(out_dir, "e2e", env, records, markdown)
-    plot(records, out_dir / "e2e.png")
+        table = write(records, args, env, out_dir, dtype)  # after each model: a cut-off run keeps its results
     print(table)
 
 
