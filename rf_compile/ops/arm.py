@@ -33,8 +33,7 @@ def _sampled_recall(q: torch.Tensor, k: torch.Tensor, step: int, halfwidths: lis
     probs = torch.softmax(scores, dim=-1)
     position = torch.arange(q.shape[-2], device=q.device) * step
     distance = (position[:, None] - position[None, :]).abs()
-    widths = torch.tensor(halfwidths, device=q.device)
-    inside = (distance[None] <= widths[:, None, None]).to(probs.dtype)  # [nb, S, S]
+    inside = torch.stack([distance <= width for width in halfwidths]).to(probs.dtype)  # [nb, S, S]
     return torch.einsum("bhqk,nqk->bhn", probs, inside) / q.shape[-2]
 
 

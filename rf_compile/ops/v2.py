@@ -60,14 +60,10 @@ def tile_order(layout: VideoLayout, tile: tuple[int, int, int], sink_frames: int
     return torch.cat(pieces).to(device)
 
 
-@functools.lru_cache(maxsize=32)
 def pooling_matrix(
-    layout: VideoLayout, tile: tuple[int, int, int], sink_frames: int, block: int, device: str, dtype: torch.dtype
+    layout: VideoLayout, tile: tuple[int, int, int], sink_frames: int, block: int, device: str = "cpu"
 ) -> torch.Tensor:
-    """[blocks, N] matrix averaging the tokens of each block of the tile order (built once per layout).
-
-    Pooling Q or K is then one matmul on tensor cores that reads them once in their own dtype.
-    """
+    """float32 [blocks, N] matrix averaging the tokens of each block of the tile order (CPU pooling)."""
     order = tile_order(layout, tile, sink_frames)
     N = layout.seq_len
     block_of_token = torch.empty_like(order)
@@ -76,12 +72,19 @@ def pooling_matrix(
     counts = torch.bincount(block_of_token, minlength=blocks)
     matrix = torch.zeros(blocks, N)
     matrix[block_of_token, torch.arange(N)] = 1.0 / counts[block_of_token]
-    return matrix.to(device=device, dtype=dtype)
+    return matrix.to(device)
 
 
-def block_means(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` [B, H, N, D] over the tokens of each block -> float32 [B, H, blocks, D]."""
-    return torch.matmul(matrix, x).float()
+def block_means(x: torch.Tensor, static: _Static, block: int) -> torch.Tensor:
+    """Mean of ``x`` [B, H, N, D] over the tokens of each block -> float32 [B, H, blocks, D].
+
+    On CUDA a Triton kernel reads x once; elsewhere one matmul with the averaging matrix.
+    """
+    if x.is_cuda:
+        from rf_compile.kernels.block_mean import block_means as triton_block_means
+
+        return triton_block_means(x, static.orders[1], block)
+    return torch.matmul(static.pooling.to(x.dtype), x).float()
 
 
 def select_blocks(scores: torch.Tensor, config: RainFusionConfig) -> torch.Tensor:
@@ -120,7 +123,7 @@ class _Static:
     """What v2 needs per (layout, tile, sink frames, block, device, dtype, plans): built once."""
 
     orders: torch.Tensor  # int32 [2, N]: identity, tile order
-    pooling: torch.Tensor  # [M, N] block-averaging matrix
+    pooling: torch.Tensor | None  # float32 [M, N] block-averaging matrix: the path off CUDA
     always: torch.Tensor  # bool [M, M]: text/sink rows and columns, and the diagonal
     plan_order: torch.Tensor  # int32 [P] of ones: every plan reads order 1
     kv_valid: torch.Tensor  # int32 [P] of N
@@ -128,7 +131,7 @@ class _Static:
 
 
 @functools.lru_cache(maxsize=32)
-def _static(layout, tile, sinks, block, device: str, dtype: torch.dtype, plans: int) -> _Static:
+def _static(layout, tile, sinks, block, device: str, plans: int) -> _Static:
     N = layout.seq_len
     M = -(-N // block)
     order = tile_order(layout, tile, sinks)
@@ -141,7 +144,7 @@ def _static(layout, tile, sinks, block, device: str, dtype: torch.dtype, plans: 
     ones = torch.ones(plans, dtype=torch.int32)
     return _Static(
         orders=torch.stack([pos, order]).to(device=device, dtype=torch.int32),  # order 0 is the identity
-        pooling=pooling_matrix(layout, tile, sinks, block, device, dtype),
+        pooling=None if device.startswith("cuda") else pooling_matrix(layout, tile, sinks, block, device),
         always=always.to(device),
         plan_order=ones.to(device),
         kv_valid=(ones * N).to(device),
@@ -151,9 +154,9 @@ def _static(layout, tile, sinks, block, device: str, dtype: torch.dtype, plans: 
 
 def _predict(q, k, layout, config, scale, tile, block) -> PlanTable:
     B, H, N, D = q.shape
-    static = _static(layout, tile, sink_frame_count(layout, config), block, str(q.device), q.dtype, B * H)
+    static = _static(layout, tile, sink_frame_count(layout, config), block, str(q.device), B * H)
     scale = D**-0.5 if scale is None else scale
-    pooled_q, pooled_k = block_means(q, static.pooling), block_means(k, static.pooling)
+    pooled_q, pooled_k = block_means(q, static, block), block_means(k, static, block)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
     chosen = select_blocks(scores, config) | static.always
     M = static.always.shape[0]
