@@ -23,7 +23,7 @@ def _band_recall_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     H, S, position_step, qk_scale,
     NB: tl.constexpr, NB_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -33,7 +33,9 @@ def _band_recall_kernel(
     d = tl.arange(0, D_PAD)
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     q_ptrs += rows[:, None].to(tl.int64) * stride_qs + d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(rows[:, None] < S) & (d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    q = tl.load(q_ptrs, mask=(rows[:, None] < S) & (d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:  # the interpreter computes low-precision dots wrongly
+        q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     band = tl.arange(0, NB_PAD)
     halfwidths = tl.load(Halfwidths + band, mask=band < NB, other=-1)
@@ -44,7 +46,9 @@ def _band_recall_kernel(
     for start in range(0, S, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         k_ptrs = k_base + cols[None, :].to(tl.int64) * stride_ks + d[:, None] * stride_kd
-        k = tl.load(k_ptrs, mask=(cols[None, :] < S) & (d[:, None] < HEAD_DIM), other=0.0).to(tl.float32)
+        k = tl.load(k_ptrs, mask=(cols[None, :] < S) & (d[:, None] < HEAD_DIM), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
         # -- scores, in log2 units (qk_scale includes log2(e)) --
         s = tl.dot(q, k) * qk_scale
         s = tl.where(cols[None, :] < S, s, float("-inf"))
@@ -86,7 +90,7 @@ def band_recall(
     assert q.shape == k.shape and q.dim() == 4, f"q and k must be [B, H, S, D], got {q.shape}, {k.shape}"
     B, H, S, D = q.shape
     nb = len(halfwidths)
-    block_m, block_n = (64, 64) if D <= 64 else (64, 32)
+    block_m, block_n = (128, 64) if q.is_cuda else (64, 32)
     grid = (triton.cdiv(S, block_m), B * H)
     partial = torch.zeros(B * H, grid[0], triton.next_power_of_2(nb), device=q.device, dtype=torch.float32)
     widths = _device_ints(tuple(halfwidths), str(q.device))
@@ -95,6 +99,6 @@ def band_recall(
         *q.stride(), *k.stride(),
         H, S, position_step, scale * 1.44269504,  # log2(e): the kernel uses exp2
         NB=nb, NB_PAD=triton.next_power_of_2(nb), HEAD_DIM=D, D_PAD=triton.next_power_of_2(D),
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=not q.is_cuda, num_warps=8 if q.is_cuda else 4,
     )  # fmt: skip
     return (partial.sum(1)[:, :nb] / S).view(B, H, nb)
