@@ -38,6 +38,19 @@ class SiteReport:
         data["layout"] = dataclasses.asdict(self.layout) if self.layout else None
         return data
 
+    def cells(self) -> dict[str, object]:
+        """The site's columns as a person reads them (the site table's and rf-inspect's)."""
+        return {
+            "site": self.name,
+            "module": self.module,
+            "seq": self.seq_len if self.kv_len in (None, self.seq_len) else f"{self.seq_len}->{self.kv_len}",
+            "heads x dim": f"{self.heads}x{self.head_dim}" if self.heads else "",
+            "layout": self.layout.describe() if self.layout else "",
+            "status": self.status + (f" ({self.kernel})" if self.kernel and self.status == "sparse" else ""),
+            "reason": self.reason,
+            "source": self.source,
+        }
+
 
 @dataclasses.dataclass
 class CompileReport:
@@ -55,19 +68,8 @@ class CompileReport:
 
     def table(self, tablefmt: str = "simple") -> str:
         """The site table (tabulate)."""
-        rows = [
-            [
-                s.name,
-                s.seq_len if s.kv_len in (None, s.seq_len) else f"{s.seq_len}->{s.kv_len}",
-                f"{s.heads}x{s.head_dim}" if s.heads else "",
-                s.layout.describe() if s.layout else "",
-                s.status + (f" ({s.kernel})" if s.kernel and s.status == "sparse" else ""),
-                s.reason,
-                s.source,
-            ]
-            for s in self.sites
-        ]
         headers = ["site", "seq", "heads x dim", "layout", "status", "reason", "source"]
+        rows = [[site.cells()[h] for h in headers] for site in self.sites]
         summary = f"{len(self.sparse)} sparse, {len(self.dense)} dense attention sites"
         return tabulate(rows, headers=headers, tablefmt=tablefmt) + "\n" + summary
 

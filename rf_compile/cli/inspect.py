@@ -338,16 +338,8 @@ def site_table(result: Inspection, tablefmt: str = "simple") -> str:
     measured = ["spatial", "temporal", "textural", "bandwidth", "recall", "sparsity", "dense calls"]
     rows = []
     for s in result.report.sites:
-        row = [
-            s.name,
-            s.module,
-            s.seq_len if s.kv_len in (None, s.seq_len) else f"{s.seq_len}->{s.kv_len}",
-            f"{s.heads}x{s.head_dim}" if s.heads else "",
-            s.layout.describe() if s.layout else "",
-            s.status + (f" ({s.kernel})" if s.kernel and s.status == "sparse" else ""),
-            s.reason,
-            s.source,
-        ]
+        cells = s.cells()
+        row = [cells[h] for h in headers]
         if result.stats is not None:
             site = result.stats.get(s.name)
             summary = site_summary(site) if site else {}
