@@ -408,6 +408,7 @@ def block_sparse_attention(
     key_bias: torch.Tensor | None = None,
     loads: str = "auto",
     loop: str = "split",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of every (batch, head) with its own RainFusion variant.
 
@@ -435,6 +436,8 @@ def block_sparse_attention(
         first; default, fastest measured), ``"split_full_first"`` (unmasked loop first),
         ``"branch"`` (one loop, run-time branch per block) or ``"masked"`` (one loop, element
         mask on every block).
+    out:
+        Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.
 
     Returns
     -------
@@ -481,9 +484,12 @@ def block_sparse_attention(
 
     extras = _plan_extras(table)
     voh = variant_of_head.contiguous()
-    out = torch.empty_like(q)
-    if out.stride(-1) != 1:
-        out = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty_like(q)
+        if out.stride(-1) != 1:
+            out = torch.empty(B, H, N, D, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1 or out.device != q.device:
+        raise ValueError(f"out must be a {q.dtype} {tuple(q.shape)} tensor on {q.device} with unit stride along D")
     if key_bias is not None:
         bias = key_bias.to(torch.float32)
         stride_biasb = bias.stride(0)

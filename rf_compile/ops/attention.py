@@ -84,13 +84,22 @@ def _run_sparse(
     attn_mask: torch.Tensor | None,
     scale: float | None,
     kernel: str,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Each (batch, head) under its plan: the Triton kernel (written into ``out`` if given) or the reference."""
     if _use_kernel(kernel, q, k, attn_mask):
         from rf_compile.kernels.block_sparse import block_sparse_attention
 
         bias = key_padding_bias(attn_mask, q.shape[0], k.shape[-2])
-        return block_sparse_attention(q, k, v, table, variant_of_head.int(), scale=scale, key_bias=bias)
-    return sparse_attention_reference(q, k, v, table, variant_of_head, attn_mask, scale)
+        return block_sparse_attention(q, k, v, table, variant_of_head.int(), scale=scale, key_bias=bias, out=out)
+    result = sparse_attention_reference(q, k, v, table, variant_of_head, attn_mask, scale)
+    return result if out is None else out.copy_(result)
+
+
+def _in_output_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if it already has the op's (B, N, H, D)-memory layout, else a copy in it."""
+    expected = output_like(x)
+    return x if x.stride() == expected.stride() else expected.copy_(x)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> None:
@@ -168,23 +177,23 @@ def attention(
     """The rewritten SDPA site ``site`` (registered by the rewrite pass with its layout and config)."""
     state = get_site(site)
     _check_inputs(q, k, v, state.layout)
-    out = output_like(q)
     dense = state.is_dense_call(timestep)
     state.calls += 1
     if dense:
         state.dense_calls += 1
-        return out.copy_(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale))
+        return _in_output_layout(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale))
+    out = output_like(q)
     config = state.config
     if config.mode == "v2":
         table, variant_of_head = _v2_plan(q, k, state.layout, config, scale)
         state.record_blocks(table.density().view(q.shape[:2]))
-        return out.copy_(_run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel))
+        return _run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel, out)
     table = build_plan_table(state.layout, state.variants, q.device)
     variant_of_head, recall = state.decision_for_call(
         q.shape[:2], lambda: arm.decide(q, k, state.layout, config, scale)
     )
     state.record(variant_of_head, recall, table.score_density.to(q.device))
-    return out.copy_(_run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel))
+    return _run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel, out)
 
 
 @attention.register_fake
