@@ -18,7 +18,7 @@ from rf_compile.ops.patterns import PlanTable, build_plan_table, variants_for
 from rf_compile.ops.runtime import get_site
 from rf_compile.reference.attention import sparse_attention_reference
 
-KERNEL_HEAD_DIMS = (64, 128)
+KERNEL_HEAD_DIMS = (64, 128)  # kernels.block_sparse.SUPPORTED_HEAD_DIMS, without importing triton here
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -98,8 +98,10 @@ def _run_sparse(
 
 def _in_output_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself if it already has the op's (B, N, H, D)-memory layout, else a copy in it."""
-    expected = output_like(x)
-    return x if x.stride() == expected.stride() else expected.copy_(x)
+    B, H, N, D = x.shape
+    if x.stride() == (N * H * D, D, H * D, 1):
+        return x
+    return output_like(x).copy_(x)
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout) -> None:
