@@ -40,6 +40,7 @@ class Pattern(enum.IntEnum):
     SPATIAL = 0
     TEMPORAL = 1
     TEXTURAL = 2
+    DENSE = 3  # not chosen by the ARM: the variant of dense warm-up calls, selected on the device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Variant:
     stride: int = 0
 
     def describe(self) -> str:
+        if self.pattern == Pattern.DENSE:
+            return "dense"
         if self.pattern == Pattern.TEXTURAL:
             return f"textural(tau={self.stride})"
         return f"{self.pattern.name.lower()}(b={self.bandwidth:g})"
@@ -161,7 +164,9 @@ def _build_plan_table(
     temporal_id = textural_ids = None
     rows = []  # (q_order, kv_order, band, kv_valid) per variant
     for variant in variants:
-        if variant.pattern == Pattern.SPATIAL:
+        if variant.pattern == Pattern.DENSE:
+            rows.append((0, 0, -1, N))
+        elif variant.pattern == Pattern.SPATIAL:
             rows.append((0, 0, band_halfwidth(layout, variant.bandwidth), N))
         elif variant.pattern == Pattern.TEMPORAL:
             if temporal_id is None:
