@@ -41,7 +41,7 @@ from benchmarks.utils import (  # noqa: E402
 )
 from rf_compile.config import RainFusionConfig  # noqa: E402
 from rf_compile.layout import VideoLayout  # noqa: E402
-from rf_compile.ops.patterns import Pattern, Variant, build_plan_table, variants_for  # noqa: E402
+from rf_compile.plan import Pattern, Variant, build_plan_table, variants_for  # noqa: E402
 
 SHAPES = {
     "CogVideoX-5B": (48, 64, VideoLayout(13, 30, 45, prefix=226)),  # N = 17776
@@ -230,7 +230,7 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
     """RainFusion 2.0: block-mean prediction + the same kernel, timed together and apart."""
     from rf_compile.kernels import block_sparse
     from rf_compile.ops.attention import _v2_plan
-    from rf_compile.ops.patterns import element_mask
+    from rf_compile.plan import element_mask
 
     rows = torch.randperm(layout.seq_len, device="cuda")[: args.check_rows]
     for sparsity in args.v2:

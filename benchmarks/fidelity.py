@@ -25,7 +25,7 @@ from utils import environment, gpu_slug, markdown_table, write_results
 from rf_compile import Pattern, RainFusionConfig, VideoLayout
 from rf_compile.ops import arm
 from rf_compile.ops.attention import _run_sparse, _v2_plan
-from rf_compile.ops.patterns import build_plan_table, element_mask, variants_for
+from rf_compile.plan import build_plan_table, element_mask, variants_for
 from rf_compile.reference.synthetic import planted_qk
 
 REAL_LAYOUTS = {

@@ -82,7 +82,7 @@ def reference_rows(q, k, v, table, variant_of_head, rows, *, scale=None, key_bia
     """Float64 masked attention for the query rows ``rows`` (original positions) of every head.
 
     Builds only a [len(rows), N] mask per variant (never N x N), from the plan semantics of
-    ``rf_compile.ops.patterns``. Returns (B, H, len(rows), D).
+    ``rf_compile.plan``. Returns (B, H, len(rows), D).
     """
     layout, N, D = table.layout, table.layout.seq_len, q.shape[-1]
     device = q.device

@@ -15,8 +15,8 @@ from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops.arm import classify_heads
 from rf_compile.ops.attention import sparse_attention
-from rf_compile.ops.patterns import Pattern
 from rf_compile.ops.runtime import reset, stats
+from rf_compile.plan import Pattern
 from rf_compile.report import CompileReport, SiteReport
 
 __version__ = "0.1.0"

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from rf_compile import Pattern, RainFusionConfig, VideoLayout, classify_heads, sparse_attention
 from rf_compile.ops.attention import attention, key_padding_bias
-from rf_compile.ops.patterns import build_plan_table, variants_for
 from rf_compile.ops.runtime import register_site, reset, stats
+from rf_compile.plan import build_plan_table, variants_for
 from rf_compile.reference import masks
 from rf_compile.reference.attention import sparse_attention_reference
 from rf_compile.reference.synthetic import planted_qk

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rf_compile.config import RainFusionConfig
 from rf_compile.kernels.block_sparse import block_sparse_attention
 from rf_compile.layout import VideoLayout
-from rf_compile.ops.patterns import Pattern, build_plan_table, element_mask, variants_for
+from rf_compile.plan import Pattern, build_plan_table, element_mask, variants_for
 
 V1 = variants_for(RainFusionConfig())
 V1_PLUS = variants_for(RainFusionConfig(mode="v1+"))

@@ -7,7 +7,7 @@ import torch
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.ops.patterns import Pattern, build_plan_table, element_mask, variants_for
+from rf_compile.plan import Pattern, build_plan_table, element_mask, variants_for
 from rf_compile.reference import masks
 
 LAYOUTS = [

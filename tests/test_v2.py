@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import rf_compile
 from rf_compile import RainFusionConfig, VideoLayout, sparse_attention
 from rf_compile.ops import v2
-from rf_compile.ops.patterns import element_mask
+from rf_compile.plan import element_mask
 
 LAYOUTS = [
     VideoLayout(5, 6, 9, prefix=7, suffix=3),

@@ -4,7 +4,7 @@ One launch serves all (batch, head) pairs, each with its own variant (``variant_
 kernel reads the variant's token orders and block plan from the ``PlanTable`` on the device, so
 the host never looks at device data (no sync, CUDA-graph friendly).
 
-Semantics (see ``rf_compile.ops.patterns``): for head (b, h) with variant p, queries are read in
+Semantics (see ``rf_compile.plan``): for head (b, h) with variant p, queries are read in
 ``orders[q_order[p]]``, keys/values in ``orders[kv_order[p]]``; query position i sees key position
 j iff i is a text position, or ``j < kv_valid[p]`` and (``band[p] < 0`` or j is text or
 ``|i - j| <= band[p]``). Query block m visits the key blocks ``kv_indices[p, m, :kv_num_blocks[p, m]]``.
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rf_compile.ops.patterns import PlanTable
+from rf_compile.plan import PlanTable
 
 __all__ = ["block_sparse_attention", "SUPPORTED_HEAD_DIMS"]
 

@@ -12,8 +12,7 @@ import torch
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.ops.patterns import Pattern, variants_for
-from rf_compile.reference.masks import band_halfwidth
+from rf_compile.plan import Pattern, band_halfwidth, variants_for
 
 
 def _use_triton(q: torch.Tensor) -> bool:

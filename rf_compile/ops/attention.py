@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops import arm, v2
-from rf_compile.ops.patterns import PlanTable, build_plan_table, variants_for
 from rf_compile.ops.runtime import get_site
+from rf_compile.plan import PlanTable, build_plan_table, variants_for
 from rf_compile.reference.attention import sparse_attention_reference
 
 KERNEL_HEAD_DIMS = (64, 128)  # kernels.block_sparse.SUPPORTED_HEAD_DIMS, without importing triton here

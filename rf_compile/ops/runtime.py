@@ -16,7 +16,7 @@ import torch
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.ops.patterns import Pattern, Variant, variants_for
+from rf_compile.plan import Pattern, Variant, variants_for
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ import torch
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.ops.patterns import BLOCK_M, PlanTable, listed_blocks
+from rf_compile.plan import BLOCK_M, PlanTable, listed_blocks
 
 
 def default_tile(layout: VideoLayout, block: int = BLOCK_M) -> tuple[int, int, int]:

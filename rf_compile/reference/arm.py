@@ -54,7 +54,7 @@ def choose_variants(recall_temporal: torch.Tensor, recall_spatial: torch.Tensor,
     """Algorithm 1 with RainFusion+ bandwidths: temporal first, then spatial, else textural.
 
     Recalls are [B, H, nb] for bandwidths in ascending order; the smallest bandwidth reaching
-    ``threshold`` wins. Returns variant ids [B, H] in ``ops.patterns.variants_for`` order
+    ``threshold`` wins. Returns variant ids [B, H] in ``rf_compile.plan.variants_for`` order
     (spatial 0..nb-1, temporal nb..2nb-1, textural 2nb).
     """
     B, H, nb = recall_temporal.shape

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rf_compile.ops.patterns import PlanTable, element_mask
+from rf_compile.plan import PlanTable, element_mask
 
 
 def variant_masks(table: PlanTable) -> torch.Tensor:

@@ -17,7 +17,7 @@ import math
 import torch
 
 from rf_compile.layout import VideoLayout
-from rf_compile.ops.patterns import Pattern
+from rf_compile.plan import Pattern
 
 
 def _codes(count: int, dim: int, generator: torch.Generator) -> torch.Tensor:

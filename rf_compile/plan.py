@@ -28,10 +28,14 @@ import torch
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.reference.masks import band_halfwidth
 
 BLOCK_M = 128
 BLOCK_N = 128
+
+
+def band_halfwidth(layout: VideoLayout, bandwidth: float) -> int:
+    """Band half-width in tokens; ``bandwidth = 1/4`` keeps ``1 - (3/4)^2 = 7/16`` of the scores."""
+    return int(bandwidth * layout.video_tokens)
 
 
 class Pattern(enum.IntEnum):
@@ -249,7 +253,7 @@ def element_mask(table: PlanTable, variant_id: int, rows: torch.Tensor | None = 
     """Bool [N, N] (or [len(rows), N] for original query ``rows``): the mask a plan computes, original order.
 
     The token rule of the module docstring, restricted to the listed blocks (for v1 plans the
-    blocks cover the rule; for v2 plans the blocks are the mask). Used by the reference and tests.
+    blocks cover the rule; for v2 plans the blocks are the mask). Used by the CPU executor and tests.
     """
     layout, N = table.layout, table.layout.seq_len
     device = table.orders.device
