@@ -4,7 +4,7 @@ import os
 
 import torch
 
-# Must happen before anything imports triton (see FACTS: the interpreter reads it at import).
+# Must happen before anything imports triton: the interpreter setting is read at import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
