@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from rf_compile.reference import masks as paper_masks
+from rf_compile.reference.attention import masked_attention
+
 
 def do_bench(fn, warmup_ms: float = 25, rep_ms: float = 200) -> dict[str, float]:
     """Median / p20 / p80 of ``fn`` in ms (CUDA events through triton.testing.do_bench)."""
@@ -81,35 +84,16 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def reference_rows(q, k, v, table, variant_of_head, rows, *, scale=None, key_bias=None) -> torch.Tensor:
     """Float64 masked attention for the query rows ``rows`` (original positions) of every head.
 
-    Builds only a [len(rows), N] mask per variant (never N x N), from the plan semantics of
-    ``rf_compile.plan``. Returns (B, H, len(rows), D).
+    The masks come from the paper's definitions (``rf_compile.reference.masks``, one
+    [len(rows), N] mask per variant of the v1 ``table``, never N x N), not from the plan itself.
+    Returns (B, H, len(rows), D).
     """
-    layout, N, D = table.layout, table.layout.seq_len, q.shape[-1]
-    device = q.device
-    pos = torch.arange(N, device=device)
-    video = (pos >= layout.prefix) & (pos < layout.prefix + layout.video_tokens)
-    masks = []
-    for p in range(len(table.variants)):
-        q_order = table.orders[table.q_order[p]].long()
-        kv_order = table.orders[table.kv_order[p]].long()
-        inv_q = torch.empty_like(q_order)
-        inv_q[q_order] = pos
-        i = inv_q[rows]  # positions of the rows in the query order
-        band, valid = int(table.band[p]), int(table.kv_valid[p])
-        allowed = (pos[None, :] < valid).expand(len(rows), N)
-        if band >= 0:
-            allowed = allowed & (~video[None, :] | ((i[:, None] - pos[None, :]).abs() <= band))
-        allowed = allowed | ~video[i][:, None]
-        mask = torch.zeros(len(rows), N, dtype=torch.bool, device=device)
-        mask[:, kv_order] = allowed
-        masks.append(mask)
+    masks = [
+        paper_masks.pattern_mask(table.layout, v.pattern, v.bandwidth, v.stride, q.device, rows)
+        for v in table.variants
+    ]
     mask = torch.stack(masks)[variant_of_head.long()]  # B, H, R, N
-    scale = scale if scale is not None else D**-0.5
-    scores = torch.einsum("bhrd,bhnd->bhrn", q[:, :, rows].double() * scale, k.double())
-    if key_bias is not None:
-        scores = scores + key_bias[:, None, None, :].double()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, -1) @ v.double()
+    return masked_attention(q[:, :, rows], k, v, mask, scale=scale, key_bias=key_bias)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from rf_compile import Pattern, RainFusionConfig, VideoLayout, classify_heads, sparse_attention
 from rf_compile.ops.attention import attention, key_padding_bias
 from rf_compile.ops.runtime import register_site, reset, stats
+from rf_compile.ops.torch_attention import torch_sparse_attention as sparse_attention_reference
 from rf_compile.plan import build_plan_table, variants_for
 from rf_compile.reference import masks
-from rf_compile.reference.attention import sparse_attention_reference
 from rf_compile.reference.synthetic import planted_qk
 
 ODD_LAYOUTS = [VideoLayout(3, 5, 7, prefix=5), VideoLayout(2, 3, 7, suffix=3), VideoLayout(3, 3, 5, prefix=1, suffix=2)]

@@ -1,4 +1,4 @@
-"""Block-sparse attention kernel vs an element-exact masked-attention reference.
+"""Block-sparse attention kernel vs masked attention under the paper-definition masks.
 
 CPU: the Triton interpreter on small shapes (blocks of 32/64 tokens, N ~ 200-300, tails on
 purpose). GPU (``@pytest.mark.gpu``): real sizes in bf16, both load paths, and the sparse output
@@ -6,12 +6,13 @@ against dense SDPA given the same mask as an additive -inf mask.
 
 Accuracy follows flash-attention's three-way rule: the kernel's max error against a float64
 golden reference must be at most twice that of the same reference computed in the input dtype,
-plus a small absolute floor.
+plus a small absolute floor. The masks come from ``rf_compile.reference.masks`` (the paper's
+definitions; block selections for v2 plans), never from the plan under test.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from rf_compile.config import RainFusionConfig
 from rf_compile.kernels.block_sparse import block_sparse_attention
 from rf_compile.layout import VideoLayout
-from rf_compile.plan import Pattern, build_plan_table, element_mask, variants_for
+from rf_compile.plan import Pattern, build_plan_table, variants_for
+from rf_compile.reference import masks as paper
+from rf_compile.reference.attention import masked_attention
 
 V1 = variants_for(RainFusionConfig())
 V1_PLUS = variants_for(RainFusionConfig(mode="v1+"))
@@ -43,25 +46,27 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def head_masks(table, variant_of_head: torch.Tensor) -> torch.Tensor:
-    """Bool [B, H, N, N] allowed-score mask in the original order, from ``element_mask``."""
-    per_variant = torch.stack([element_mask(table, p) for p in range(table.num_plans)])
-    return per_variant[variant_of_head.long()]
+    """Bool [B, H, N, N] allowed-score mask in the original order, from the paper's definitions.
+
+    v1 tables: each variant's pattern mask. v2 tables (no variants, one plan per head): the plan's
+    block selection over its tile order, expanded to elements.
+    """
+    layout, device = table.layout, table.orders.device
+    if table.variants:
+        per_plan = [paper.pattern_mask(layout, v.pattern, v.bandwidth, v.stride, device) for v in table.variants]
+    else:
+        blocks = table.to_dense()
+        per_plan = [
+            paper.block_mask(table.orders[table.q_order[p]], blocks[p], table.block_m, table.block_n)
+            for p in range(table.num_plans)
+        ]
+    return torch.stack(per_plan)[variant_of_head.long()]
 
 
 def attention_ref(q, k, v, mask, *, scale=None, key_bias=None, upcast=True):
     """Masked attention; ``upcast`` computes in float64 (golden), else in the input dtype."""
-    dtype = q.dtype
-    if upcast:
-        q, k, v = q.double(), k.double(), v.double()
-    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("bhnd,bhmd->bhnm", q * scale, k).float() if not upcast else \
-        torch.einsum("bhnd,bhmd->bhnm", q * scale, k)
-    if key_bias is not None:
-        scores = scores + key_bias[:, None, None, :].to(scores.dtype)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    attn = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhnm,bhmd->bhnd", attn.to(v.dtype), v)
-    return out.to(dtype)
+    out = masked_attention(q, k, v, mask, scale=scale, key_bias=key_bias, dtype=torch.float64 if upcast else None)
+    return out.to(q.dtype)
 
 
 def assert_close_three_way(out, q, k, v, mask, *, scale=None, key_bias=None):
@@ -156,6 +161,27 @@ def test_removed_loop_forms_are_rejected(loop):
     q = torch.randn(1, 1, layout.seq_len, 64, device=DEVICE)
     with pytest.raises(ValueError, match="loop must be one of"):
         block_sparse_attention(q, q, q, table, torch.zeros(1, 1, dtype=torch.int32, device=DEVICE), loop=loop)
+
+
+@pytest.mark.parametrize(
+    "perturb",
+    [
+        pytest.param(lambda t: {"band": t.band + (t.band >= 0).int()}, id="band+1"),
+        pytest.param(lambda t: {"kv_num_blocks": (t.kv_num_blocks - 1).clamp(min=1)}, id="drop-last-block"),
+        pytest.param(lambda t: {"kv_valid": t.kv_valid - 7 * (t.kv_valid < t.layout.seq_len).int()}, id="kv_valid-7"),
+    ],
+)
+def test_wrong_plan_fails_against_the_paper_masks(perturb):
+    """Guard against a reference that shares the plan: a perturbed plan must fail the comparison."""
+    layout = LAYOUTS["both"]
+    good = build_plan_table(layout, V1, DEVICE, block_m=32, block_n=32)
+    bad = dataclasses.replace(good, **perturb(good))
+    voh = torch.tensor([[0, 1, 2]], dtype=torch.int32, device=DEVICE)
+    q, k, v = make_qkv(1, 3, layout.seq_len, 64, torch.float32)
+    mask = head_masks(good, voh)
+    assert_close_three_way(block_sparse_attention(q, k, v, good, voh), q, k, v, mask)
+    with pytest.raises(AssertionError, match="kernel max error"):
+        assert_close_three_way(block_sparse_attention(q, k, v, bad, voh), q, k, v, mask)
 
 
 def test_key_subtiles():
@@ -296,16 +322,8 @@ def test_gpu_full_size_rows_against_reference():
     q, k, v = make_qkv(B, H, N, D, torch.bfloat16, device="cuda", bnhd=True)
     out = block_sparse_attention(q, k, v, table, voh)
     rows = torch.randperm(N, device="cuda")[:512]
-    pos = torch.arange(N, device="cuda")
-    video = (pos >= layout.prefix) & (pos < layout.prefix + layout.video_tokens)
-    masks = []
-    for p in range(len(V1)):  # the plan rule for the sampled rows only ([512, N], never N x N)
-        q_order, kv_order = table.orders[table.q_order[p]].long(), table.orders[table.kv_order[p]].long()
-        i = torch.empty_like(q_order).scatter_(0, q_order, pos)[rows]
-        band, valid = int(table.band[p]), int(table.kv_valid[p])
-        allowed = (pos[None, :] < valid) & ((band < 0) | ~video[None, :] | ((i[:, None] - pos[None, :]).abs() <= band))
-        allowed = allowed | ~video[i][:, None]
-        masks.append(torch.zeros_like(allowed).index_copy_(1, kv_order, allowed))
+    # The paper's masks for the sampled rows only ([512, N], never N x N).
+    masks = [paper.pattern_mask(layout, var.pattern, var.bandwidth, var.stride, "cuda", rows) for var in V1]
     masks = torch.stack(masks)[voh[0].long()]
     scores = torch.einsum("hnd,hmd->hnm", q[0, :, rows].double() * D**-0.5, k[0].double())
     ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v[0].double()

@@ -1,5 +1,6 @@
 """Pattern masks against brute force from the paper's definitions, and block plans against masks."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.plan import Pattern, build_plan_table, element_mask, variants_for
+from rf_compile.plan import Pattern, Variant, build_plan_table, element_mask, variants_for
 from rf_compile.reference import masks
 
 LAYOUTS = [
@@ -76,16 +77,12 @@ def test_checkerboard_keeps_one_over_stride():
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32)])
 def test_block_plans_compute_exactly_the_masks(layout, blocks):
-    variants = variants_for(RainFusionConfig(mode="v1+")) + variants_for(RainFusionConfig(stride=3))
+    dense = (Variant(Pattern.DENSE),)
+    variants = variants_for(RainFusionConfig(mode="v1+")) + variants_for(RainFusionConfig(stride=3)) + dense
     table = build_plan_table(layout, variants, block_m=blocks[0], block_n=blocks[1])
     block_mask = table.to_dense()
     for p, variant in enumerate(variants):
-        if variant.pattern == Pattern.TEXTURAL:
-            expected = masks.textural_mask(layout, variant.stride)
-        elif variant.pattern == Pattern.SPATIAL:
-            expected = masks.spatial_mask(layout, variant.bandwidth)
-        else:
-            expected = masks.temporal_mask(layout, variant.bandwidth)
+        expected = masks.pattern_mask(layout, variant.pattern, variant.bandwidth, variant.stride)
         assert torch.equal(element_mask(table, p), expected), variant
         assert table.score_density[p].item() == pytest.approx(expected.float().mean().item(), abs=1e-6)
         # In the variant's orders, a block is listed iff it holds an allowed pair; "full" ones hold only allowed
@@ -102,6 +99,44 @@ def test_block_plans_compute_exactly_the_masks(layout, blocks):
             for n in range(block_mask.shape[2]):
                 tile = permuted[m * bm : (m + 1) * bm, n * bn : (n + 1) * bn]
                 assert bool(tile.any()) == bool(block_mask[p, m, n]), (variant, m, n)
+
+
+PERTURBATIONS = {
+    "band+1": lambda t: {"band": t.band + (t.band >= 0).int()},
+    "band-1": lambda t: {"band": t.band - (t.band > 0).int()},
+    "drop-a-block": lambda t: {"kv_num_blocks": (t.kv_num_blocks - 1).clamp(min=0)},
+    "kv_valid-1": lambda t: {"kv_valid": t.kv_valid - 1},
+    "swap-orders": lambda t: {"kv_order": t.kv_order.flip(0)},
+}
+
+
+@pytest.mark.parametrize("name", list(PERTURBATIONS))
+def test_a_wrong_plan_differs_from_the_paper_masks(name):
+    """The reference shares no code with the plan, so a perturbed plan must fail the comparison."""
+    layout = LAYOUTS[2]
+    variants = variants_for(RainFusionConfig())
+    good = build_plan_table(layout, variants, block_m=16, block_n=16)
+    bad = dataclasses.replace(good, **PERTURBATIONS[name](good))
+    expected = [masks.pattern_mask(layout, v.pattern, v.bandwidth, v.stride) for v in variants]
+    assert all(torch.equal(element_mask(good, p), expected[p]) for p in range(len(variants)))
+    assert not all(torch.equal(element_mask(bad, p), expected[p]) for p in range(len(variants)))
+
+
+def test_block_mask_expands_a_selection_over_an_order():
+    order = torch.tensor([2, 0, 3, 1])  # position p holds token order[p]
+    selected = torch.tensor([[True, False], [False, True]])  # blocks of 2 positions: {2, 0}, {3, 1}
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    for a, b in itertools.product((2, 0), (2, 0)):
+        expected[a, b] = True
+    for a, b in itertools.product((3, 1), (3, 1)):
+        expected[a, b] = True
+    assert torch.equal(masks.block_mask(order, selected, 2, 2), expected)
+
+
+def test_dense_mask_is_all_ones():
+    layout = VideoLayout(2, 3, 4, prefix=2)
+    assert masks.pattern_mask(layout, Pattern.DENSE).all()
+    assert masks.pattern_mask(layout, Pattern.DENSE, rows=torch.tensor([1, 5])).shape == (2, layout.seq_len)
 
 
 def test_real_shape_plan_density_near_half():

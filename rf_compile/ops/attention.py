@@ -15,8 +15,8 @@ from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops import arm, v2
 from rf_compile.ops.runtime import get_site
+from rf_compile.ops.torch_attention import torch_sparse_attention
 from rf_compile.plan import PlanTable, build_plan_table, variants_for
-from rf_compile.reference.attention import sparse_attention_reference
 
 KERNEL_HEAD_DIMS = (64, 128)  # kernels.block_sparse.SUPPORTED_HEAD_DIMS, without importing triton here
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -92,7 +92,7 @@ def _run_sparse(
 
         bias = key_padding_bias(attn_mask, q.shape[0], k.shape[-2])
         return block_sparse_attention(q, k, v, table, variant_of_head.int(), scale=scale, key_bias=bias, out=out)
-    result = sparse_attention_reference(q, k, v, table, variant_of_head, attn_mask, scale)
+    result = torch_sparse_attention(q, k, v, table, variant_of_head, attn_mask, scale)
     return result if out is None else out.copy_(result)
 
 

@@ -1,39 +1,55 @@
-"""Pure-PyTorch RainFusion attention: SDPA with the token-level mask of each head's variant.
+"""Masked attention written out in plain PyTorch: the golden model of the kernels and executors.
 
-O(N^2) memory per head: the ground truth for tests and the CPU path of the op, not a fast path.
+``masked_attention`` takes a bool mask (from ``reference.masks``, built from the paper's
+definitions) and computes ``softmax(q k^T * scale + bias) v`` over the allowed keys, by default
+in float64. It knows nothing of plans or kernels. A row with no allowed key gives zeros (the
+kernel's convention; SDPA would give NaN).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from rf_compile.plan import PlanTable, element_mask
 
 
-def variant_masks(table: PlanTable) -> torch.Tensor:
-    """Bool [P, N, N]: each variant's mask in the original token order."""
-    return torch.stack([element_mask(table, p) for p in range(table.num_plans)])
-
-
-def combine_masks(pattern_mask: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """Apply a user SDPA mask (bool: True attends; float: additive) on top of a bool pattern mask."""
-    if attn_mask is None:
-        return pattern_mask
-    if attn_mask.dtype == torch.bool:
-        return pattern_mask & attn_mask
-    return torch.where(pattern_mask, attn_mask, float("-inf")).to(attn_mask.dtype)
-
-
-def sparse_attention_reference(
+def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    table: PlanTable,
-    variant_of_head: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
+    mask: torch.Tensor,
+    *,
     scale: float | None = None,
+    key_bias: torch.Tensor | None = None,
+    dtype: torch.dtype | None = torch.float64,
 ) -> torch.Tensor:
-    """Attention of each (batch, head) under its variant's mask; [B, H, N, D] like q."""
-    masks = variant_masks(table).to(q.device)[variant_of_head.long()]  # [B, H, N, N]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=combine_masks(masks, attn_mask), scale=scale)
+    """Attention of q [..., R, D] over k, v [..., N, D] where ``mask`` (bool, broadcast to [..., R, N]) allows.
+
+    Parameters
+    ----------
+    scale:
+        Softmax scale, default ``1 / sqrt(D)``.
+    key_bias:
+        Optional additive bias broadcast to the scores (a float [B, N] key-padding bias becomes
+        ``key_bias[:, None, None, :]`` for 4-D inputs).
+    dtype:
+        Computation dtype (float64 by default: the golden reference); ``None`` computes in the
+        input dtype (scores in float32 at least), the low-precision reference of a three-way check.
+
+    Returns
+    -------
+    Tensor
+        [..., R, D] in the computation dtype.
+    """
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q * scale) @ k.transpose(-1, -2)
+    if dtype is None:
+        scores = scores.float()
+    if key_bias is not None:
+        if key_bias.dim() == 2 and scores.dim() == 4:
+            key_bias = key_bias[:, None, None, :]
+        scores = scores + key_bias.to(scores.dtype)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    empty = (scores == float("-inf")).all(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return probs.to(v.dtype) @ v
