@@ -1,0 +1,135 @@
+"""Exact attention recall of the RainFusion masks from full attention maps, and the oracle's choice.
+
+The masks are written here from the paper's definitions (section 3.2), independently of
+``rf_compile``'s plans, with the project's conventions: only video query rows count, text keys are
+always kept; spatial = band of half-width ``floor(bandwidth * video_tokens)`` in frame-major order;
+temporal = the same band in spatial-major order (position, then frame); textural = video keys on
+the checkerboard ``h % stride == w % stride`` (Eq. 4).
+
+The recall of a mask is the softmax mass inside it, averaged over video query rows. The oracle
+picks, among the spatial/temporal masks of equal cost (same bandwidth), the one with the highest
+exact recall if it reaches the threshold, the cheapest bandwidth first (v1+); else textural.
+``arm_choice`` gives the ARM's (``rf_compile.classify_heads``) choice in the same terms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rf_compile import Pattern, RainFusionConfig, VideoLayout, classify_heads
+
+SPATIAL, TEMPORAL, TEXTURAL = int(Pattern.SPATIAL), int(Pattern.TEMPORAL), int(Pattern.TEXTURAL)
+NAMES = {SPATIAL: "spatial", TEMPORAL: "temporal", TEXTURAL: "textural"}
+
+
+def _video_positions(layout: VideoLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame-major and spatial-major position of every video token, int64 [V] each."""
+    i = torch.arange(layout.video_tokens, device=device)
+    return i, (i % layout.frame_tokens) * layout.frames + i // layout.frame_tokens
+
+
+def mask_rows(layout: VideoLayout, kind: str, param: float, rows: torch.Tensor) -> torch.Tensor:
+    """Bool [len(rows), seq_len]: keys kept for video query ``rows`` (indices into the video tokens)."""
+    device = rows.device
+    mask = torch.ones(len(rows), layout.seq_len, dtype=torch.bool, device=device)
+    frame_major, spatial_major = _video_positions(layout, device)
+    if kind == "textural":
+        h = torch.arange(layout.height, device=device).view(-1, 1)
+        w = torch.arange(layout.width, device=device).view(1, -1)
+        keep = ((h % int(param)) == (w % int(param))).flatten().repeat(layout.frames)
+        video = keep[None, :].expand(len(rows), -1)
+    else:
+        pos = frame_major if kind == "spatial" else spatial_major
+        width = int(param * layout.video_tokens)
+        video = (pos[rows][:, None] - pos[None, :]).abs() <= width
+    mask[:, layout.video_slice] = video
+    return mask
+
+
+def density(layout: VideoLayout, kind: str, param: float) -> float:
+    """Fraction of (video query, key) pairs a mask keeps."""
+    rows = torch.arange(layout.video_tokens)
+    return mask_rows(layout, kind, param, rows).double().mean().item()
+
+
+@torch.no_grad()
+def exact_recalls(
+    q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, variants: list[tuple[str, float]], chunk: int = 1024
+) -> torch.Tensor:
+    """Exact recall of each mask in ``variants`` per (batch, head): float64 [B, H, len(variants)].
+
+    ``q, k``: [B, H, N, D] of one self-attention call (scale ``D ** -0.5``, as the models use).
+    """
+    B, H, N, D = q.shape
+    layout.check_seq_len(N)
+    total = torch.zeros(B, H, len(variants), dtype=torch.float64, device=q.device)
+    for start in range(0, layout.video_tokens, chunk):
+        rows = torch.arange(start, min(start + chunk, layout.video_tokens), device=q.device)
+        scores = torch.matmul(q[:, :, rows + layout.prefix].float(), k.float().transpose(-1, -2)) * D**-0.5
+        probs = torch.softmax(scores, dim=-1)
+        for i, (kind, param) in enumerate(variants):
+            mask = mask_rows(layout, kind, param, rows).float()
+            total[..., i] += torch.einsum("bhrn,rn->bh", probs, mask).double()
+    return total / layout.video_tokens
+
+
+def variants_of(config: RainFusionConfig) -> list[tuple[str, float]]:
+    """Masks the oracle compares: spatial and temporal at each bandwidth (ascending), then textural."""
+    out = []
+    for b in config.head_bandwidths:
+        out += [("spatial", b), ("temporal", b)]
+    return out + [("textural", config.stride)]
+
+
+def oracle_choice(recalls: torch.Tensor, config: RainFusionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pattern int64 [B, H], bandwidth float64 [B, H] (0 for textural)) from ``exact_recalls(variants_of(config))``."""
+    bandwidths = config.head_bandwidths
+    pattern = torch.full(recalls.shape[:2], TEXTURAL, dtype=torch.long, device=recalls.device)
+    bandwidth = torch.zeros(recalls.shape[:2], dtype=torch.float64, device=recalls.device)
+    decided = torch.zeros(recalls.shape[:2], dtype=torch.bool, device=recalls.device)
+    for i, b in enumerate(bandwidths):  # cheapest first
+        r_s, r_t = recalls[..., 2 * i], recalls[..., 2 * i + 1]
+        best = torch.where(r_t >= r_s, TEMPORAL, SPATIAL)
+        ok = ~decided & (torch.maximum(r_s, r_t) >= config.threshold)
+        pattern = torch.where(ok, best, pattern)
+        bandwidth = torch.where(ok, torch.full_like(bandwidth, b), bandwidth)
+        decided |= ok
+    return pattern, bandwidth
+
+
+def arm_choice(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: RainFusionConfig):
+    """The ARM's (pattern [B, H], bandwidth [B, H]) through the public ``classify_heads``.
+
+    v1: one call. v1+: one v1 call per candidate bandwidth at the v1+ threshold; the v1+ rule
+    (temporal at the smallest passing bandwidth, else spatial at the smallest, else textural) is
+    rebuilt from them, which is exact because a v1 call reports spatial only where temporal fails.
+    """
+    if config.mode != "v1+":
+        pattern = classify_heads(q, k, layout, config)
+        bandwidth = torch.where(pattern == TEXTURAL, 0.0, config.bandwidth).double()
+        return pattern, bandwidth
+    per_b = [
+        classify_heads(q, k, layout, RainFusionConfig(bandwidth=b, alpha=config.recall_target,
+                                                      sample_stride=config.sample_stride, stride=config.stride))
+        for b in config.head_bandwidths
+    ]  # fmt: skip
+    pattern = torch.full_like(per_b[0], TEXTURAL)
+    bandwidth = torch.zeros(pattern.shape, dtype=torch.float64, device=pattern.device)
+    for kind in (SPATIAL, TEMPORAL):  # temporal last: it overrides spatial
+        decided = torch.zeros_like(pattern, dtype=torch.bool)
+        for b, chosen in zip(config.head_bandwidths, per_b):
+            hit = (chosen == kind) & ~decided
+            pattern = torch.where(hit, kind, pattern)
+            bandwidth = torch.where(hit, b, bandwidth)
+            decided |= hit
+    return pattern, bandwidth
+
+
+def recall_of(recalls: torch.Tensor, config: RainFusionConfig, pattern: torch.Tensor, bandwidth: torch.Tensor):
+    """Exact recall [B, H] of the chosen (pattern, bandwidth) per head, from ``exact_recalls(variants_of)``."""
+    index = torch.full(pattern.shape, 2 * len(config.head_bandwidths), dtype=torch.long, device=pattern.device)
+    for i, b in enumerate(config.head_bandwidths):
+        at_b = bandwidth == b
+        index = torch.where(at_b & (pattern == SPATIAL), 2 * i, index)
+        index = torch.where(at_b & (pattern == TEMPORAL), 2 * i + 1, index)
+    return recalls.gather(-1, index[..., None]).squeeze(-1)
