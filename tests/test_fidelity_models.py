@@ -1,0 +1,171 @@
+"""The trained fidelity models (benchmarks/fidelity/): sparse quality floor, ARM structure, metrics.
+
+The checkpoint tests load ``benchmarks/fidelity/models/<name>/`` (or ``$RF_FIDELITY_MODELS/<name>``)
+at a reduced size (4 frames of 16 x 24 pixels: 384 video tokens) and are skipped when the folder is
+missing. Every floor is computed here from real outputs, never stored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+FIDELITY = Path(__file__).resolve().parent.parent / "benchmarks" / "fidelity"
+sys.path.insert(0, str(FIDELITY))
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import models  # noqa: E402
+import oracle  # noqa: E402
+from metrics import gaussian_window, psnr, ssim  # noqa: E402
+
+import rf_compile  # noqa: E402
+from rf_compile import RainFusionConfig, classify_heads  # noqa: E402
+
+MODELS_DIR = Path(os.environ.get("RF_FIDELITY_MODELS", FIDELITY / "models"))
+SIZE = dict(frames=4, height=16, width=24)
+STEPS = 4
+
+
+def load(name: str):
+    folder = MODELS_DIR / name
+    if not (folder / "model_card.json").exists():
+        pytest.skip(f"no trained checkpoint at {folder} (made by benchmarks/fidelity/device_train.sh on a GPU)")
+    return models.load(folder, name)
+
+
+def first_available() -> str:
+    for name in models.NAMES:
+        if (MODELS_DIR / name / "model_card.json").exists():
+            return name
+    pytest.skip(f"no trained checkpoint under {MODELS_DIR} (made by benchmarks/fidelity/device_train.sh on a GPU)")
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def test_psnr_matches_a_float64_hand_computation():
+    a, b = torch.rand(2, 3, 2, 5, 7) * 2 - 1, torch.rand(2, 3, 2, 5, 7) * 2 - 1
+    for i in range(2):
+        diff = [(float(x) - float(y)) ** 2 for x, y in zip(a[i].flatten(), b[i].flatten())]
+        expected = 10 * math.log10(4.0 / (sum(diff) / len(diff)))
+        assert psnr(a, b)[i].item() == pytest.approx(expected, rel=1e-9)
+    assert torch.isinf(psnr(a, a)).all()
+
+
+def test_ssim_of_identical_images_is_one_and_of_unrelated_ones_is_small():
+    a = torch.rand(2, 3, 3, 20, 24) * 2 - 1
+    assert torch.allclose(ssim(a, a), torch.ones(2, dtype=torch.float64))
+    assert (ssim(a, torch.rand_like(a) * 2 - 1) < 0.2).all()
+
+
+def test_ssim_matches_the_direct_windowed_formula():
+    a, b = torch.rand(1, 1, 13, 15), torch.rand(1, 1, 13, 15)
+    b = 0.6 * a + 0.4 * b  # correlated, so SSIM is far from 0 and 1
+    size, sigma, c1, c2 = 11, 1.5, (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    g = [math.exp(-((i - 5) ** 2) / (2 * sigma**2)) for i in range(size)]
+    w = [[gi * gj / sum(g) ** 2 for gj in g] for gi in g]
+    values = []
+    for y0 in range(13 - size + 1):
+        for x0 in range(15 - size + 1):
+            pa = [float(a[0, 0, y0 + i, x0 + j]) for i in range(size) for j in range(size)]
+            pb = [float(b[0, 0, y0 + i, x0 + j]) for i in range(size) for j in range(size)]
+            wf = [w[i][j] for i in range(size) for j in range(size)]
+            ma, mb = sum(x * y for x, y in zip(wf, pa)), sum(x * y for x, y in zip(wf, pb))
+            va = sum(x * (y - ma) ** 2 for x, y in zip(wf, pa))
+            vb = sum(x * (y - mb) ** 2 for x, y in zip(wf, pb))
+            cov = sum(x * (y - ma) * (z - mb) for x, y, z in zip(wf, pa, pb))
+            values.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    assert ssim(a, b).item() == pytest.approx(sum(values) / len(values), abs=1e-9)
+    assert gaussian_window().sum().item() == pytest.approx(1.0)
+
+
+# -- data and oracle -------------------------------------------------------------------------------
+
+
+def test_procedural_data_is_deterministic_and_names_its_content():
+    a, tokens = data.sample_batch(3, 42, **SIZE)
+    b, _ = data.sample_batch(3, 42, **SIZE)
+    c, _ = data.sample_batch(3, 43, **SIZE)
+    assert a.shape == (3, 3, 4, 16, 24) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= -1 and a.max() <= 1 and (a[:, :, 1:] - a[:, :, :-1]).abs().mean() > 0.01  # it moves
+    assert all(len(text.split()) >= 6 for text in data.describe(tokens))
+
+
+def test_oracle_rebuilds_the_v1_plus_choice_of_classify_heads():
+    layout = models.layout_of("cogvideox", **SIZE)
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 6, layout.seq_len, 64), torch.randn(2, 6, layout.seq_len, 64)
+    # Make the heads local in space and time, at varied strengths, so every branch is taken.
+    pos = torch.zeros(layout.seq_len, 3)
+    f, h, w = torch.meshgrid(*(torch.arange(n) for n in (layout.frames, layout.height, layout.width)), indexing="ij")
+    pos[layout.video_slice] = torch.stack([f, h, w], -1).reshape(-1, 3).float()
+    for head, (sf, ss) in enumerate([(0, 0), (3, 0), (0, 3), (2, 2), (6, 1), (1, 6)]):
+        feat = torch.cat([pos[:, :1] * sf, pos[:, 1:] * ss], -1)  # score ~ -|p_i - p_j|^2 / 2
+        q[:, head, :, :4] = torch.cat([feat, torch.ones(layout.seq_len, 1)], -1)
+        k[:, head, :, :4] = torch.cat([feat, -(feat**2).sum(-1, keepdim=True) / 2], -1)
+    config = RainFusionConfig(mode="v1+")
+    pattern, bandwidth = oracle.arm_choice(q, k, layout, config)
+    assert torch.equal(pattern, classify_heads(q, k, layout, config))
+    assert ((pattern == oracle.TEXTURAL) == (bandwidth == 0)).all()
+
+
+# -- trained checkpoints ---------------------------------------------------------------------------
+
+
+def _stats_sparsity() -> float:
+    return evaluate.achieved_sparsity()[1]
+
+
+@pytest.mark.slow
+def test_v1_stays_above_a_floor_computed_from_real_outputs():
+    name = first_available()
+    model, card = load(name)
+    clips, tokens = data.sample_batch(2, evaluate.EVAL_SEED, **SIZE)
+    text = models.conditions(tokens, card)
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(0))
+    other = torch.randn(clips.shape, generator=torch.Generator().manual_seed(1))
+    dense = models.sample(model, name, noise, text, STEPS)
+    dense_other = models.sample(model, name, other, text, STEPS)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="rainfusion", options={"mode": "v1"}, dynamic=False)
+    rf_compile.reset()
+    v1 = models.sample(compiled, name, noise, text, STEPS)
+    sparsity = _stats_sparsity()
+    assert sparsity > 0.2, f"v1 computed almost dense attention (sparsity {sparsity}): the sparse path did not run"
+
+    # The floor: attention on a random mask of the same density, and another noise seed.
+    config, state = RainFusionConfig(), {"t": 1.0}
+    layout = models.layout_of(name, **SIZE)
+    hook = evaluate.random_mask_hook(1 - sparsity, layout, lambda: state["t"], config)
+    with models.CaptureAttention(hook):
+        random_mask = models.sample(model, name, noise, text, STEPS, on_step=lambda i, t: state.update(t=t))
+    got = psnr(v1, dense).mean().item()
+    floor = max(psnr(random_mask, dense).mean().item(), psnr(dense_other, dense).mean().item())
+    assert got > floor, f"{name}: v1 PSNR {got:.2f} dB vs dense is not above the floor {floor:.2f} dB"
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_arm_finds_structure_in_trained_weights_but_not_in_random_ones(name):
+    model, card = load(name)
+    layout = models.layout_of(name, **SIZE)
+    clips, tokens = data.sample_batch(2, evaluate.EVAL_SEED + 1, **SIZE)
+    text = models.conditions(tokens, card)
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 0.5)
+    x = 0.5 * clips + 0.5 * noise
+
+    def textural_share(m) -> float:
+        picks = torch.cat([classify_heads(q, k, layout) for q, k, _ in models.capture_qkv(m, name, x, t, text)])
+        return (picks == oracle.TEXTURAL).double().mean().item()
+
+    trained, random = textural_share(model), textural_share(models.build(name).eval())
+    assert random >= 0.9, f"{name}: random weights gave {1 - random:.0%} non-textural heads"
+    assert trained < 1.0, f"{name}: the ARM picked textural for every head of the trained model"
+    assert trained < random
