@@ -55,8 +55,15 @@ def load(folder: Path, name: str | None = None, dtype=torch.float32, device="cpu
     """(model, model_card) from a folder written by ``train.py``."""
     folder = Path(folder)
     card = json.loads((folder / "model_card.json").read_text())
-    model = model_class(name or card["name"]).from_pretrained(folder, torch_dtype=dtype)
-    return model.to(device).eval(), card
+    from safetensors.torch import load_file
+
+    # from_config + load_state_dict: from_pretrained of bf16 weights without `accelerate` refuses
+    # models with fp32-kept modules (Wan); the weights are upcast here instead.
+    cls = model_class(name or card["name"])
+    model = cls.from_config(cls.load_config(folder))
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.to(device=device, dtype=dtype).eval(), card
 
 
 def layout_of(name: str, frames: int, height: int, width: int) -> VideoLayout:
