@@ -231,13 +231,13 @@ def bench_shape(model, heads, D, layout, args, records, log):
 def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
     """RainFusion 2.0: block-mean prediction + the same kernel, timed together and apart."""
     from rf_compile.kernels import block_sparse
-    from rf_compile.ops.attention import _v2_plan
+    from rf_compile.ops.attention import v2_plan
     from rf_compile.plan import element_mask
 
     rows = torch.randperm(layout.seq_len, device="cuda")[: args.check_rows]
     for sparsity in args.v2:
         config = RainFusionConfig(mode="v2", sparsity=sparsity)
-        table, voh = _v2_plan(q, k, layout, config, None)
+        table, voh = v2_plan(q, k, layout, config, None)
         density = float(table.density().mean())
         # Reference on a few query rows: float64 softmax under each head's plan mask.
         masks = torch.stack([element_mask(table, p, rows) for p in range(table.num_plans)]).view(
@@ -247,13 +247,13 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
         ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v.double()
         out = block_sparse.block_sparse_attention(q, k, v, table, voh.int())
         err = rel_err(out[:, :, rows], ref)
-        predict = do_bench(lambda config=config: _v2_plan(q, k, layout, config, None), rep_ms=args.rep_ms)
-        predict_gpu_ms = do_bench_graph(lambda config=config: _v2_plan(q, k, layout, config, None))
+        predict = do_bench(lambda config=config: v2_plan(q, k, layout, config, None), rep_ms=args.rep_ms)
+        predict_gpu_ms = do_bench_graph(lambda config=config: v2_plan(q, k, layout, config, None))
         kernel = do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh.int()),
                           rep_ms=args.rep_ms)
 
         def total(config=config):
-            plan, heads = _v2_plan(q, k, layout, config, None)
+            plan, heads = v2_plan(q, k, layout, config, None)
             return block_sparse.block_sparse_attention(q, k, v, plan, heads.int())
 
         t = do_bench(total, rep_ms=args.rep_ms)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from utils import environment, gpu_slug, markdown_table
 
-from rf_compile.backend import REPORTS
+from rf_compile.backend import compiled_graphs, reports_since
 from rf_compile.presets import build_preset
 
 MODELS = {"hunyuanvideo": "HunyuanVideo", "wan": "Wan2.1-14B"}
@@ -84,7 +84,7 @@ def _sync(device: str) -> None:
 
 def run_variant(name: str, spec: dict, preset, timesteps: list[float], device: str) -> dict:
     torch._dynamo.reset()
-    start_reports = len(REPORTS)
+    start_reports = compiled_graphs()
     options = spec.get("options")
     if options is not None and preset.size == "tiny":  # smoke runs: let the tiny grid be sparse
         options = {**options, "min_video_tokens": 0}
@@ -106,7 +106,7 @@ def run_variant(name: str, spec: dict, preset, timesteps: list[float], device: s
             _sync(device)
             times.append((time.perf_counter() - start) * 1e3)
             x = x + (t_next - t) / 1000.0 * out
-    sites = [s for r in REPORTS[start_reports:] for s in r.sites]
+    sites = [s for r in reports_since(start_reports) for s in r.sites]
     dense_reasons = sorted({s.reason for s in sites if s.status == "dense" and s.reason})
     worst = torch.tensor(statistics.median(times), device=device if device == "cuda" else "cpu")
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # a step ends when the slowest rank ends

@@ -24,7 +24,7 @@ from utils import environment, gpu_slug, markdown_table, write_results
 
 from rf_compile import Pattern, RainFusionConfig, VideoLayout
 from rf_compile.ops import arm
-from rf_compile.ops.attention import _run_sparse, _v2_plan
+from rf_compile.ops.attention import choose_kernel, run_plan, v2_plan
 from rf_compile.plan import build_plan_table, element_mask, variants_for
 from rf_compile.reference.synthetic import planted_qk
 
@@ -77,7 +77,7 @@ def run_case(layout, head_dim, config, planted, heads, device, dtype, seed) -> d
     v = torch.randn_like(q)
     scale = head_dim**-0.5
     if config.mode == "v2":
-        table, variant_of_head = _v2_plan(q, k, layout, config, scale)
+        table, variant_of_head = v2_plan(q, k, layout, config, scale)
         recall_estimated = torch.full(variant_of_head.shape, float("nan"), device=device)
         chosen = None
     else:
@@ -85,7 +85,7 @@ def run_case(layout, head_dim, config, planted, heads, device, dtype, seed) -> d
         variant_of_head, recall_estimated = arm.decide(q, k, layout, config, scale)
         table = build_plan_table(layout, variants, device)
         chosen = torch.tensor([v.pattern for v in variants], device=device)[variant_of_head]
-    out = _run_sparse(q, k, v, table, variant_of_head, None, scale, config.kernel)
+    out = run_plan(q, k, v, table, variant_of_head, None, scale, choose_kernel(config.kernel, q, k, None)[0])
     dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
     known = ~recall_estimated.isnan()
     recall_exact, kept = exact_recall(q, k, table, variant_of_head, scale)

@@ -42,11 +42,11 @@ def inspect(model: torch.nn.Module, *args: Any, options: dict[str, Any] | None =
     reset first (``torch._dynamo.reset()``) so that the model is really recompiled: code compiled
     earlier for the same model class would otherwise be reused and report nothing.
     """
-    from rf_compile.backend import REPORTS, rainfusion
+    from rf_compile.backend import compiled_graphs, rainfusion, reports_since
 
     torch._dynamo.reset()
-    start = len(REPORTS)
+    start = compiled_graphs()
     compiled = torch.compile(model, backend=rainfusion, options=options)
     with torch.no_grad():
         compiled(*args, **kwargs)
-    return CompileReport([site for report in REPORTS[start:] for site in report.sites])
+    return CompileReport([site for report in reports_since(start) for site in report.sites], graph=start)

@@ -6,13 +6,14 @@ entry point, without importing rf_compile.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from rf_compile.config import RainFusionConfig
+from rf_compile.config import OptionError, RainFusionConfig
 from rf_compile.passes.assign_layout import assign_layouts
 from rf_compile.passes.context import PassContext
 from rf_compile.passes.find_attention import find_attention
@@ -23,17 +24,29 @@ log = logging.getLogger(__name__)
 
 PASSES = (find_attention, assign_layouts, rewrite_sites)
 
-# Reports of every graph compiled in this process, newest last (``rf_compile.inspect`` reads them).
-REPORTS: list[CompileReport] = []
+# Reports of the graphs compiled in this process, newest last (``rf_compile.inspect`` reads them);
+# bounded, so a long-running server that recompiles does not grow without end.
+REPORTS: collections.deque[CompileReport] = collections.deque(maxlen=256)
+_GRAPHS_COMPILED = 0
+
+
+def reports_since(graph_index: int) -> list[CompileReport]:
+    """Reports of the graphs compiled since ``graph_index`` (``compiled_graphs()`` taken earlier)."""
+    return [report for report in REPORTS if report.graph >= graph_index]
+
+
+def compiled_graphs() -> int:
+    """How many graphs the backend has compiled in this process."""
+    return _GRAPHS_COMPILED
 
 
 def apply_passes(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
-    """Run ``PASSES`` over ``gm``. A pass that fails (other than a ValueError about the user's options)
-    leaves the remaining sites dense with the error as their reason, unless ``strict``."""
+    """Run ``PASSES`` over ``gm``. A pass that fails (other than an ``OptionError``: the user's options
+    are wrong) leaves the remaining sites dense with the error as their reason, unless ``strict``."""
     for run_pass in PASSES:
         try:
             run_pass(gm, ctx)
-        except ValueError:
+        except OptionError:
             raise
         except Exception as error:  # a failing pass must not break the user's model
             if ctx.config.strict:
@@ -55,10 +68,12 @@ def rainfusion(
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    global _GRAPHS_COMPILED
     config, inductor_options = RainFusionConfig.from_options(options)
-    ctx = PassContext(gm=gm, config=config, graph_index=len(REPORTS))
+    ctx = PassContext(gm=gm, config=config, graph_index=_GRAPHS_COMPILED)
+    _GRAPHS_COMPILED += 1
     apply_passes(gm, ctx)
-    report = CompileReport(ctx.reports)
+    report = CompileReport(ctx.reports, graph=ctx.graph_index)
     REPORTS.append(report)
     if config.report:
         print(report.table())

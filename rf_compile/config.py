@@ -2,7 +2,7 @@
 
 Users pass options as ``torch.compile(model, backend="rainfusion", options={...})``. Our keys
 are taken out into a frozen dataclass; every other key is left for inductor. An unknown value
-raises ``ValueError`` naming the key and what it accepts.
+raises ``OptionError`` (a ``ValueError``) naming the key and what it accepts.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ from rf_compile.layout import VideoLayout
 log = logging.getLogger(__name__)
 
 MODES = ("v1", "v1+", "v2", "dense")
+
+
+class OptionError(ValueError):
+    """A ``rainfusion`` option with an unknown key or a value outside what it accepts."""
+
 SELECTIONS = ("topk", "mass")
 KERNELS = ("auto", "triton", "reference")
 
@@ -109,16 +114,16 @@ class RainFusionConfig:
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("select", self.select, SELECTIONS)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
-            raise ValueError(f"option 'sparsity' must be a fraction in [0, 1), got {self.sparsity!r}")
+            raise OptionError(f"option 'sparsity' must be a fraction in [0, 1), got {self.sparsity!r}")
         _check_fraction("mass", self.mass)
         if self.tile is not None:
             if len(self.tile) != 3 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tile):
-                raise ValueError(f"option 'tile' must be 3 positive ints (frames, height, width), got {self.tile!r}")
+                raise OptionError(f"option 'tile' must be 3 positive ints (frames, height, width), got {self.tile!r}")
         if self.sink_frames is not None:
             _check_int("sink_frames", self.sink_frames, minimum=0)
         _check_fraction("bandwidth", self.bandwidth)
         if not self.bandwidths:
-            raise ValueError("option 'bandwidths' must hold at least one fraction in (0, 1]")
+            raise OptionError("option 'bandwidths' must hold at least one fraction in (0, 1]")
         for b in self.bandwidths:
             _check_fraction("bandwidths", b)
         _check_fraction("recall_target", self.recall_target)
@@ -130,10 +135,10 @@ class RainFusionConfig:
         _check_int("arm_every", self.arm_every, minimum=1)
         _check_int("min_video_tokens", self.min_video_tokens, minimum=0)
         if not isinstance(self.dense_warmup, (int, float)) or not 0.0 <= self.dense_warmup < 1.0:
-            raise ValueError(f"option 'dense_warmup' must be a fraction in [0, 1), got {self.dense_warmup!r}")
+            raise OptionError(f"option 'dense_warmup' must be a fraction in [0, 1), got {self.dense_warmup!r}")
         for name in ("report", "strict"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
+                raise OptionError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def head_bandwidths(self) -> tuple[float, ...]:
@@ -152,13 +157,16 @@ class RainFusionConfig:
         ours = {f.name for f in dataclasses.fields(cls)}
         values = {key: options.pop(key) for key in list(options) if key in ours}
         if "layout" in values and values["layout"] is not None:
-            values["layout"] = VideoLayout.from_value(values["layout"])
+            try:
+                values["layout"] = VideoLayout.from_value(values["layout"])
+            except ValueError as error:
+                raise OptionError(f"option 'layout': {error}") from None
         for key in ("bandwidths", "tile"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         unknown = [key for key in options if not _is_inductor_option(key)]
         if unknown:
-            raise ValueError(
+            raise OptionError(
                 f"unknown rainfusion option(s) {unknown}; accepted keys: {sorted(ours)} "
                 "plus any torch._inductor.config option"
             )
@@ -175,14 +183,14 @@ def _is_inductor_option(key: str) -> bool:
 
 def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
     if value not in accepted:
-        raise ValueError(f"option {name!r} must be one of {list(accepted)}, got {value!r}")
+        raise OptionError(f"option {name!r} must be one of {list(accepted)}, got {value!r}")
 
 
 def _check_fraction(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"option {name!r} must be a fraction in (0, 1], got {value!r}")
+        raise OptionError(f"option {name!r} must be a fraction in (0, 1], got {value!r}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"option {name!r} must be an int >= {minimum}, got {value!r}")
+        raise OptionError(f"option {name!r} must be an int >= {minimum}, got {value!r}")

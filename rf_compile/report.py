@@ -32,6 +32,8 @@ class SiteReport:
     source: str = ""
     graph: int = 0
     key: str | None = None
+    symbolic: bool = False  # sizes are symbolic: the layout is found again for each call shape
+    layout_source: str = ""  # where the layout came from: "graph", "option", "calling model", ...
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -57,6 +59,7 @@ class CompileReport:
     """Every site of every graph the backend compiled during one ``inspect`` (or one compile)."""
 
     sites: list[SiteReport] = dataclasses.field(default_factory=list)
+    graph: int = 0  # index of the (first) graph it reports, in compile order within the process
 
     @property
     def sparse(self) -> list[SiteReport]:

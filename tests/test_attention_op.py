@@ -77,12 +77,12 @@ def test_dense_mode_is_exact_sdpa():
 def test_op_warmup_follows_the_timestep_and_records_stats():
     reset()
     layout = VideoLayout(3, 4, 4, prefix=4)
-    key = register_site("test.warmup", layout, RainFusionConfig(dense_warmup=0.2))
+    key = register_site("test.warmup", layout, RainFusionConfig(dense_warmup=0.2, num_steps=5))
     q, k, v = qkv(layout)
     dense = F.scaled_dot_product_attention(q, k, v)
-    out_early = attention(q, k, v, None, torch.tensor([950.0, 950.0]), None, key)
+    out_early = attention(q, k, v, None, None, torch.tensor([950.0, 950.0]), None, None, key, [])
     torch.testing.assert_close(out_early, dense)
-    out_late = attention(q, k, v, None, torch.tensor([300.0, 300.0]), None, key)
+    out_late = attention(q, k, v, None, None, torch.tensor([300.0, 300.0]), None, None, key, [])
     expected = sparse_attention(q, k, v, layout)
     torch.testing.assert_close(out_late, expected)
     site = stats()["test.warmup"]
@@ -97,7 +97,7 @@ def test_op_without_timestep_counts_calls_and_reset_restarts():
     key = register_site("test.counter", layout, RainFusionConfig(dense_warmup=0.1, num_steps=20))
     q, k, v = qkv(layout, batch=1)
     for _ in range(3):
-        attention(q, k, v, None, None, None, key)
+        attention(q, k, v, None, None, None, None, None, key, [])
     assert stats()["test.counter"]["dense_calls"] == 2  # ceil(0.1 * 20)
     reset()
     assert stats()["test.counter"]["calls"] == 0
@@ -109,7 +109,7 @@ def test_op_reuses_the_arm_decision_with_arm_every():
     key = register_site("test.arm_every", layout, RainFusionConfig(dense_warmup=0.0, arm_every=3))
     q, k, v = qkv(layout, batch=1)
     for _ in range(4):
-        attention(q, k, v, None, None, None, key)
+        attention(q, k, v, None, None, None, None, None, key, [])
     assert stats()["test.arm_every"]["arm_runs"] == 2
 
 
@@ -117,7 +117,7 @@ def test_op_passes_opcheck():
     layout = VideoLayout(2, 3, 4, prefix=2)
     key = register_site("test.opcheck", layout, RainFusionConfig(dense_warmup=0.0))
     q, k, v = qkv(layout)
-    torch.library.opcheck(attention, (q, k, v, None, None, None, key))
+    torch.library.opcheck(attention, (q, k, v, None, None, None, None, None, key, []))
 
 
 def test_grad_required_raises_clear_error():
@@ -141,7 +141,7 @@ def test_unregistered_site_is_a_clear_error():
     layout = VideoLayout(2, 3, 4)
     q, k, v = qkv(layout)
     with pytest.raises(RuntimeError, match="not registered"):
-        attention(q, k, v, None, None, None, "no.such.site")
+        attention(q, k, v, None, None, None, None, None, "no.such.site", [])
 
 
 def test_stats_report_estimated_recall_and_bandwidth_per_head():
@@ -150,7 +150,7 @@ def test_stats_report_estimated_recall_and_bandwidth_per_head():
     key = register_site("test.recall", layout, RainFusionConfig(mode="v1+", dense_warmup=0.0))
     q, k = planted_qk(layout, [Pattern.TEMPORAL, Pattern.TEXTURAL], head_dim=32, seed=2)
     v = torch.randn_like(q)
-    attention(q, k, v, None, None, None, key)
+    attention(q, k, v, None, None, None, None, None, key, [])
     temporal, textural = stats()["test.recall"]["heads"]
     assert temporal["temporal"] == 1 and temporal["mean_recall"] > 0.9 and temporal["mean_bandwidth"] == 0.125
     assert textural["textural"] == 1 and textural["mean_recall"] is None and textural["mean_bandwidth"] is None

@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 import rf_compile
 from rf_compile import RainFusionConfig, VideoLayout, sparse_attention
-from rf_compile.backend import rainfusion
+from rf_compile.backend import compiled_graphs, reports_since
 
 LAYOUT = VideoLayout(3, 4, 6, prefix=5)  # 77 tokens
 
@@ -84,8 +84,9 @@ def test_sparse_mode_matches_the_functional_layer():
     model = ToyVideoBlock().eval()
     reference = ToyVideoBlock(use_rainfusion=True).eval()
     reference.load_state_dict(model.state_dict())
-    args = inputs(t=300.0)  # below the dense warm-up threshold of 900
-    compiled = torch.compile(model, backend="rainfusion", options=OPTIONS, fullgraph=True)
+    args = inputs(t=300.0)
+    # No dense warm-up: the first call is sparse (warm-up steps are tested below and in test_warmup.py).
+    compiled = torch.compile(model, backend="rainfusion", options={**OPTIONS, "dense_warmup": 0.0}, fullgraph=True)
     with torch.no_grad():
         sparse = compiled(*args)
         torch.testing.assert_close(sparse, reference(*args), atol=1e-5, rtol=1e-5)
@@ -93,6 +94,7 @@ def test_sparse_mode_matches_the_functional_layer():
 
 
 def test_warmup_step_is_dense():
+    rf_compile.reset()  # the first step of a new video
     model = ToyVideoBlock().eval()
     args = inputs(t=990.0)
     compiled = torch.compile(model, backend="rainfusion", options=OPTIONS, fullgraph=True)
@@ -100,21 +102,20 @@ def test_warmup_step_is_dense():
         torch.testing.assert_close(compiled(*args), model(*args), atol=1e-5, rtol=1e-5)
 
 
-def test_symbolic_shapes_stay_dense_with_reason():
-    captured = []
-
-    def record(gm, example_inputs):
-        captured.append(rainfusion(gm, example_inputs, options=OPTIONS))
-        return captured[-1]
-
-    from rf_compile.backend import REPORTS
-
-    start = len(REPORTS)
-    compiled = torch.compile(ToyVideoBlock().eval(), backend=record, dynamic=True)
+def test_symbolic_shapes_are_sparse_with_the_call_layout():
+    model = ToyVideoBlock().eval()
+    reference = ToyVideoBlock(use_rainfusion=True).eval()
+    reference.load_state_dict(model.state_dict())
+    options = {**OPTIONS, "dense_warmup": 0.0}
+    compiled = torch.compile(model, backend="rainfusion", options=options, dynamic=True, fullgraph=True)
+    start = compiled_graphs()
     with torch.no_grad():
-        compiled(*inputs())
-    reasons = {s.reason for r in REPORTS[start:] for s in r.sites}
-    assert any("symbolic shapes" in reason for reason in reasons)
+        for batch in (2, 3):  # symbolic batch (1 would be specialised): one graph
+            args = inputs(batch=batch)
+            torch.testing.assert_close(compiled(*args), reference(*args), atol=1e-5, rtol=1e-5)
+    (report,) = reports_since(start)
+    site = report.sites[0]
+    assert site.status == "sparse" and site.symbolic and site.layout == LAYOUT and site.layout_source == "option"
 
 
 def test_layout_override_that_fits_nothing_is_an_error():

@@ -167,10 +167,13 @@ def test_factory(capsys):
     code, out, _ = run(capsys, spec, "--option", "min_video_tokens=0")
     assert code == 0 and counts(out) == (1, 0)
     assert " 2x4x6 " in out and "sparse" in out
-    # No timestep input: the warm-up counts calls, ceil(0.1 * 50) = 5 > 2, so both runs are dense.
-    code, out, _ = run(capsys, spec, "--option", "min_video_tokens=0", "--run", "2")
+    # No timestep input: the warm-up counts calls; with num_steps=50, ceil(0.1 * 50) = 5 > 2, so both
+    # runs are dense; by default --run N sets num_steps=N: ceil(0.1 * 2) = 1 dense call.
+    code, out, _ = run(capsys, spec, "--option", "min_video_tokens=0", "--option", "num_steps=50", "--run", "2")
     assert code == 0 and "no 'timestep' keyword input" in out
     assert out.splitlines()[5].rstrip().endswith(" 2/2")
+    code, out, _ = run(capsys, spec, "--option", "min_video_tokens=0", "--run", "2")
+    assert out.splitlines()[5].rstrip().endswith(" 1/2")
 
 
 def test_parse_options():

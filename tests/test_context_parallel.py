@@ -62,14 +62,14 @@ def _enable_ulysses(model, degree: int) -> None:
 
 
 def _compile(module, options, *args, **kwargs):
-    from rf_compile.backend import REPORTS
+    from rf_compile.backend import compiled_graphs, reports_since
 
     torch._dynamo.reset()
-    start = len(REPORTS)
+    start = compiled_graphs()
     compiled = torch.compile(module, backend="rainfusion", options=options, fullgraph=True)
     with torch.no_grad():
         out = compiled(*args, **kwargs)
-    sites = [(s.name, s.status, s.layout, s.reason) for r in REPORTS[start:] for s in r.sites]
+    sites = [(s.name, s.status, s.layout, s.reason) for r in reports_since(start) for s in r.sites]
     return out, sites
 
 

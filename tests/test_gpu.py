@@ -79,11 +79,11 @@ def test_op_call_with_stats_never_waits_for_the_device(mode):
     layout, heads, dim = REAL["wan"]
     q, k, v = qkv(layout, heads, dim, batch=2)
     key = register_site(f"gpu.nosync.{mode}", layout, RainFusionConfig(mode=mode, dense_warmup=0.0))
-    attention(q, k, v, None, None, None, key)
+    attention(q, k, v, None, None, None, None, None, key, [])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        attention(q, k, v, None, None, None, key)
+        attention(q, k, v, None, None, None, None, None, key, [])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert stats()[key]["sparse_calls"] == 2

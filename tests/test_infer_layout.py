@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from rf_compile.layout import VideoLayout
 from rf_compile.passes.infer_layout import fx_digraph, infer_site_layout
+from rf_compile.passes.symbols import graph_symbols, hint_bindings
 from rf_compile.presets import PRESETS, Preset, build_preset
 
 
@@ -98,14 +99,23 @@ def test_hunyuanvideo_token_refiner_is_not_video(captured):
     assert reason.startswith("not a video sequence") and "10 query tokens" in reason
 
 
-def test_mochi_unbacked_text_length_is_a_reason(captured):
+def test_mochi_text_length_is_read_from_the_call(captured):
+    """Mochi's joint text length is data-dependent (unbacked u0): no layout before the call, the
+    preset's layout once the call's value of every size symbol is bound."""
     preset, graphs = captured["mochi{}"]
     layouts, reasons = _infer(graphs)
     assert not layouts
-    symbolic = [r for r in reasons if r.startswith("symbolic sequence length")]
-    assert len(symbolic) == preset.self_attention_sites
-    assert all("+ 72" in r and "options={'layout'" in r for r in symbolic)
-    assert len(reasons) - len(symbolic) == preset.dense_sites
+    unknown = [r for r in reasons if "not known before the call" in r]
+    assert len(unknown) == preset.self_attention_sites
+    assert len(reasons) - len(unknown) == preset.dense_sites
+    ((gm,),) = [graphs]
+    symbols = graph_symbols(gm)
+    unbacked = [s for s in symbols if s not in hint_bindings(gm, symbols)]  # one per block
+    assert len(unbacked) == preset.self_attention_sites
+    text_tokens = int(preset.kwargs["encoder_attention_mask"].sum(-1).max())
+    bindings = {**hint_bindings(gm, symbols), **dict.fromkeys(unbacked, text_tokens)}
+    found = collections.Counter(infer_site_layout(gm, node, bindings) for gm, node in _sites(graphs))
+    assert {k: v for k, v in found.items() if isinstance(k, VideoLayout)} == preset.expected_layouts
 
 
 def test_regional_compilation_gives_a_reason():
@@ -242,9 +252,19 @@ def test_cross_attention_is_a_reason():
     assert reason == "cross-attention: query length 72 != key length 7"
 
 
-def test_symbolic_sequence_length_is_a_reason():
-    reason = _only_site(_Video(), torch.randn(1, 4, 3, 8, 12), torch.randn(1, 7, 16), dynamic=True)
-    assert isinstance(reason, str) and reason.startswith("symbolic sequence length")
+def test_symbolic_graph_is_read_under_the_bindings_of_each_call():
+    graphs = _capture(_Video(), (torch.randn(1, 4, 3, 8, 12), torch.randn(1, 7, 16)), {}, fullgraph=True, dynamic=True)
+    ((gm, node),) = _sites(graphs)
+    reason = infer_site_layout(gm, node)  # no bindings: the symbolic length is not known
+    assert isinstance(reason, str) and "not known before the call" in reason
+    symbols = graph_symbols(gm)
+    hints = hint_bindings(gm, symbols)
+    assert infer_site_layout(gm, node, hints) == VideoLayout(3, 4, 6, suffix=7)
+    # Another call: 5 frames of 10x6 pixels (5x3 tokens) and 9 text tokens.
+    other = {symbol: value for symbol, value in hints.items()}
+    by_value = {v: k for k, v in hints.items()}
+    other.update({by_value[3]: 5, by_value[8]: 10, by_value[12]: 6, by_value[7]: 9})
+    assert infer_site_layout(gm, node, other) == VideoLayout(5, 5, 3, suffix=9)
 
 
 def test_non_sdpa_node_is_a_reason():

@@ -11,7 +11,7 @@ import collections
 import pytest
 import torch
 
-from rf_compile.backend import REPORTS
+from rf_compile.backend import compiled_graphs, reports_since
 from rf_compile.presets import PRESETS, build_preset
 
 OPTIONS = {"min_video_tokens": 0}
@@ -24,11 +24,11 @@ def _output(result) -> torch.Tensor:
 
 def _compile_and_run(preset, options, fullgraph=True):
     torch._dynamo.reset()
-    start = len(REPORTS)
+    start = compiled_graphs()
     compiled = torch.compile(preset.model, backend="rainfusion", options=options, fullgraph=fullgraph)
     with torch.no_grad():
         out = _output(compiled(*preset.args, **preset.kwargs))
-    return out, [site for report in REPORTS[start:] for site in report.sites], len(REPORTS) - start
+    return out, [site for report in reports_since(start) for site in report.sites], len(reports_since(start))
 
 
 @pytest.fixture(scope="module", params=MODELS)

@@ -109,9 +109,9 @@ def test_v2_output_equals_sdpa_under_its_plan_mask(layout):
     config = RainFusionConfig(mode="v2", sparsity=0.6, tile=(2, 2, 4) if layout.frames > 1 else (1, 4, 4))
     q, k, v = (torch.randn(2, 2, layout.seq_len, 16, dtype=torch.float64) for _ in range(3))
     table = v2.predict_plan(q, k, layout, config, block=16)
-    from rf_compile.ops.attention import _run_sparse
+    from rf_compile.ops.attention import run_plan
 
-    out = _run_sparse(q, k, v, table, torch.arange(4).view(2, 2), None, None, "reference")
+    out = run_plan(q, k, v, table, torch.arange(4).view(2, 2), None, None, "reference")
     order = v2.tile_order(layout, config.tile, v2.sink_frame_count(layout, config))
     position = torch.empty_like(order)
     position[order] = torch.arange(layout.seq_len)
@@ -175,7 +175,8 @@ def test_image_transformer_sites_get_single_frame_layouts():
 def test_v2_stats_report_block_density():
     rf_compile.reset()
     model, inputs = tiny_sd3()
-    report = rf_compile.inspect(model, **inputs, options={"mode": "v2", "min_video_tokens": 0})
-    site = rf_compile.stats()[report.sparse[0].key]
+    options = {"mode": "v2", "min_video_tokens": 0, "dense_warmup": 0.0}  # the first call is sparse
+    report = rf_compile.inspect(model, **inputs, options=options)
+    site = rf_compile.stats(model)[report.sparse[0].name]
     assert site["sparse_calls"] == 1 and site["density"] == 1.0  # 57 tokens: one 128-token block
     assert [h["block_density"] for h in site["heads"]] == [1.0, 1.0]

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--run",
         type=_positive_int,
         metavar="N",
-        help="run N denoising-like steps (timestep 999 -> 0) and add the statistics of each site",
+        help="run N denoising-like steps (timestep 999 -> 0) and add the statistics of each site; "
+        "num_steps defaults to N, so the dense warm-up covers its first ceil(dense_warmup * N) steps",
     )
     output.add_argument("--plot", metavar="OUT.png", help="heat map of the dominant pattern per head (needs --run)")
     output.add_argument("--export", metavar="GRAPH.graphml|GRAPH.dot", help="write the largest captured FX graph")
@@ -295,6 +296,8 @@ def inspect_target(target: Target, options: dict[str, Any], steps: int = 0) -> I
     """Capture ``target``, run the passes, and (``steps`` > 0) run it and collect the statistics."""
     import rf_compile
 
+    if steps and "num_steps" not in options:  # --run N is an N-step video: warm up on its first steps
+        options = {**options, "num_steps": steps}
     start = time.perf_counter()
     compiled, graphs = capture(target, options)
     result = Inspection(target, options, graphs, steps=steps, capture_seconds=time.perf_counter() - start)
@@ -303,12 +306,12 @@ def inspect_target(target: Target, options: dict[str, Any], steps: int = 0) -> I
     if steps:
         rf_compile.reset()
         run_steps(compiled, target, steps)
-        measured = rf_compile.stats()
+        measured = rf_compile.stats(target.model)  # this model instance's sites, by site name
         result.stats = {
-            site.report.name: measured[key]
+            site.report.name: measured[site.report.name]
             for graph in graphs
             for site in graph.sites
-            if (key := site.report.key) in measured
+            if site.report.name in measured
         }
     return result
 
@@ -398,6 +401,9 @@ def format_text(result: Inspection) -> str:
             "note: captured on the meta device; the kernel in brackets is what kernel='auto' picks off CUDA "
             "(on CUDA it picks triton where the kernel supports the site)"
         )
+    models = sorted({entry["model"] for entry in (result.stats or {}).values() if entry.get("model")})
+    if models:
+        lines.append(f"statistics of model instance {', '.join(models)} (rf_compile.stats() names it so)")
     if result.steps and isinstance(result.target.kwargs.get("timestep"), torch.Tensor):
         lines.append(f"after {result.steps} step(s), timesteps {', '.join(f'{t:g}' for t in timesteps(result.steps))}")
     elif result.steps:

@@ -18,13 +18,16 @@ import triton.language as tl
 
 @triton.jit
 def _band_recall_kernel(
-    Q, K, Halfwidths, Out,
+    Q, K, Halfwidths, Out, Enabled,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     H, S, position_step, qk_scale,
     NB: tl.constexpr, NB_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, HAS_ENABLED: tl.constexpr,
 ):  # fmt: skip
+    if HAS_ENABLED:  # the decision to run is made on the device (arm_every, dense warm-up)
+        if tl.load(Enabled) == 0:
+            return
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -74,7 +77,12 @@ def _device_ints(values: tuple[int, ...], device: str) -> torch.Tensor:
 
 
 def band_recall(
-    q: torch.Tensor, k: torch.Tensor, position_step: int, halfwidths: list[int], scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    position_step: int,
+    halfwidths: list[int],
+    scale: float,
+    enabled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean in-band softmax mass per (batch, head, band) of sampled tokens, float32 [B, H, len(halfwidths)].
 
@@ -86,6 +94,9 @@ def band_recall(
         Distance in the pattern's token order between consecutive samples.
     halfwidths:
         Band half-widths in tokens of that order.
+    enabled:
+        Optional bool scalar on the device: when False the kernel returns at once and the result
+        is zeros (the caller keeps its previous decision). Never read on the host.
     """
     assert q.shape == k.shape and q.dim() == 4, f"q and k must be [B, H, S, D], got {q.shape}, {k.shape}"
     B, H, S, D = q.shape
@@ -94,11 +105,13 @@ def band_recall(
     grid = (triton.cdiv(S, block_m), B * H)
     partial = torch.zeros(B * H, grid[0], triton.next_power_of_2(nb), device=q.device, dtype=torch.float32)
     widths = _device_ints(tuple(halfwidths), str(q.device))
+    flag = widths if enabled is None else enabled.to(torch.int32)
     _band_recall_kernel[grid](
-        q, k, widths, partial,
+        q, k, widths, partial, flag,
         *q.stride(), *k.stride(),
         H, S, position_step, scale * 1.44269504,  # log2(e): the kernel uses exp2
         NB=nb, NB_PAD=triton.next_power_of_2(nb), HEAD_DIM=D, D_PAD=triton.next_power_of_2(D),
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=not q.is_cuda, num_warps=8 if q.is_cuda else 4,
+        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=not q.is_cuda, HAS_ENABLED=enabled is not None,
+        num_warps=8 if q.is_cuda else 4,
     )  # fmt: skip
     return (partial.sum(1)[:, :nb] / S).view(B, H, nb)

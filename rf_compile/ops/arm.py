@@ -19,7 +19,9 @@ def _use_triton(q: torch.Tensor) -> bool:
     return q.is_cuda
 
 
-def _sampled_recall(q: torch.Tensor, k: torch.Tensor, step: int, halfwidths: list[int], scale: float) -> torch.Tensor:
+def _sampled_recall(
+    q: torch.Tensor, k: torch.Tensor, step: int, halfwidths: list[int], scale: float, enabled: torch.Tensor | None
+) -> torch.Tensor:
     """Recall [B, H, nb] of bands ``|pos_i - pos_j| <= halfwidth`` over samples ``step`` positions apart.
 
     On CUDA a Triton kernel computes it without writing the S x S scores; elsewhere PyTorch does.
@@ -27,7 +29,7 @@ def _sampled_recall(q: torch.Tensor, k: torch.Tensor, step: int, halfwidths: lis
     if _use_triton(q):
         from rf_compile.kernels.arm import band_recall
 
-        return band_recall(q, k, step, halfwidths, scale)
+        return band_recall(q, k, step, halfwidths, scale, enabled)
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     probs = torch.softmax(scores, dim=-1)
     position = torch.arange(q.shape[-2], device=q.device) * step
@@ -43,6 +45,7 @@ def arm_recalls(
     bandwidths: tuple[float, ...],
     sample_stride: int | None = None,
     scale: float | None = None,
+    enabled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated recall of the temporal and spatial masks, float32 [B, H, len(bandwidths)] each.
 
@@ -52,6 +55,9 @@ def arm_recalls(
         The attention inputs of one call.
     bandwidths:
         Band fractions, ascending.
+    enabled:
+        Optional bool scalar on the device: the CUDA kernel skips its work where it is False (the
+        results are then meaningless and the caller keeps its last decision). PyTorch ignores it.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     P, F = layout.prefix, layout.frames
@@ -59,10 +65,10 @@ def arm_recalls(
     halfwidths = [band_halfwidth(layout, b) for b in bandwidths]
     # Local sample: frame 0. In spatial-major order its tokens sit F apart.
     local = slice(P, P + layout.frame_tokens)
-    recall_t = _sampled_recall(q[..., local, :], k[..., local, :], F, halfwidths, scale)
+    recall_t = _sampled_recall(q[..., local, :], k[..., local, :], F, halfwidths, scale, enabled)
     # Global sample: every omega-th video token, omega apart in frame-major order.
     global_ = slice(P, P + layout.video_tokens, omega)
-    recall_s = _sampled_recall(q[..., global_, :], k[..., global_, :], omega, halfwidths, scale)
+    recall_s = _sampled_recall(q[..., global_, :], k[..., global_, :], omega, halfwidths, scale, enabled)
     return recall_t, recall_s
 
 
@@ -87,13 +93,18 @@ def choose_variants(recall_temporal: torch.Tensor, recall_spatial: torch.Tensor,
 
 
 def decide(
-    q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    config: RainFusionConfig,
+    scale: float | None = None,
+    enabled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Variant id (int64 [B, H], ``variants_for`` order) and the estimated recall of its mask.
 
     The recall is float32 [B, H], NaN for textural heads (the ARM estimates no textural recall).
     """
-    recall_t, recall_s = arm_recalls(q, k, layout, config.head_bandwidths, config.sample_stride, scale)
+    recall_t, recall_s = arm_recalls(q, k, layout, config.head_bandwidths, config.sample_stride, scale, enabled)
     variants = choose_variants(recall_t, recall_s, config.threshold)
     recalls = torch.cat([recall_s, recall_t, torch.full_like(recall_t[..., :1], float("nan"))], dim=-1)
     return variants, recalls.gather(-1, variants[..., None]).squeeze(-1)

@@ -1,9 +1,11 @@
 """``torch.ops.rainfusion.attention``: the op the rewrite pass puts in place of SDPA.
 
-One call = dense warm-up check -> ARM (variant per batch element and head) -> block-sparse
-attention with each head's plan. The op is opaque to inductor (``register_fake`` gives it its
-output shape) and inference-only. ``sparse_attention`` is the same computation as a plain
-function, for users who call attention themselves.
+One call = the site's layout for this shape -> device-side decisions (dense warm-up step, ARM
+re-run, see ``runtime``) -> ARM (variant per batch element and head) -> block-sparse attention
+with each head's plan, where "dense" is one more plan. No host sync, so CUDA graphs capture it.
+The op is opaque to inductor (``register_fake`` gives it its output shape) and inference-only.
+``sparse_attention`` is the same computation as a plain function, for users who call attention
+themselves.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops import arm, v2
-from rf_compile.ops.runtime import get_site
+from rf_compile.ops.runtime import attach_clock, get_spec, persistent_allocation, site_state
 from rf_compile.ops.torch_attention import torch_sparse_attention
 from rf_compile.plan import PlanTable, build_plan_table, variants_for
 
@@ -26,6 +28,25 @@ def output_like(q: torch.Tensor) -> torch.Tensor:
     """Empty [B, H, N, D] output laid out as (B, N, H, D) memory, the layout SDPA callers reshape for free."""
     B, H, N, D = q.shape
     return q.new_empty(B, N, H, D).transpose(1, 2)
+
+
+# -- masks ------------------------------------------------------------------------------------------
+
+
+def is_key_padding_mask(shape: tuple[int, ...] | torch.Size, seq_len: int) -> bool:
+    """Whether an SDPA mask of this shape varies only along the key dimension (and batch)."""
+    shape = tuple(shape)
+    if shape[-1:] != (seq_len,):
+        return False
+    if len(shape) == 4:
+        return shape[1] == 1 and shape[2] == 1
+    return all(s == 1 for s in shape[:-1])
+
+
+def is_query_mask(shape: tuple[int, ...] | torch.Size, seq_len: int) -> bool:
+    """Whether a mask of this shape is [B|1, 1, N, 1]: one value per query row."""
+    shape = tuple(shape)
+    return len(shape) == 4 and shape[1] == 1 and shape[2] == seq_len and shape[3] == 1
 
 
 def key_padding_bias(attn_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
@@ -43,18 +64,38 @@ def key_padding_bias(attn_mask: torch.Tensor | None, batch: int, seq_len: int) -
     return mask.float().contiguous()
 
 
-def is_key_padding_mask(shape: tuple[int, ...] | torch.Size, seq_len: int) -> bool:
-    """Whether an SDPA mask of this shape varies only along the key dimension (and batch)."""
-    shape = tuple(shape)
-    if shape[-1:] != (seq_len,):
-        return False
-    if len(shape) == 4:
-        return shape[1] == 1 and shape[2] == 1
-    return all(s == 1 for s in shape[:-1])
+def rows_attending(query_mask: torch.Tensor) -> torch.Tensor:
+    """Bool [B|1, 1, N, 1]: query rows that see any key under a row factor of an outer-product mask.
+
+    A row whose factor is False (boolean) or -inf (additive) is fully masked; SDPA returns zeros
+    for it. A finite additive row factor shifts every score of the row alike: no effect.
+    """
+    return query_mask if query_mask.dtype == torch.bool else torch.isfinite(query_mask)
+
+
+def _zero_masked_rows(out: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
+    if query_mask is None:
+        return out
+    return out.masked_fill_(~rows_attending(query_mask), 0.0)
+
+
+def _full_mask(attn_mask: torch.Tensor | None, query_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The SDPA mask a (key mask, row mask) pair stands for (dense calls of such sites)."""
+    if query_mask is None:
+        return attn_mask
+    rows = rows_attending(query_mask)
+    if attn_mask is None:
+        return rows
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & rows
+    return attn_mask.masked_fill(~rows, float("-inf"))
+
+
+# -- what runs a call -------------------------------------------------------------------------------
 
 
 def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> str | None:
-    """Why the Triton kernel cannot run this call (None if it can)."""
+    """Why the Triton kernel cannot run this call (None if it can). Works on fake tensors too."""
     if q.device.type != "cuda":
         return f"tensors on {q.device.type}, the kernel needs CUDA"
     if q.dtype not in KERNEL_DTYPES:
@@ -66,16 +107,23 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, attn_mask: torch
     return None
 
 
-def _use_kernel(kernel: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
-    if kernel == "reference":
-        return False
+def choose_kernel(option: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[str, str]:
+    """``("triton" | "reference", "")``, or ``("", reason)`` when the call must stay dense SDPA.
+
+    One policy for the compile-time pass and the run-time op: the O(N^2) PyTorch path is no option
+    at GPU sizes, so a CUDA call the kernel cannot run stays dense rather than going to it.
+    """
+    if option == "reference":
+        return "reference", ""
     reason = kernel_unsupported_reason(q, k, attn_mask)
-    if kernel == "triton" and reason is not None:
-        raise ValueError(f"kernel='triton' cannot run this call: {reason}")
-    return reason is None
+    if reason is None:
+        return "triton", ""
+    if q.device.type == "cuda" or option == "triton":
+        return "", f"kernel does not support {reason}"
+    return "reference", ""
 
 
-def _run_sparse(
+def run_plan(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -86,8 +134,11 @@ def _run_sparse(
     kernel: str,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each (batch, head) under its plan: the Triton kernel (written into ``out`` if given) or the reference."""
-    if _use_kernel(kernel, q, k, attn_mask):
+    """Each (batch, head) under its plan (a row of ``table``): the Triton kernel or the PyTorch path.
+
+    ``kernel`` is ``"triton"`` or ``"reference"`` (``choose_kernel``); ``attn_mask`` a key-padding mask.
+    """
+    if kernel == "triton":
         from rf_compile.kernels.block_sparse import block_sparse_attention
 
         bias = key_padding_bias(attn_mask, q.shape[0], k.shape[-2])
@@ -139,7 +190,7 @@ def sparse_attention(
     config:
         Mode, bandwidth(s), stride, ARM threshold; ``mode="dense"`` computes plain SDPA.
     attn_mask, scale:
-        As in ``F.scaled_dot_product_attention``.
+        As in ``F.scaled_dot_product_attention`` (masks: key padding, [B|1, 1, 1, N]).
 
     Returns
     -------
@@ -149,21 +200,34 @@ def sparse_attention(
     _check_inputs(q, k, v, layout)
     if config.mode == "dense":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    kernel, reason = choose_kernel(config.kernel, q, k, attn_mask)
+    if not kernel:
+        raise ValueError(f"sparse_attention cannot run this call: {reason}")
     if config.mode == "v2":
-        table, variant_of_head = _v2_plan(q, k, layout, config, scale)
+        table, variant_of_head = v2_plan(q, k, layout, config, scale)
     else:
         table = build_plan_table(layout, variants_for(config), q.device)
         variant_of_head = arm.classify_variants(q, k, layout, config, scale)
-    return _run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel)
+    return run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel)
 
 
-def _v2_plan(
-    q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, scale: float | None
+def v2_plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    config: RainFusionConfig,
+    scale: float | None,
+    dense: torch.Tensor | None = None,
 ) -> tuple[PlanTable, torch.Tensor]:
-    """RainFusion 2.0 plan: one variant per (batch element, head)."""
+    """RainFusion 2.0 plan: one variant per (batch element, head); every block where ``dense`` is True."""
     B, H = q.shape[:2]
-    table = v2.predict_plan(q, k, layout, config, scale)
+    table = v2.predict_plan(q, k, layout, config, scale, dense=dense)
     return table, torch.arange(B * H, device=q.device).view(B, H)
+
+
+def _dense_call(q, k, v, attn_mask, query_mask, scale) -> torch.Tensor:
+    mask = _full_mask(attn_mask, query_mask)
+    return _in_output_layout(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
 
 
 @torch.library.custom_op("rainfusion::attention", mutates_args=())
@@ -172,32 +236,77 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     attn_mask: torch.Tensor | None,
+    query_mask: torch.Tensor | None,
     timestep: torch.Tensor | None,
+    owner: torch.Tensor | None,
     scale: float | None,
     site: str,
+    sizes: list[int],
 ) -> torch.Tensor:
-    """The rewritten SDPA site ``site`` (registered by the rewrite pass with its layout and config)."""
-    state = get_site(site)
-    _check_inputs(q, k, v, state.layout)
-    dense = state.is_dense_call(timestep)
-    state.calls += 1
-    if dense:
-        state.dense_calls += 1
-        return _in_output_layout(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale))
+    """The rewritten SDPA site ``site`` (registered by the rewrite pass).
+
+    ``attn_mask``: a key-padding mask [B|1, 1, 1, N] or None; ``query_mask``: the row factor
+    [B|1, 1, N, 1] of an outer-product mask, or None. ``timestep`` drives the dense warm-up,
+    ``owner`` (a parameter of the compiled model) selects the model instance's state, and
+    ``sizes`` are the graph's symbolic sizes for this call (empty when its shapes are static).
+    """
+    spec = get_spec(site)
+    state = site_state(spec, owner)
+    if spec.config.mode == "dense":
+        return _dense_call(q, k, v, attn_mask, query_mask, scale)
+    model = state.model.module() if state.model.module is not None else None
+    layout = spec.layout_for(tuple(sizes), model, q.shape[-2])
+    if isinstance(layout, str):
+        state.note_dense(layout)
+        return _dense_call(q, k, v, attn_mask, query_mask, scale)
+    _check_inputs(q, k, v, layout)
+    kernel, reason = choose_kernel(spec.config.kernel, q, k, attn_mask)
+    if not kernel:
+        state.note_dense(reason)
+        return _dense_call(q, k, v, attn_mask, query_mask, scale)
+
+    if timestep is None and not state.model.clock_checked:
+        attach_clock(state)
+    call = state.begin(layout, q, timestep)
+    shape, config = call.shape, spec.config
     out = output_like(q)
-    config = state.config
     if config.mode == "v2":
-        table, variant_of_head = _v2_plan(q, k, state.layout, config, scale)
-        state.record_blocks(table.density().view(q.shape[:2]))
-        return _run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel, out)
-    table = build_plan_table(state.layout, state.variants, q.device)
-    variant_of_head, recall = state.decision_for_call(
-        q.shape[:2], lambda: arm.decide(q, k, state.layout, config, scale)
-    )
-    state.record(variant_of_head, recall, table.score_density.to(q.device))
-    return _run_sparse(q, k, v, table, variant_of_head, attn_mask, scale, config.kernel, out)
+        with persistent_allocation(q.device):  # v2's per-layout tensors are cached
+            v2.warm_static(q, layout, config)
+        table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense)
+        sparse = (~call.dense).double()
+        density = table.density().view(q.shape[:2]).double()
+        shape.block_density_sums.add_(density.sum(0) * sparse)
+        shape.kept.add_(density.sum() * sparse)
+        shape.sparse_heads.add_(sparse * density.numel())
+    else:
+        with persistent_allocation(q.device):  # built once per layout, cached
+            table = build_plan_table(layout, shape.variants, q.device)
+            table.score_density  # noqa: B018  (cached; computing it reads the device once)
+        new_variant, new_recall = arm.decide(q, k, layout, config, scale, enabled=call.run_arm)
+        shape.variant.copy_(torch.where(call.run_arm, new_variant, shape.variant))
+        shape.recall.copy_(torch.where(call.run_arm, new_recall, shape.recall))
+        variant_of_head = torch.where(call.dense, len(shape.variants) - 1, shape.variant)
+        _record(shape, call.dense, table)
+    out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out)
+    return _zero_masked_rows(out, query_mask)
+
+
+def _record(shape, dense: torch.Tensor, table: PlanTable) -> None:
+    """Accumulate pattern counts, estimated recalls and the kept fraction per head (sparse calls only)."""
+    B, H = shape.variant.shape
+    P, device = len(shape.variants), shape.variant.device
+    sparse = (~dense).long()
+    # Counts per (head, variant) without one_hot, whose range check would sync with the device.
+    cells = (torch.arange(H, device=device) * P + shape.variant).flatten()
+    shape.variant_counts.view(-1).index_add_(0, cells, sparse.expand_as(cells))
+    known = ~shape.recall.isnan()
+    shape.recall_sums[:, 0] += torch.where(known, shape.recall, 0).double().sum(0) * sparse
+    shape.recall_sums[:, 1] += known.double().sum(0) * sparse
+    shape.kept.add_(table.score_density[shape.variant].double().sum() * sparse)
+    shape.sparse_heads.add_(sparse.double() * (B * H))
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, timestep, scale, site):
+def _(q, k, v, attn_mask, query_mask, timestep, owner, scale, site, sizes):
     return output_like(q)

@@ -107,15 +107,25 @@ def predict_plan(
     config: RainFusionConfig,
     scale: float | None = None,
     block: int = BLOCK_M,
+    dense: torch.Tensor | None = None,
 ) -> PlanTable:
     """One block plan per (batch element, head) from block means; variant id of head (b, h) is ``b * H + h``.
 
     ``block`` is the kernel block (query and key); tests use small ones on small layouts.
+    ``dense`` (a bool scalar on the device) selects every block: a dense warm-up call, decided
+    on the device.
     """
+    static = warm_static(q, layout, config, block)
+    return _predict(q, k, layout, config, scale, static, block, dense)
+
+
+def warm_static(q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, block: int = BLOCK_M) -> _Static:
+    """The cached per-layout tensors of a v2 call with ``q``'s shape (built on first use)."""
     tile = config.tile or default_tile(layout, block)
     if math.prod(tile) != block:
         raise ValueError(f"option 'tile' {tile} holds {math.prod(tile)} tokens; a kernel block holds {block}")
-    return _predict(q, k, layout, config, scale, tile, block)
+    B, H = q.shape[:2]
+    return _static(layout, tile, sink_frame_count(layout, config), block, str(q.device), B * H)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,13 +162,14 @@ def _static(layout, tile, sinks, block, device: str, plans: int) -> _Static:
     )
 
 
-def _predict(q, k, layout, config, scale, tile, block) -> PlanTable:
+def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.Tensor | None) -> PlanTable:
     B, H, N, D = q.shape
-    static = _static(layout, tile, sink_frame_count(layout, config), block, str(q.device), B * H)
     scale = D**-0.5 if scale is None else scale
     pooled_q, pooled_k = block_means(q, static, block), block_means(k, static, block)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
     chosen = select_blocks(scores, config) | static.always
+    if dense is not None:
+        chosen = chosen | dense
     M = static.always.shape[0]
     kv_num_blocks, kv_indices = listed_blocks(chosen.view(B * H, M, M))
     return PlanTable(

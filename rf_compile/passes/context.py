@@ -8,6 +8,7 @@ from typing import Any
 import torch.fx
 
 from rf_compile.config import RainFusionConfig
+from rf_compile.ops.runtime import LayoutResolver
 from rf_compile.report import SiteReport
 
 
@@ -18,6 +19,10 @@ class Site:
     node: torch.fx.Node
     args: dict[str, Any]  # query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     report: SiteReport
+    # An outer-product mask: (row factor, key factor) nodes, each broadcastable to the mask.
+    mask_factors: tuple[torch.fx.Node, torch.fx.Node] | None = None
+    # Symbolic or regional sites: finds the layout of each call shape at run time.
+    resolver: LayoutResolver | None = None
 
     def make_dense(self, reason: str) -> None:
         if self.report.status != "dense" or not self.report.reason:
@@ -35,6 +40,7 @@ class PassContext:
     config: RainFusionConfig
     graph_index: int = 0
     sites: list[Site] = dataclasses.field(default_factory=list)
+    symbols: list = dataclasses.field(default_factory=list)  # the graph's size symbols (dynamic shapes)
 
     @property
     def reports(self) -> list[SiteReport]:

@@ -1,7 +1,9 @@
 """Find every scaled_dot_product_attention call in a Dynamo graph and check it can be sparse.
 
 Eligibility gives reasons, not booleans: a site that cannot run RainFusion keeps SDPA and its
-report says why (cross-attention, causal, dropout, mask, grouped heads, symbolic shapes, ...).
+report says why (cross-attention, causal, dropout, a mask that is not key padding or an outer
+product of it, grouped heads, ...). Symbolic sizes are fine: comparisons are made on the size
+expressions, never by guessing values (and never by adding guards).
 """
 
 from __future__ import annotations
@@ -10,17 +12,14 @@ import logging
 import re
 
 import torch
-import torch.nn.functional as F
 
 from rf_compile.ops.attention import is_key_padding_mask
 from rf_compile.passes.context import PassContext, Site
+from rf_compile.passes.masks import outer_product_factors
+from rf_compile.passes.nodes import example, is_sdpa, same_size, sdpa_arguments
 from rf_compile.report import SiteReport
 
 log = logging.getLogger(__name__)
-
-SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
 def find_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
@@ -28,7 +27,7 @@ def find_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
     names: dict[str, int] = {}
     distributed = has_collectives(gm)
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+        if not is_sdpa(node):
             continue
         args = sdpa_arguments(node)
         module = module_path(node)
@@ -43,6 +42,8 @@ def find_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         site = Site(node=node, args=args, report=report)
         _describe_shapes(site)
         reason = not_supported_reason(args)
+        if reason is None:
+            reason = _mask_reason(site)
         if not reason and distributed:
             reason = _sequence_shard_reason(gm, node)
         if reason:
@@ -74,31 +75,50 @@ def _sequence_shard_reason(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str
         return None
 
 
-def sdpa_arguments(node: torch.fx.Node) -> dict:
-    """SDPA arguments of a node by name, whether they were passed positionally or by keyword."""
-    args = dict(_SDPA_DEFAULTS)
-    args.update(zip(_SDPA_ARGS, node.args))
-    args.update(node.kwargs)
-    return args
-
-
-def example(value):
-    """The fake tensor Dynamo recorded for a node (or the constant itself)."""
-    if isinstance(value, torch.fx.Node):
-        return value.meta.get("example_value", value.meta.get("val"))
-    return value
-
-
 def _describe_shapes(site: Site) -> None:
+    """Heads, head dim and lengths for the report (the compile-time example's, for symbolic sizes)."""
     q, k = example(site.args["query"]), example(site.args["key"])
     if isinstance(q, torch.Tensor) and q.dim() == 4:
-        site.report.heads, site.report.seq_len, site.report.head_dim = _ints(q.shape[1], q.shape[2], q.shape[3])
+        site.report.heads, site.report.seq_len, site.report.head_dim = _hints(q.shape[1], q.shape[2], q.shape[3])
+        site.report.symbolic = any(not isinstance(size, int) for size in q.shape)
     if isinstance(k, torch.Tensor) and k.dim() == 4:
-        site.report.kv_len = _ints(k.shape[2])[0]
+        site.report.kv_len = _hints(k.shape[2])[0]
 
 
-def _ints(*sizes) -> tuple:
-    return tuple(s if isinstance(s, int) else None for s in sizes)
+def _hints(*sizes) -> tuple:
+    """Sizes as ints: symbolic ones by their example value (None for data-dependent sizes)."""
+    out = []
+    for size in sizes:
+        if isinstance(size, int):
+            out.append(size)
+        else:
+            hint = size.node.hint
+            out.append(int(hint) if hint is not None else None)
+    return tuple(out)
+
+
+def _mask_reason(site: Site) -> str | None:
+    """Key-padding masks run as they are; a square mask must be an outer product of per-row and
+    per-key factors (HunyuanVideo 1.5's padding mask), which the rewrite passes to the op apart."""
+    mask_node = site.args["attn_mask"]
+    mask, q = example(mask_node), example(site.args["query"])
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or not isinstance(mask_node, torch.fx.Node):
+        return "attention mask is not a tensor"
+    seq = q.shape[2]
+    if mask.dim() == 4 and all(same_size(a, b) for a, b in zip(mask.shape[1:], (1, 1, seq))):
+        return None
+    if all(isinstance(size, int) for size in (*mask.shape, seq)) and is_key_padding_mask(mask.shape, seq):
+        return None
+    factors = outer_product_factors(mask_node, seq)
+    if isinstance(factors, str):
+        return (
+            f"attention mask of shape {tuple(mask.shape)}: {factors} (supported: key padding [B|1, 1, 1, N], "
+            "or an outer product of a per-query and a per-key factor)"
+        )
+    site.mask_factors = factors
+    return None
 
 
 def not_supported_reason(args: dict) -> str | None:
@@ -106,11 +126,9 @@ def not_supported_reason(args: dict) -> str | None:
     q, k, v = (example(args[name]) for name in ("query", "key", "value"))
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return "query/key/value are not 4-D [B, H, N, D] tensors"
-    if not all(isinstance(s, int) for s in (*q.shape, *k.shape)):
-        return "symbolic shapes (dynamic=True or automatic dynamic): compile with dynamic=False"
-    if q.shape[2] != k.shape[2]:
+    if not same_size(q.shape[2], k.shape[2]):
         return f"cross-attention (query length {q.shape[2]} != key length {k.shape[2]})"
-    if q.shape[1] != k.shape[1] or args["enable_gqa"]:
+    if not same_size(q.shape[1], k.shape[1]) or args["enable_gqa"]:
         return f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key heads)"
     if args["is_causal"] is not False:
         return "causal attention"
@@ -118,12 +136,6 @@ def not_supported_reason(args: dict) -> str | None:
         return "attention dropout"
     if isinstance(args["scale"], torch.fx.Node):
         return "softmax scale computed at run time"
-    mask = example(args["attn_mask"])
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            return "attention mask is not a tensor"
-        if not is_key_padding_mask(mask.shape, k.shape[2]):
-            return f"attention mask of shape {tuple(mask.shape)} (supported: key-padding [B|1, 1, 1, N])"
     return None
 
 

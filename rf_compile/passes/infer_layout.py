@@ -17,6 +17,8 @@ should be sparse (cross-attention, masks, head dims are for the other passes); i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -28,16 +30,50 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import networkx as nx
+import sympy
 import torch
 import torch.fx
 
 from rf_compile.layout import VideoLayout
+from rf_compile.passes.nodes import SDPA_TARGETS, example, sdpa_arguments
 
 log = logging.getLogger(__name__)
 
-SDPA = torch.nn.functional.scaled_dot_product_attention
-
 LAYOUT_HINT = "pass options={'layout': (frames, height, width, prefix, suffix)}"
+
+
+class PartialGraph(str):
+    """The reason a site has no layout when its graph holds no video grid at all: the graph is part
+    of a model (regional compilation, a graph break before the patch embedding). The layout can then
+    come from the calling model's computation (``passes.parent_trace``)."""
+
+
+# Values of the graph's size symbols under which shapes are read (symbolic graphs); empty: hints only.
+_BINDINGS: contextvars.ContextVar[dict[sympy.Symbol, int] | None] = contextvars.ContextVar("rf_bindings", default=None)
+
+
+@contextlib.contextmanager
+def bound(bindings: dict[sympy.Symbol, int] | None):
+    """Read every symbolic size under ``bindings`` (symbol -> value) inside the block."""
+    token = _BINDINGS.set({symbol: sympy.Integer(value) for symbol, value in (bindings or {}).items()})
+    try:
+        yield
+    finally:
+        _BINDINGS.reset(token)
+
+
+def size_value(size: Any) -> int | None:
+    """A size as an int: itself, or a symbolic size evaluated under the current bindings (None if unbound)."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        bindings = _BINDINGS.get()
+        if bindings and expr.free_symbols <= bindings.keys():
+            expr = expr.xreplace(bindings)
+        if expr.is_number:
+            return int(expr)
+    return None
 
 # What one span of a dimension is: None (not a flattened grid: text, or unknown), the grid
 # factors (outermost first, sizes of 1 dropped, at least two), or a _Conflict.
@@ -97,18 +133,20 @@ class _GraphFacts:
 
     @functools.cached_property
     def has_video_grid(self) -> bool:
-        """Whether any tensor of the graph has a dimension built by flattening a frames x height x width grid."""
+        """Whether any tensor of the graph has a token dimension built by flattening a frames x height x
+        width grid. The last dimension is left out: it holds channels (a rotary embedding's view of them
+        as heads x pairs x 2 is no video grid)."""
         return any(
             isinstance(info, tuple) and len(info) == 3
             for tensor in self.dims.values()
             if tensor is not None
-            for dim in tensor
+            for dim in tensor[:-1]
             if dim is not None
             for _, info in dim
         )
 
 
-_FACTS: weakref.WeakKeyDictionary[torch.fx.GraphModule, _GraphFacts] = weakref.WeakKeyDictionary()
+_FACTS: weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[tuple, _GraphFacts]] = weakref.WeakKeyDictionary()
 
 
 def fx_digraph(gm: torch.fx.GraphModule) -> nx.DiGraph:
@@ -118,20 +156,26 @@ def fx_digraph(gm: torch.fx.GraphModule) -> nx.DiGraph:
 
 def _facts(gm: torch.fx.GraphModule, holding: Iterable[torch.fx.Node] = ()) -> _GraphFacts:
     """The cached facts of ``gm``, recomputed if the graph changed (node count, or ``holding`` unknown)."""
-    facts = _FACTS.get(gm)
+    per_bindings = _FACTS.setdefault(gm, {})
+    key = tuple(sorted((str(symbol), value) for symbol, value in (_BINDINGS.get() or {}).items()))
+    facts = per_bindings.get(key)
     if facts is None or facts.num_nodes != len(gm.graph.nodes) or any(n not in facts.dims for n in holding):
         digraph = nx.DiGraph()
         digraph.add_nodes_from(gm.graph.nodes)
         digraph.add_edges_from((node, user) for node in gm.graph.nodes for user in node.users)
         facts = _GraphFacts(len(gm.graph.nodes), digraph, _propagate_dims(gm))
-        _FACTS[gm] = facts
+        if len(per_bindings) >= 16:  # one entry per call shape met at run time: keep the newest few
+            per_bindings.pop(next(iter(per_bindings)))
+        per_bindings[key] = facts
     return facts
 
 
 # -- the public entry point --------------------------------------------------------------------
 
 
-def infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> VideoLayout | str:
+def infer_site_layout(
+    gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node, bindings: dict[sympy.Symbol, int] | None = None
+) -> VideoLayout | str:
     """The VideoLayout of the SDPA site ``sdpa_node`` in the Dynamo graph ``gm``, or why there is none.
 
     Parameters
@@ -141,24 +185,33 @@ def infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> Vid
     sdpa_node:
         A node calling ``torch.nn.functional.scaled_dot_product_attention`` with q, k, v of
         shape (B, heads, N, D).
+    bindings:
+        Values of the graph's size symbols (a graph compiled with dynamic shapes): every shape is
+        read under them, so one symbolic graph gives the layout of each concrete call.
 
     Returns
     -------
-    VideoLayout whose ``seq_len`` equals N, or a reason for a person (a str).
+    VideoLayout whose ``seq_len`` equals N, or a reason for a person (a str; a ``PartialGraph``
+    when the graph holds no video grid at all).
     """
-    if sdpa_node.target is not SDPA:
+    with bound(bindings):
+        return _infer_site_layout(gm, sdpa_node)
+
+
+def _infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> VideoLayout | str:
+    if sdpa_node.target not in SDPA_TARGETS:
         return f"node {sdpa_node.name} is not a call of scaled_dot_product_attention"
-    query, key = _qk(gm, sdpa_node)
+    query, key = _qk(sdpa_node)
     if query is None or key is None:
         return f"cannot read query and key of {sdpa_node.name}"
     q_shape, k_shape = _shape(query), _shape(key)
     if q_shape is None or k_shape is None or len(q_shape) < 2 or len(k_shape) < 2:
         return "query or key of this attention has no known tensor shape in the graph"
-    seq, kv_seq = _fake(query).shape[-2], _fake(key).shape[-2]
-    if not isinstance(seq, int) or not isinstance(kv_seq, int):
+    seq, kv_seq = q_shape[-2], k_shape[-2]
+    if seq is None or kv_seq is None:
         return (
-            f"symbolic sequence length {seq}: compile with dynamic=False (or avoid data-dependent text "
-            f"lengths) or {LAYOUT_HINT}"
+            f"sequence length {example(query).shape[-2]} is not known before the call (a data-dependent "
+            f"size); {LAYOUT_HINT}"
         )
     if seq != kv_seq:
         return f"cross-attention: query length {seq} != key length {kv_seq}"
@@ -227,24 +280,20 @@ def sequence_shard_reason(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) ->
     For graphs with collectives (context parallelism): such a site must stay dense even when a
     ``layout`` option was given, because its tokens are not the layout's sequence.
     """
-    query, key = _qk(gm, sdpa_node)
+    query, key = _qk(sdpa_node)
     if query is None or key is None or _shape(query) is None or _shape(key) is None:
         return None
     facts = _facts(gm, holding=(query, key))
     for node in (query, key):
-        reason = _shard_reason(_dim(facts.dims[node], -2) or (), _fake(node).shape[-2])
+        reason = _shard_reason(_dim(facts.dims[node], -2) or (), _shape(node)[-2])
         if reason:
             return reason
     return None
 
 
-def _qk(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[torch.fx.Node | None, torch.fx.Node | None]:
-    normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-    if normalized is not None:
-        args = normalized.kwargs
-        return _as_node(args.get("query")), _as_node(args.get("key"))
-    args = list(node.args) + [None, None]
-    return _as_node(node.kwargs.get("query", args[0])), _as_node(node.kwargs.get("key", args[1]))
+def _qk(node: torch.fx.Node) -> tuple[torch.fx.Node | None, torch.fx.Node | None]:
+    args = sdpa_arguments(node)
+    return _as_node(args["query"]), _as_node(args["key"])
 
 
 def _as_node(value: Any) -> torch.fx.Node | None:
@@ -262,7 +311,7 @@ def _no_grid_reason(facts: _GraphFacts, nodes: Iterable[torch.fx.Node], seq: int
         return (
             f"not a video sequence: none of its {seq} query tokens comes from the video grid of this graph ({source})"
         )
-    return (
+    return PartialGraph(
         f"no 5-D video tensor is flattened into tokens in this graph ({seq} query tokens: {source}): the graph "
         f"holds only part of the model (regional compilation, or a graph break before the patch embedding); "
         f"compile the whole model or {LAYOUT_HINT}"
@@ -293,7 +342,7 @@ def _node_dims(node: torch.fx.Node, shape: tuple, dims: dict[torch.fx.Node, _Ten
     name = _op_name(node)
     source = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
     if node.target is operator.getitem and source is not None:
-        if isinstance(_fake(source), (tuple, list)):
+        if isinstance(example(source), (tuple, list)):
             return _split_item_dims(source, node.args[1], shape, dims)
         return _getitem_dims(source, node.args[1], shape, dims)
     if name in _CAT_OPS:
@@ -317,17 +366,12 @@ def _op_name(node: torch.fx.Node) -> str:
     return getattr(node.target, "__name__", "").split(".")[0]  # aten/c10d overloads: "name.default"
 
 
-def _fake(node: torch.fx.Node) -> Any:
-    meta = node.meta
-    return meta["example_value"] if "example_value" in meta else meta.get("val")
-
-
 def _shape(node: torch.fx.Node) -> tuple[int | None, ...] | None:
     """Static shape of a tensor node; symbolic sizes are None. None for non-tensors."""
-    value = _fake(node)
+    value = example(node)
     if not isinstance(value, torch.Tensor):
         return None
-    return tuple(size if isinstance(size, int) else None for size in value.shape)
+    return tuple(size_value(size) for size in value.shape)
 
 
 def _dim(tensor: _Tensor, index: int) -> _Dim:
@@ -525,12 +569,14 @@ def _split_item_dims(source: torch.fx.Node, index: Any, shape: tuple, dims: dict
     dim = dim % len(in_shape)
     if name == "unbind":
         return tuple(d for i, d in enumerate(tensor) if i != dim)
-    pieces = _fake(source)
-    start = sum(piece.shape[dim] for piece in pieces[:index])
-    if not isinstance(start, int) or shape[dim] is None:
+    pieces = example(source)
+    starts = [size_value(piece.shape[dim]) for piece in pieces[:index]]
+    if None in starts or shape[dim] is None:
         return None
+    start = sum(starts)
     cut = _slice_dim(tensor[dim], start, start + shape[dim])
-    if cut is None and _has_grid(tensor[dim]) and len({piece.shape[dim] for piece in pieces}) == 1 and len(pieces) > 1:
+    lengths = {size_value(piece.shape[dim]) for piece in pieces}
+    if cut is None and _has_grid(tensor[dim]) and len(lengths) == 1 and None not in lengths and len(pieces) > 1:
         # An equal chunk that cuts a grid (a sequence shard): keep what it is a piece of, so that an
         # all-to-all that puts the pieces back together (Ulysses) gives the whole sequence again.
         cut = ((shape[dim], _Piece(tensor[dim], len(pieces))),)

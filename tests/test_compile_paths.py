@@ -1,0 +1,203 @@
+"""Sparse on every path users compile by (CPU): new resolutions with default and dynamic shapes,
+regional compilation, two models of one class, and the dense warm-up counted in denoising steps.
+
+Expected layouts come from the presets' config arithmetic; outputs are compared with a separate
+static compile, with eager (``mode="dense"``) or with the whole-model compile.
+"""
+
+import math
+
+import pytest
+import torch
+
+import rf_compile
+from rf_compile.backend import compiled_graphs
+from rf_compile.presets import build_preset
+
+OPTIONS = {"min_video_tokens": 0, "dense_warmup": 0.0}
+GRIDS = [(3, 8, 12), (5, 6, 10), (2, 10, 14)]  # latent (frames, height, width): 3 resolutions
+
+
+def _out(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result.sample
+
+
+def _inputs(name: str, latent=None, batch: int = 1, seed: int = 1):
+    preset = build_preset(name, latent=latent, batch=batch, seed=seed)
+    (layout,) = preset.expected_layouts
+    return preset.args, preset.kwargs, layout
+
+
+def _count_inductor_graphs(model, calls, **compile_kwargs) -> int:
+    """Graphs inductor compiles for these calls (dynamic=True restarts Dynamo once to specialise floats)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    count = 0
+
+    def inductor(gm, example_inputs):
+        nonlocal count
+        count += 1
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=inductor, **compile_kwargs)
+    with torch.no_grad():
+        for args, kwargs in calls:
+            compiled(*args, **kwargs)
+    return count
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic-dynamic", "dynamic"])
+def test_one_compile_serves_three_resolutions_sparse(dynamic):
+    model = build_preset("wan").model
+    calls = [_inputs("wan", latent) for latent in GRIDS]
+    torch._dynamo.reset()
+    rf_compile.reset()
+    start = compiled_graphs()
+    compiled = torch.compile(model, backend="rainfusion", options=OPTIONS, dynamic=dynamic)
+    with torch.no_grad():
+        outputs = [_out(compiled(*args, **kwargs)) for args, kwargs, _ in calls]
+    ours = compiled_graphs() - start
+    stats = rf_compile.stats(model)
+    for site in ("blocks.0.attn1", "blocks.1.attn1"):
+        by_layout = stats[site]["by_layout"]
+        assert set(by_layout) == {layout.describe() for _, _, layout in calls}
+        assert all(entry["sparse_calls"] == 1 and entry["dense_calls"] == 0 for entry in by_layout.values())
+        assert stats[site]["dense_shapes"] == {}
+        assert all(0 < entry["sparsity"] < 1 for entry in by_layout.values())
+    # No more graphs than inductor compiles for the same calls.
+    assert ours == _count_inductor_graphs(model, [(a, k) for a, k, _ in calls], dynamic=dynamic)
+    # Each output equals a static compile of that resolution alone (the symbolic path is exact).
+    for (args, kwargs, _), out in zip(calls, outputs, strict=True):
+        torch._dynamo.reset()
+        static = torch.compile(model, backend="rainfusion", options=OPTIONS, dynamic=False)
+        with torch.no_grad():
+            torch.testing.assert_close(out, _out(static(*args, **kwargs)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuanvideo", "ltx"])
+def test_regional_compilation_is_sparse_with_the_whole_model_layout(name):
+    preset = build_preset(name, batch=2)
+    model, (layout,) = preset.model, preset.expected_layouts
+    torch._dynamo.reset()
+    rf_compile.reset()
+    with torch.no_grad():
+        eager = _out(model(*preset.args, **preset.kwargs))
+        whole = _out(torch.compile(model, backend="rainfusion", options=OPTIONS)(*preset.args, **preset.kwargs))
+    torch._dynamo.reset()
+    rf_compile.reset()
+    model.compile_repeated_blocks(backend="rainfusion", options=OPTIONS)
+    with torch.no_grad():
+        regional = _out(model(*preset.args, **preset.kwargs))
+    torch.testing.assert_close(regional, whole, atol=1e-5, rtol=1e-5)
+    assert (regional - eager).abs().max() > 1e-4  # really sparse
+    sites = {k: v for k, v in rf_compile.stats(model).items() if v["calls"]}
+    assert len(sites) == preset.self_attention_sites  # one per block, not one per block class
+    for entry in sites.values():
+        assert entry["layout"] == layout.describe() and entry["sparse_calls"] == 1
+        assert entry["layout_source"].startswith("calling model")
+    # mode="dense" through the same path equals eager.
+    torch._dynamo.reset()
+    model.compile_repeated_blocks(backend="rainfusion", options={**OPTIONS, "mode": "dense"})
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model(*preset.args, **preset.kwargs)), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_compiled_one_by_one_are_sparse():
+    """CogVideoX declares no ``_repeated_blocks``: compiling each block by hand is its regional path."""
+    preset = build_preset("cogvideox", batch=2)
+    model, (layout,) = preset.model, preset.expected_layouts
+    torch._dynamo.reset()
+    rf_compile.reset()
+    with torch.no_grad():
+        whole = _out(torch.compile(model, backend="rainfusion", options=OPTIONS)(*preset.args, **preset.kwargs))
+    torch._dynamo.reset()
+    rf_compile.reset()
+    for block in model.transformer_blocks:
+        block.compile(backend="rainfusion", options=OPTIONS)
+    with torch.no_grad():
+        regional = _out(model(*preset.args, **preset.kwargs))
+    torch.testing.assert_close(regional, whole, atol=1e-5, rtol=1e-5)
+    sites = rf_compile.stats(model)
+    assert sorted(sites) == [f"transformer_blocks.{i}.attn1" for i in range(len(model.transformer_blocks))]
+    assert all(entry["layout"] == layout.describe() for entry in sites.values())
+
+
+def test_regional_warmup_follows_the_models_timestep():
+    """A block graph has no timestep input: a hook on the model ticks the step clock."""
+    preset = build_preset("wan")
+    model = preset.model
+    torch._dynamo.reset()
+    rf_compile.reset()
+    model.compile_repeated_blocks(backend="rainfusion", options={"min_video_tokens": 0, "num_steps": 4})
+    with torch.no_grad():
+        for t in (999.0, 700.0, 400.0, 100.0, 999.0):  # 4 steps, then a new video
+            model(*preset.args, **{**preset.kwargs, "timestep": torch.full((1,), t)})
+    for entry in rf_compile.stats(model).values():
+        assert (entry["calls"], entry["dense_calls"]) == (5, 2)  # ceil(0.1 * 4) = 1 dense step per video
+
+
+def test_two_models_of_one_class_keep_their_own_state():
+    first, second = build_preset("wan", seed=1).model, build_preset("wan", seed=2).model
+    args, kwargs, layout = _inputs("wan")
+    torch._dynamo.reset()
+    rf_compile.reset()
+    options = {"min_video_tokens": 0, "dense_warmup": 0.0, "arm_every": 2}
+    a = torch.compile(first, backend="rainfusion", options=options)
+    b = torch.compile(second, backend="rainfusion", options=options)
+    with torch.no_grad():
+        for _ in range(3):
+            a(*args, **kwargs)
+        b(*args, **kwargs)
+    stats_a, stats_b = rf_compile.stats(first), rf_compile.stats(second)
+    assert stats_a.keys() == stats_b.keys() == {"blocks.0.attn1", "blocks.1.attn1"}
+    for site in stats_a:
+        assert (stats_a[site]["calls"], stats_a[site]["arm_runs"]) == (3, 2)
+        assert (stats_b[site]["calls"], stats_b[site]["arm_runs"]) == (1, 1)
+    names = {entry["model"] for entry in rf_compile.stats().values() if entry["calls"]}
+    assert len(names) == 2 and all(name.startswith("WanTransformer3DModel#") for name in names)
+    # The second model's output is its own, not computed with the first one's cached decisions.
+    with torch.no_grad():
+        expected = _out(torch.compile(second, backend="rainfusion", options=options)(*args, **kwargs))
+        torch._dynamo.reset()
+        rf_compile.reset()
+        alone = _out(torch.compile(second, backend="rainfusion", options=options)(*args, **kwargs))
+    torch.testing.assert_close(expected, alone)
+
+
+# -- dense warm-up in denoising steps -------------------------------------------------------------
+
+
+def _scheduler_timesteps(kind: str, shift: float, steps: int = 50) -> list[float]:
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind == "unipc":
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    return [float(t) for t in scheduler.timesteps]
+
+
+@pytest.mark.parametrize(
+    ("kind", "shift"), [("euler", 1.0), ("euler", 5.0), ("euler", 7.0), ("unipc", 5.0)], ids=str
+)
+def test_warmup_keeps_exactly_the_requested_steps_dense(kind, shift):
+    from rf_compile.ops.attention import attention
+    from rf_compile.ops.runtime import register_site
+
+    layout = rf_compile.VideoLayout(2, 4, 4)
+    key = register_site(f"warmup.{kind}.{shift}", layout, rf_compile.RainFusionConfig(dense_warmup=0.1))
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 8) for _ in range(3))
+    timesteps = _scheduler_timesteps(kind, shift)
+    assert len(timesteps) == 50
+    rf_compile.reset()
+    dense = []
+    for _video in range(2):  # a second video restarts the count
+        for t in timesteps:
+            for _ in range(2):  # CFG as two calls per step: still one step
+                attention(q, k, v, None, None, torch.tensor([t]), None, None, key, [])
+            dense.append(rf_compile.stats()[key]["dense_calls"])
+    per_step = [b - a for a, b in zip([0, *dense], dense, strict=False)]
+    assert per_step == ([2] * 5 + [0] * 45) * 2  # ceil(0.1 * 50) = 5 steps, both calls of each
+    assert math.ceil(0.1 * 50) == 5
