@@ -86,9 +86,9 @@ def parse_sweep(items: list[str], modes: list[str]) -> dict[str, dict]:
     return out
 
 
-def sparse_step(t: float, config: RainFusionConfig) -> bool:
-    """Whether the backend computes the call at ``t`` sparsely (its dense warm-up rule)."""
-    return config.dense_warmup == 0 or t * 1000.0 < (1.0 - config.dense_warmup) * 1000.0
+def sparse_step(step: int, config: RainFusionConfig) -> bool:
+    """Whether the backend computes denoising step ``step`` (0-based) sparsely: its dense warm-up rule."""
+    return step >= math.ceil(config.dense_warmup * config.num_steps)
 
 
 class TrajectoryProbe:
@@ -130,7 +130,7 @@ def arm_agreement(decisions: list[dict], config: RainFusionConfig) -> dict:
     last: dict[int, tuple] = {}
     sparse_calls: dict[int, int] = {}
     for d in decisions:
-        if not sparse_step(d["t"], config):
+        if not sparse_step(d["step"], config):
             continue
         n = sparse_calls.get(d["layer"], 0)
         sparse_calls[d["layer"]] = n + 1
@@ -184,7 +184,7 @@ def flow_losses(model, name, size, device, dtype, batch, batches) -> float:
         video, tokens = sample_batch(batch, HELDOUT_SEED + 100 + b, device=device, **size)
         text = models.conditions(tokens, {}, dtype)
         g = torch.Generator().manual_seed(HELDOUT_SEED + 100 + b)
-        for i in range(8):
+        for i in reversed(range(8)):  # high to low, as a trajectory: the backend's step clock follows it
             t = (i + 0.5) / 8
             noise = torch.randn(video.shape, generator=g).to(device)
             x = ((1 - t) * video + t * noise).to(dtype)
@@ -193,12 +193,12 @@ def flow_losses(model, name, size, device, dtype, batch, batches) -> float:
     return sum(losses) / len(losses)
 
 
-def random_mask_hook(density: float, layout, t_of, config: RainFusionConfig, seed: int = 0):
+def random_mask_hook(density: float, layout, step_of, config: RainFusionConfig, seed: int = 0):
     """SDPA hook: video query rows see a random subset of video keys (density ``density``), text dense."""
     g = torch.Generator().manual_seed(seed)
 
     def hook(index, q, k, v, **kwargs):
-        if not sparse_step(t_of(), config):
+        if not sparse_step(step_of(), config):
             return None
         N = q.shape[-2]
         keep = torch.rand(q.shape[1], N, N, generator=g).to(q.device) < density
@@ -224,7 +224,7 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
 
     modes = args.mode_table
     arm_configs = {
-        label: RainFusionConfig.from_options(opts)[0] for label, opts in modes.items()
+        label: RainFusionConfig.from_options({"num_steps": args.steps, **opts})[0] for label, opts in modes.items()
         if opts.get("mode", "v1") in ("v1", "v1+")
     }  # fmt: skip
     probe = TrajectoryProbe(layout, n_layers, arm_configs)
@@ -248,6 +248,7 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
         if time.time() > deadline:
             skipped.append(f"{name}: {label}")
             continue
+        opts = {"num_steps": args.steps, **opts}  # warm-up: the first 10% of this loop's steps
         config = RainFusionConfig.from_options(opts)[0]
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="rainfusion", options=dict(opts), dynamic=False)
@@ -280,14 +281,14 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
               f"ARM/oracle {record.get('arm_agreement', float('nan')):.3f} ({sample_s:.1f}s)", flush=True)  # fmt: skip
 
     # Reference row: a random mask at the density v1 reached on its sparse calls.
-    v1 = next((r for r in records if r.get("options") == {"mode": "v1"}), None)
+    v1 = next((r for r in records if r.get("mode") == "v1"), None)
     if v1 is not None and v1["sparse_call_sparsity"] == v1["sparse_call_sparsity"]:
-        config = RainFusionConfig()
+        config = RainFusionConfig(num_steps=args.steps)
         density = 1 - v1["sparse_call_sparsity"]
-        state = {"t": 1.0}
-        hook = random_mask_hook(density, layout, lambda: state["t"], config)
+        state = {"step": 0}
+        hook = random_mask_hook(density, layout, lambda: state["step"], config)
         with models.CaptureAttention(hook):
-            out = models.sample(model, name, noise, text, args.steps, on_step=lambda i, t: state.update(t=t))
+            out = models.sample(model, name, noise, text, args.steps, on_step=lambda i, t: state.update(step=i))
         records.append(dict(base, mode="random-mask", options={"density": density}, sparsity=v1["sparsity"],
                             psnr_db=psnr(out, dense).mean().item(), ssim=ssim(out, dense).mean().item(),
                             loss_increase=float("nan")))  # fmt: skip
