@@ -5,11 +5,14 @@ Wan2.1-14B, cut to ``--layers`` blocks, run a short Euler denoising loop (the fi
 trajectory dense, as RainFusion's warm-up). Variants, in one run on one GPU: eager (diffusers'
 SDPA), inductor, rainfusion ``mode="dense"``, v1, v1+ and v2 (80% block sparsity). Per variant: median ms per step,
 speed-ups, attention share of the step (profiler), compile time, peak memory, graph breaks,
-recompiles and the relative error of the final latent against inductor. Writes ``e2e.json``,
-``e2e.md`` and ``e2e.png`` under ``benchmarks/results/<gpu>/``.
+recompiles and the relative error of the final latent against inductor. ``--modes`` runs every
+compiled variant under each ``torch.compile`` mode (``reduce-overhead`` and ``max-autotune`` use CUDA
+graphs). Writes ``e2e.json``, ``e2e.md`` and ``e2e.png`` under ``benchmarks/results/<gpu>/``
+(``--name`` changes the file stem).
 
-    python benchmarks/e2e.py --layers 4                 # GPU
-    python benchmarks/e2e.py --size tiny --steps 3      # CPU smoke run
+    python benchmarks/e2e.py --layers 4                                    # GPU
+    python benchmarks/e2e.py --modes default reduce-overhead --name e2e_modes
+    python benchmarks/e2e.py --size tiny --steps 3                         # CPU smoke run
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ VARIANTS = {
     "rf_v1plus": {"backend": "rainfusion", "options": {"mode": "v1+"}},
     "rf_v2": {"backend": "rainfusion", "options": {"mode": "v2"}},
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_KERNELS = ("attention", "attn", "fmha", "flash", "cudnn", "sdpa", "block_sparse", "band_recall")
 
 
@@ -62,12 +66,12 @@ def _denoise(model, preset, timesteps: list[float], progress: str) -> tuple[torc
     return x, times
 
 
-def _attention_share(model, preset) -> float:
-    """Share of device (or CPU) kernel time spent in attention kernels during one step."""
+def _attention_share(model, preset, timestep: float) -> float:
+    """Share of device (or CPU) kernel time spent in attention kernels during one step at ``timestep``."""
     cuda = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU]
     kwargs = dict(preset.kwargs)
-    kwargs["timestep"] = torch.full_like(preset.kwargs["timestep"], 500.0)
+    kwargs["timestep"] = torch.full_like(preset.kwargs["timestep"], timestep)
     with torch.profiler.profile(activities=activities) as prof:
         model(*preset.args, **kwargs)
         _sync()
@@ -78,14 +82,18 @@ def _attention_share(model, preset) -> float:
     return attention / total if total else float("nan")
 
 
-def run_variant(name: str, spec: dict | None, preset, timesteps: list[float]) -> dict:
+def run_variant(name: str, spec: dict | None, preset, timesteps: list[float], mode: str = "default") -> dict:
     torch._dynamo.reset()
     counters.clear()
     model = preset.model
     if spec is not None:
         # The backend callable itself, so the benchmark runs without the package installed (no entry point).
         backend = rainfusion if spec["backend"] == "rainfusion" else spec["backend"]
-        model = torch.compile(model, backend=backend, options=spec.get("options"))
+        options = spec.get("options")
+        if spec["backend"] == "rainfusion":  # the warm-up covers the first 10% of this loop's steps
+            options = {"num_steps": len(timesteps), **options}
+        mode_kwargs = {} if mode == "default" else {"mode": mode}
+        model = torch.compile(model, backend=backend, options=options, **mode_kwargs)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
@@ -97,9 +105,10 @@ def run_variant(name: str, spec: dict | None, preset, timesteps: list[float]) ->
         frames_after_compile = counters["frames"]["ok"]
         latent, times = _denoise(model, preset, timesteps, name)
         recompiles = counters["frames"]["ok"] - frames_after_compile
-        share = _attention_share(model, preset)
+        share = _attention_share(model, preset, timesteps[-1] / 2)  # one more (sparse) step of the same video
     return {
         "variant": name,
+        "mode": mode if spec is not None else "eager",
         "ms_per_step": statistics.median(times),
         "ms_steps": times,
         "compile_s": compile_s if spec is not None else 0.0,
@@ -118,12 +127,16 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def label(record: dict) -> str:
+        mode = record.get("mode", "default")
+        return record["variant"] if mode in ("default", "eager") else f"{record['variant']} [{mode}]"
+
     models = list(dict.fromkeys(r["model"] for r in records))
-    variants = list(dict.fromkeys(r["variant"] for r in records))
+    variants = list(dict.fromkeys(label(r) for r in records))
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(variants)
     for i, variant in enumerate(variants):
-        by_model = {r["model"]: r["ms_per_step"] for r in records if r["variant"] == variant}
+        by_model = {r["model"]: r["ms_per_step"] for r in records if label(r) == variant}
         values = [by_model.get(m, 0) for m in models]
         ax.bar([j + i * width for j in range(len(models))], values, width, label=variant)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models)
@@ -136,7 +149,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 def write(records: list[dict], args, env: dict, out_dir: Path, dtype: torch.dtype) -> str:
     columns = [
-        "model", "variant", "ms_per_step", "speedup_vs_eager", "speedup_vs_inductor", "attention_share",
+        "model", "variant", "mode", "ms_per_step", "speedup_vs_eager", "speedup_vs_inductor", "attention_share",
         "compile_s", "peak_gib", "graph_breaks", "recompiles", "rel_err",
     ]  # fmt: skip
     table = markdown_table(records, columns)
@@ -145,8 +158,8 @@ def write(records: list[dict], args, env: dict, out_dir: Path, dtype: torch.dtyp
         f"{args.steps} Euler steps (first 10% of the trajectory dense), CFG batch where the model uses it, "
         f"{dtype}. ms_per_step: median over the steps; rel_err: final latent vs inductor.\n\n{table}\n"
     )
-    write_results(out_dir, "e2e", env, records, markdown)
-    plot(records, out_dir / "e2e.png")
+    write_results(out_dir, args.name, env, records, markdown)
+    plot(records, out_dir / f"{args.name}.png")
     return table
 
 
@@ -158,7 +171,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: CPU smoke run")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<gpu>)")
-    parser.add_argument("--append", action="store_true", help="keep the other models' records of an existing e2e.json")
+    parser.add_argument("--modes", nargs="+", default=["default"], choices=COMPILE_MODES,
+                        help="torch.compile modes to run every compiled variant under (default: default)")
+    parser.add_argument("--name", default="e2e", help="file stem of the results (default e2e)")
+    parser.add_argument("--append", action="store_true", help="keep the other models' records of an existing json")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -167,31 +183,38 @@ def main() -> None:
     out_dir = args.out or Path(__file__).parent / "results" / gpu_slug(env.get("gpu", "cpu"))
     timesteps = torch.linspace(999, 0, args.steps + 1)[:-1].tolist()
     records = []
-    if args.append and (out_dir / "e2e.json").exists():
+    if args.append and (out_dir / f"{args.name}.json").exists():
         names = {MODELS[key] for key in args.models}
-        records = [r for r in json.loads((out_dir / "e2e.json").read_text())["records"] if r["model"] not in names]
+        old = json.loads((out_dir / f"{args.name}.json").read_text())["records"]
+        records = [r for r in old if r["model"] not in names]
     for key in args.models:
         preset = build_preset(key, args.size, batch=CFG_BATCH[key], device=device, dtype=dtype, layers=args.layers)
         preset.model.eval().requires_grad_(False)
-        results = {name: run_variant(name, VARIANTS[name], preset, timesteps) for name in args.variants}
-        base = results.get("inductor") or results[args.variants[0]]
-        base_latent = base["latent"].double()
-        for result in results.values():
-            latent = result.pop("latent")
-            rel_err = ((latent.double() - base_latent).norm() / base_latent.norm()).item()
-            records.append(
-                {
-                    "model": MODELS[key],
-                    "layers": args.layers,
-                    "batch": CFG_BATCH[key],
-                    **result,
-                    "speedup_vs_eager": results["eager"]["ms_per_step"] / result["ms_per_step"]
-                    if "eager" in results
-                    else float("nan"),
-                    "speedup_vs_inductor": base["ms_per_step"] / result["ms_per_step"],
-                    "rel_err": rel_err,
-                }
-            )
+        eager = run_variant("eager", None, preset, timesteps) if "eager" in args.variants else None
+        for mode in args.modes:
+            results = {
+                name: run_variant(name, VARIANTS[name], preset, timesteps, mode)
+                for name in args.variants
+                if name != "eager"
+            }
+            if eager is not None and mode == args.modes[0]:
+                results = {"eager": eager, **results}
+            base = results.get("inductor") or next(iter(results.values()))
+            base_latent = base["latent"].double()
+            for result in results.values():
+                latent = result.pop("latent")
+                rel_err = ((latent.double() - base_latent).norm() / base_latent.norm()).item()
+                records.append(
+                    {
+                        "model": MODELS[key],
+                        "layers": args.layers,
+                        "batch": CFG_BATCH[key],
+                        **result,
+                        "speedup_vs_eager": eager["ms_per_step"] / result["ms_per_step"] if eager else float("nan"),
+                        "speedup_vs_inductor": base["ms_per_step"] / result["ms_per_step"],
+                        "rel_err": rel_err,
+                    }
+                )
         del preset
         if cuda:
             torch.cuda.empty_cache()

@@ -38,3 +38,13 @@ def test_triton_arm_classifies_planted_heads(triton_arm):
     q, k = planted_qk(layout, planted, head_dim=32, batch=2, seed=3)
     variants = arm.classify_variants(q, k, layout, RainFusionConfig())
     assert variants.tolist() == [list(map(int, planted))] * 2
+
+
+def test_kernel_skips_its_work_when_the_device_flag_is_off():
+    from rf_compile.kernels.arm import band_recall
+
+    q, k = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    on = band_recall(q, k, 3, [4, 9], 0.25)
+    torch.testing.assert_close(band_recall(q, k, 3, [4, 9], 0.25, enabled=torch.tensor(True)), on)
+    off = band_recall(q, k, 3, [4, 9], 0.25, enabled=torch.tensor(False))
+    assert (off == 0).all() and (on > 0).all()

@@ -34,8 +34,8 @@ def test_e2e_tiny_run_writes_its_records(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "e2e.json").read_text())["records"]
     assert [r["variant"] for r in records] == ["eager", "rf_dense"]
-    keys = {"model", "variant", "layers", "ms_per_step", "compile_s", "peak_gib", "attention_share", "graph_breaks",
-            "recompiles", "rel_err"}  # fmt: skip
+    keys = {"model", "variant", "mode", "layers", "ms_per_step", "compile_s", "peak_gib", "attention_share",
+            "graph_breaks", "recompiles", "rel_err"}  # fmt: skip
     assert all(keys <= set(r) for r in records)
     assert records[1]["rel_err"] < 1e-4 and records[1]["graph_breaks"] == 0
 

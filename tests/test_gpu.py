@@ -78,12 +78,13 @@ def test_op_call_with_stats_never_waits_for_the_device(mode):
 
     layout, heads, dim = REAL["wan"]
     q, k, v = qkv(layout, heads, dim, batch=2)
-    key = register_site(f"gpu.nosync.{mode}", layout, RainFusionConfig(mode=mode, dense_warmup=0.0))
-    attention(q, k, v, None, None, None, None, None, key, [])
+    key = register_site(f"gpu.nosync.{mode}", layout, RainFusionConfig(mode=mode, num_steps=10))
+    timestep = torch.tensor([999.0], device="cuda")
+    attention(q, k, v, None, None, timestep, None, None, key, [])  # step 0: dense warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        attention(q, k, v, None, None, None, None, None, key, [])
+    try:  # step 1: the clock, the warm-up decision, the ARM and the statistics, all without a sync
+        attention(q, k, v, None, None, timestep - 100, None, None, key, [])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert stats()[key]["sparse_calls"] == 2
+    assert (stats()[key]["dense_calls"], stats()[key]["sparse_calls"]) == (1, 1)

@@ -315,7 +315,7 @@ def _block_sparse_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
+def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     """Per-table tensors the kernel needs beyond the plan, computed once and cached on the table.
 
     ``kv_indices``: the plan's key blocks with the ones that need the element mask first (order
@@ -457,7 +457,7 @@ def block_sparse_attention(
                              "aligned q/k/v rows")
         use_tma = False
 
-    extras = _plan_extras(table)
+    extras = plan_extras(table)
     voh = variant_of_head.contiguous()
     if out is None:
         out = torch.empty_like(q)

@@ -283,6 +283,10 @@ def attention(
         with persistent_allocation(q.device):  # built once per layout, cached
             table = build_plan_table(layout, shape.variants, q.device)
             table.score_density  # noqa: B018  (cached; computing it reads the device once)
+            if kernel == "triton":
+                from rf_compile.kernels.block_sparse import plan_extras
+
+                plan_extras(table)  # the kernel's per-table tensors, cached on the table
         new_variant, new_recall = arm.decide(q, k, layout, config, scale, enabled=call.run_arm)
         shape.variant.copy_(torch.where(call.run_arm, new_variant, shape.variant))
         shape.recall.copy_(torch.where(call.run_arm, new_recall, shape.recall))
