@@ -134,18 +134,19 @@ def test_v1_stays_above_a_floor_computed_from_real_outputs():
     dense_other = models.sample(model, name, other, text, STEPS)
 
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="rainfusion", options={"mode": "v1"}, dynamic=False)
+    # num_steps = the loop's steps: the warm-up is its first ceil(0.1 * STEPS) = 1 step
+    compiled = torch.compile(model, backend="rainfusion", options={"mode": "v1", "num_steps": STEPS}, dynamic=False)
     rf_compile.reset()
     v1 = models.sample(compiled, name, noise, text, STEPS)
     sparsity = _stats_sparsity()
     assert sparsity > 0.2, f"v1 computed almost dense attention (sparsity {sparsity}): the sparse path did not run"
 
     # The floor: attention on a random mask of the same density, and another noise seed.
-    config, state = RainFusionConfig(), {"t": 1.0}
+    config, state = RainFusionConfig(num_steps=STEPS), {"step": 0}
     layout = models.layout_of(name, **SIZE)
-    hook = evaluate.random_mask_hook(1 - sparsity, layout, lambda: state["t"], config)
+    hook = evaluate.random_mask_hook(1 - sparsity, layout, lambda: state["step"], config)
     with models.CaptureAttention(hook):
-        random_mask = models.sample(model, name, noise, text, STEPS, on_step=lambda i, t: state.update(t=t))
+        random_mask = models.sample(model, name, noise, text, STEPS, on_step=lambda i, t: state.update(step=i))
     got = psnr(v1, dense).mean().item()
     random_psnr, other_psnr = psnr(random_mask, dense).mean().item(), psnr(dense_other, dense).mean().item()
     assert got > max(random_psnr, other_psnr), (
