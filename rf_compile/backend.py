@@ -77,5 +77,6 @@ def rainfusion(
     REPORTS.append(report)
     if config.report:
         print(report.table())
-    patches = {**(list_mode_options(mode) if mode else {}), **inductor_options}
+    mode = mode or config.compile_mode
+    patches = {**(list_mode_options(mode) if mode and mode != "default" else {}), **inductor_options}
     return compile_fx(gm, example_inputs, config_patches=patches or None)

@@ -24,6 +24,7 @@ class OptionError(ValueError):
 
 SELECTIONS = ("topk", "mass")
 KERNELS = ("auto", "triton", "reference")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,10 @@ class RainFusionConfig:
         Print the site table after each graph is compiled.
     strict:
         Raise instead of leaving a site dense when a pass fails unexpectedly.
+    compile_mode:
+        The inductor mode (``torch.compile``'s ``mode``) for the rest of the graph. ``torch.compile``
+        refuses ``mode=`` together with ``options=``, so with options pass the mode here, e.g.
+        ``options={"mode": "v2", "compile_mode": "max-autotune"}``; ``None`` keeps ``mode=`` or the default.
     """
 
     mode: str = "v1"
@@ -108,10 +113,13 @@ class RainFusionConfig:
     kernel: str = "auto"
     report: bool = False
     strict: bool = False
+    compile_mode: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         _check_choice("kernel", self.kernel, KERNELS)
+        if self.compile_mode is not None:
+            _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("select", self.select, SELECTIONS)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise OptionError(f"option 'sparsity' must be a fraction in [0, 1), got {self.sparsity!r}")

@@ -201,3 +201,55 @@ def test_warmup_keeps_exactly_the_requested_steps_dense(kind, shift):
     per_step = [b - a for a, b in zip([0, *dense], dense, strict=False)]
     assert per_step == ([2] * 5 + [0] * 45) * 2  # ceil(0.1 * 50) = 5 steps, both calls of each
     assert math.ceil(0.1 * 50) == 5
+
+
+# -- HunyuanVideo-Framepack: history tokens before the current window ------------------------------
+
+
+def _framepack():
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6), has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True,
+    ).eval()  # fmt: skip
+    text_mask = torch.ones(1, 10, dtype=torch.bool)
+    text_mask[:, -3:] = False  # 7 valid prompt tokens: the model cuts the text to them (a data-dependent length)
+    kwargs = dict(
+        timestep=torch.tensor([999.0]), encoder_hidden_states=torch.randn(1, 10, 16), encoder_attention_mask=text_mask,
+        pooled_projections=torch.randn(1, 8), image_embeds=torch.randn(1, 5, 16), indices_latents=torch.arange(3) + 19,
+        guidance=torch.tensor([6000.0]), latents_clean=torch.randn(1, 4, 2, 16, 16),
+        indices_latents_clean=torch.tensor([0, 18]), latents_history_2x=torch.randn(1, 4, 2, 16, 16),
+        indices_latents_history_2x=torch.tensor([1, 2]), latents_history_4x=torch.randn(1, 4, 16, 16, 16),
+        indices_latents_history_4x=torch.arange(16) + 3, return_dict=False,
+    )  # fmt: skip
+    # The window 3x16x16 -> 3x8x8 tokens; history before it: 4x (kernel 4x8x8 on 16x16x16) 16 tokens,
+    # 2x (2x4x4 on 2x16x16) 16, clean (1x2x2 on 2x16x16) 128; text after it: 5 image + 7 prompt tokens.
+    layout = rf_compile.VideoLayout(3, 8, 8, prefix=16 + 16 + 128, suffix=5 + 7)
+    return model, (torch.randn(1, 4, 3, 16, 16),), kwargs, layout
+
+
+def test_framepack_window_is_sparse_with_history_tokens_first():
+    model, args, kwargs, layout = _framepack()
+    options = {"min_video_tokens": 0, "dense_warmup": 0.0, "bandwidth": 1.0, "alpha": 1e-6}  # full bands: exact
+    torch._dynamo.reset()
+    rf_compile.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        eager = _out(model(*args, **kwargs))
+        out = _out(torch.compile(model, backend="rainfusion", options=options)(*args, **kwargs))
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    stats = rf_compile.stats(model)
+    sites = ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
+    assert all(stats[site]["layout"] == layout.describe() and stats[site]["sparse_calls"] == 1 for site in sites)
+
+
+def test_framepack_graph_break_says_how_to_make_it_sparse():
+    model, args, kwargs, _ = _framepack()
+    torch._dynamo.reset()
+    rf_compile.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="rainfusion", options={"min_video_tokens": 0})(*args, **kwargs)
+    reasons = [reason for entry in rf_compile.stats(model).values() for reason in entry["dense_shapes"]]
+    assert reasons and all("capture_scalar_outputs = True" in reason for reason in reasons)

@@ -1,6 +1,7 @@
 """Option parsing: our keys become a validated RainFusionConfig, the rest stays for inductor."""
 
 import pytest
+import torch
 
 from rf_compile import RainFusionConfig, VideoLayout
 
@@ -56,3 +57,20 @@ def test_bad_options_raise_value_error_naming_the_key(options, message):
 def test_layout_accepts_tuples():
     layout = VideoLayout.from_value((13, 30, 45, 226))
     assert (layout.seq_len, layout.describe()) == (17776, "13x30x45 +226 text first")
+
+
+def test_compile_mode_option_is_checked_and_reaches_inductor(monkeypatch):
+    from rf_compile.config import OptionError
+
+    with pytest.raises(OptionError, match="'compile_mode' must be one of"):
+        RainFusionConfig.from_options({"compile_mode": "fast"})
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from rf_compile.backend import rainfusion
+
+    seen = {}
+    monkeypatch.setattr(compile_fx_module, "compile_fx", lambda gm, inputs, config_patches=None: seen.update(
+        patches=config_patches) or gm.forward)  # fmt: skip
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    rainfusion(gm, [torch.randn(1, 2)], options={"compile_mode": "max-autotune"})
+    assert seen["patches"]["max_autotune"] and seen["patches"]["triton.cudagraphs"]

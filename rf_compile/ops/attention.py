@@ -254,6 +254,9 @@ def attention(
     state = site_state(spec, owner)
     if spec.config.mode == "dense":
         return _dense_call(q, k, v, attn_mask, query_mask, scale)
+    if k.shape[-2] != q.shape[-2]:  # lengths only known per call (data-dependent) turned out different
+        state.note_dense(f"cross-attention at this call (query length {q.shape[-2]}, key length {k.shape[-2]})")
+        return _dense_call(q, k, v, attn_mask, query_mask, scale)
     model = state.model.module() if state.model.module is not None else None
     layout = spec.layout_for(tuple(sizes), model, q.shape[-2])
     if isinstance(layout, str):

@@ -127,7 +127,10 @@ def not_supported_reason(args: dict) -> str | None:
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
         return "query/key/value are not 4-D [B, H, N, D] tensors"
     if not same_size(q.shape[2], k.shape[2]):
-        return f"cross-attention (query length {q.shape[2]} != key length {k.shape[2]})"
+        q_len, k_len = _hints(q.shape[2], k.shape[2])
+        # Data-dependent lengths (no hint) cannot be compared here: the op compares them per call.
+        if q_len is not None and k_len is not None and q_len != k_len:
+            return f"cross-attention (query length {q.shape[2]} != key length {k.shape[2]})"
     if not same_size(q.shape[1], k.shape[1]) or args["enable_gqa"]:
         return f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key heads)"
     if args["is_causal"] is not False:

@@ -232,8 +232,13 @@ def _infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> Vi
     if not videos:  # an image (or a single latent frame): a height x width grid is one frame
         videos = [(i, (1, *info)) for i, info in grids if len(info) == 2]
     if len(videos) > 1:
-        found = ", ".join("x".join(map(str, info)) for _, info in videos)
-        return f"ambiguous: {len(videos)} video grids ({found}) in one sequence of {seq} tokens; {LAYOUT_HINT}"
+        # Several grids (HunyuanVideo-Framepack: downsampled history clips before the current window):
+        # the largest is the video being generated; the others are attended densely, like text.
+        sizes = sorted((math.prod(info) for _, info in videos), reverse=True)
+        if sizes[0] == sizes[1]:
+            found = ", ".join("x".join(map(str, info)) for _, info in videos)
+            return f"ambiguous: {len(videos)} equally large video grids ({found}) in {seq} tokens; {LAYOUT_HINT}"
+        videos = [max(videos, key=lambda item: math.prod(item[1]))]
     if not videos:
         found = ", ".join("x".join(map(str, info)) for _, info in grids)
         return (
@@ -248,6 +253,13 @@ def _infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> Vi
         return (
             f"sequence length {seq} does not match video grid {frames}x{height}x{width}="
             f"{layout.video_tokens} plus {prefix + suffix} text"
+        )
+    if 2 * layout.video_tokens <= seq:
+        # Every video DiT's sequence is mostly video; a small grid (a downsampled history clip) among many
+        # other tokens means the video's own grid was not followed here: do not guess.
+        return (
+            f"the only video grid found, {frames}x{height}x{width}, holds {layout.video_tokens} of the {seq} tokens "
+            f"(not most of them), so it is not taken as the video; {LAYOUT_HINT}"
         )
     log.debug("site %s: layout %s", sdpa_node.name, layout.describe())
     return layout
@@ -532,7 +544,7 @@ def _getitem_dims(source: torch.fx.Node, index: Any, shape: tuple, dims: dict[to
     if tensor is None:
         return None
     items = list(index) if isinstance(index, tuple) else [index]
-    if any(not (item is None or item is Ellipsis or isinstance(item, (int, slice))) for item in items):
+    if any(not (item is None or item is Ellipsis or isinstance(item, (int, slice))) for item in items):  # tensors
         return None
     if Ellipsis in items:
         at = items.index(Ellipsis)
@@ -547,14 +559,25 @@ def _getitem_dims(source: torch.fx.Node, index: Any, shape: tuple, dims: dict[to
         elif isinstance(item, int):
             d += 1
         else:
-            size = in_shape[d]
-            if size is None or item.step not in (None, 1):
+            size, bounds = in_shape[d], [_bound(item.start), _bound(item.stop)]
+            if size is None or item.step not in (None, 1) or "?" in bounds:
                 out.append(None)
             else:
-                start, stop, _ = item.indices(size)
+                start, stop, _ = slice(*bounds).indices(size)
                 out.append(_slice_dim(tensor[d], start, max(start, stop)))
             d += 1
     return tuple(out) if len(out) == len(shape) else None
+
+
+def _bound(value: Any) -> Any:
+    """A slice bound as an int (or None): a symbolic one (a node computing a SymInt) under the bindings; "?"
+    when it cannot be read."""
+    if isinstance(value, torch.fx.Node):
+        value = example(value)
+    if value is None or isinstance(value, int):
+        return value
+    found = size_value(value)
+    return "?" if found is None else found
 
 
 def _split_item_dims(source: torch.fx.Node, index: Any, shape: tuple, dims: dict[torch.fx.Node, _Tensor]) -> _Tensor:

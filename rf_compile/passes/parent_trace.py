@@ -12,25 +12,39 @@ computation, never from names.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import weakref
 from typing import Any
 
+import sympy
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from rf_compile.layout import VideoLayout
 from rf_compile.passes.infer_layout import infer_site_layout
-from rf_compile.passes.nodes import example, is_sdpa, sdpa_arguments
+from rf_compile.passes.nodes import example, is_sdpa, same_size, sdpa_arguments
 
 log = logging.getLogger(__name__)
 
-# Per model: {input shapes: {sequence length: set of layouts, or reasons}}.
-_TRACES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, dict[int, set]]] = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass
+class _Trace:
+    """One recorded call of a model: its graph and self-attention sites, or why it could not be traced."""
+
+    graph: RecordedGraph | None = None
+    sites: list[tuple[Any, torch.fx.Node]] = dataclasses.field(default_factory=list)  # (query length, SDPA node)
+    error: str = ""
+
+
+# Per model: {input shapes: trace}.
+_TRACES: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, _Trace]] = weakref.WeakKeyDictionary()
 
 
 class RecordedGraph:
@@ -84,8 +98,8 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def trace_layouts(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[int, set]:
-    """{sequence length: layouts (or reasons)} of the self-attention sites of ``model(*args, **kwargs)``."""
+def trace_model(model: torch.nn.Module, args: tuple, kwargs: dict) -> _Trace:
+    """The recorded call ``model(*args, **kwargs)`` on fake tensors (cached per input shapes)."""
     shapes = tuple(
         (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in tree_flatten((args, kwargs))[0]
     )
@@ -95,8 +109,10 @@ def trace_layouts(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[int
     return cache[shapes]
 
 
-def _trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[int, set]:
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+def _trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> _Trace:
+    # Static input shapes; a shape environment only for data-dependent sizes (a text length read
+    # from a mask), which become symbols solved later from the call's real sequence length.
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True, static_shapes=True, shape_env=ShapeEnv())
     fake = tree_map(lambda x: fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x, (args, kwargs))
     recorder = _Recorder()
     try:
@@ -104,17 +120,38 @@ def _trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[int, set]:
             model.forward(*fake[0], **fake[1])  # forward, not __call__: the model's own hooks stay out
     except Exception as error:  # a model we cannot trace keeps its sites dense, with this reason
         log.debug("tracing %s failed: %s", type(model).__name__, error)
-        return {-1: {f"tracing {type(model).__name__} on fake tensors failed: {type(error).__name__}: {error}"}}
-    recorded = RecordedGraph(recorder.graph)
-    found: dict[int, set] = {}
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        name = type(model).__name__
+        reason = f"tracing {name} on fake tensors failed: {type(error).__name__}: {first_line}"
+        if "DataDependent" in type(error).__name__:  # e.g. a text length read with .item(): keep it in the graph
+            reason += (
+                "; compile the whole model with torch._dynamo.config.capture_scalar_outputs = True (and "
+                "capture_dynamic_output_shape_ops = True) so that one graph holds the data-dependent length"
+            )
+        return _Trace(error=reason)
+    trace = _Trace(graph=RecordedGraph(recorder.graph))
     for node in recorder.graph.nodes:
-        if not is_sdpa(node):
-            continue
-        q, k = (example(sdpa_arguments(node)[name]) for name in ("query", "key"))
-        if not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[2] != k.shape[2]:
-            continue
-        found.setdefault(q.shape[2], set()).add(infer_site_layout(recorded, node))
-    return found
+        if is_sdpa(node):
+            q, k = (example(sdpa_arguments(node)[name]) for name in ("query", "key"))
+            if isinstance(q, torch.Tensor) and q.dim() == 4 and same_size(q.shape[2], k.shape[2]):
+                trace.sites.append((q.shape[2], node))
+    return trace
+
+
+def _bind_length(length: Any, seq_len: int) -> dict | None:
+    """Bindings under which a traced query length equals the call's ``seq_len`` (None: it cannot)."""
+    if isinstance(length, int):
+        return {} if length == seq_len else None
+    expr = length.node.expr
+    if len(expr.free_symbols) != 1:
+        return None
+    (symbol,) = expr.free_symbols
+    try:
+        solutions = sympy.solve(sympy.Eq(expr, seq_len), symbol)
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+    values = [int(v) for v in solutions if getattr(v, "is_integer", False) and v >= 0]
+    return {symbol: values[0]} if len(values) == 1 else None
 
 
 def layout_from_calling_model(model: torch.nn.Module | None, call: tuple | None, seq_len: int) -> VideoLayout | str:
@@ -124,10 +161,14 @@ def layout_from_calling_model(model: torch.nn.Module | None, call: tuple | None,
             "its graph holds no video grid (regional compilation) and no calling model was found on the stack; "
             "compile the whole model, or pass options={'layout': (frames, height, width, prefix, suffix)}"
         )
-    found = trace_layouts(model, *call)
-    if -1 in found:
-        return next(iter(found[-1]))
-    candidates = found.get(seq_len, set())
+    trace = trace_model(model, *call)
+    if trace.error:
+        return trace.error
+    candidates: set = set()
+    for length, node in trace.sites:
+        bindings = _bind_length(length, seq_len)
+        if bindings is not None:
+            candidates.add(infer_site_layout(trace.graph, node, bindings))
     layouts = {c for c in candidates if isinstance(c, VideoLayout)}
     name = type(model).__name__
     if len(layouts) == 1:
