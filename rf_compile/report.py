@@ -77,16 +77,16 @@ class CompileReport:
         return tabulate(rows, headers=headers, tablefmt=tablefmt) + "\n" + summary
 
     def to_json(self) -> str:
-        return json.dumps({"sites": [s.to_dict() for s in self.sites]}, indent=2)
+        return json.dumps({"graph": self.graph, "sites": [s.to_dict() for s in self.sites]}, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> CompileReport:
-        sites = []
-        for data in json.loads(text)["sites"]:
+        sites, document = [], json.loads(text)
+        for data in document["sites"]:
             layout = VideoLayout(**data.pop("layout")) if data.get("layout") else None
             data.pop("layout", None)
             sites.append(SiteReport(layout=layout, **data))
-        return cls(sites)
+        return cls(sites, graph=document.get("graph", 0))
 
     def __str__(self) -> str:
         return self.table()
