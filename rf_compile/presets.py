@@ -310,8 +310,8 @@ def _mochi(b: _Build) -> tuple[type, dict, tuple, dict, VideoLayout, int, int, s
     notes = (
         "The joint attention runs once per batch item over video + the valid text tokens, chosen with "
         "torch.nonzero on the text mask: Dynamo breaks the graph there (8 breaks) unless "
-        "torch._dynamo.config.capture_dynamic_output_shape_ops = True, and then the text length is unbacked "
-        "(N = u0 + video): rf_compile keeps such symbolic-length sites dense (a known limitation). "
+        "torch._dynamo.config.capture_dynamic_output_shape_ops = True; with it the text length is unbacked "
+        "(N = u0 + video) and rf_compile reads it per call: the joint attention runs sparse. "
         "The expected layout assumes an unpadded prompt (all text tokens valid)."
     )
     # One joint SDPA per batch item and layer; the time embedding's attention pooling (one query) is dense.

@@ -253,3 +253,14 @@ def test_framepack_graph_break_says_how_to_make_it_sparse():
         torch.compile(model, backend="rainfusion", options={"min_video_tokens": 0})(*args, **kwargs)
     reasons = [reason for entry in rf_compile.stats(model).values() for reason in entry["dense_shapes"]]
     assert reasons and all("capture_scalar_outputs = True" in reason for reason in reasons)
+
+
+def test_mochi_joint_attention_is_sparse_with_its_data_dependent_text_length():
+    preset = build_preset("mochi", batch=2)
+    torch._dynamo.reset()
+    rf_compile.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        torch.compile(preset.model, backend="rainfusion", options=OPTIONS)(*preset.args, **preset.kwargs)
+    stats = {k: v for k, v in rf_compile.stats(preset.model).items() if v["sparse_calls"]}
+    assert len(stats) == preset.self_attention_sites  # one joint attention per layer and batch item
+    assert {v["layout"] for v in stats.values()} == {layout.describe() for layout in preset.expected_layouts}

@@ -3,7 +3,8 @@
 Per model: every video self-attention is rewritten with the layout of the config arithmetic,
 the other SDPA calls stay dense with a reason, ``mode="dense"`` equals eager, ``fullgraph=True``
 compiles, and the backend compiles exactly the graphs Dynamo would give any backend (no extra
-graph break). Mochi's joint attention has a data-dependent text length and stays dense.
+graph break). Mochi's joint attention has a data-dependent text length: compiled as here, without
+``capture_dynamic_output_shape_ops``, it breaks the graph and stays dense (test_compile_paths has it sparse).
 """
 
 import collections
