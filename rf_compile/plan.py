@@ -31,6 +31,7 @@ from rf_compile.layout import VideoLayout
 
 BLOCK_M = 128
 BLOCK_N = 128
+KERNEL_HEAD_DIMS = (64, 128)  # head dims the block-sparse kernel is built for (padded loads cost more)
 
 
 def band_halfwidth(layout: VideoLayout, bandwidth: float) -> int:

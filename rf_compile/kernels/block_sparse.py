@@ -30,11 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from rf_compile.plan import PlanTable
+from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable
 
-__all__ = ["block_sparse_attention", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["block_sparse_attention", "plan_extras"]
 
-SUPPORTED_HEAD_DIMS = (64, 128)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -391,7 +390,7 @@ def block_sparse_attention(
     ----------
     q, k, v:
         (B, H, N, D) of one dtype (fp16, bf16, or fp32), any strides (diffusers passes views of
-        (B, N, H, D) tensors); ``N == table.layout.seq_len``, ``D`` in ``SUPPORTED_HEAD_DIMS``.
+        (B, N, H, D) tensors); ``N == table.layout.seq_len``, ``D`` in ``KERNEL_HEAD_DIMS``.
     table:
         Plans of the variants for this layout (``build_plan_table``), on q's device. Its
         ``block_m`` / ``block_n`` are the kernel's tile sizes.
@@ -424,8 +423,8 @@ def block_sparse_attention(
         raise ValueError(f"q, k, v must all be (B, H, N, D) of one shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, H, N, D = q.shape
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"block_sparse_attention supports head dims {SUPPORTED_HEAD_DIMS}, got {D}: "
+    if D not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"block_sparse_attention supports head dims {KERNEL_HEAD_DIMS}, got {D}: "
                          "use dense attention for this site")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")

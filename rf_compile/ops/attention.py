@@ -18,9 +18,8 @@ from rf_compile.layout import VideoLayout
 from rf_compile.ops import arm, v2
 from rf_compile.ops.runtime import attach_clock, get_spec, persistent_allocation, site_state
 from rf_compile.ops.torch_attention import torch_sparse_attention
-from rf_compile.plan import PlanTable, build_plan_table, variants_for
+from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable, build_plan_table, variants_for
 
-KERNEL_HEAD_DIMS = (64, 128)  # kernels.block_sparse.SUPPORTED_HEAD_DIMS, without importing triton here
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -10,11 +10,9 @@ views / elementwise ops); it never assumes it from a shape.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from rf_compile.passes.nodes import example, same_size
+from rf_compile.passes.nodes import example, op_name, permutation, same_size
 
 # Boolean masks combine by AND, additive ones by +; the product of two {0, 1} masks is an AND too.
 _AND_OPS = {"and_", "__and__", "logical_and", "bitwise_and", "mul", "__mul__"}
@@ -38,9 +36,9 @@ def outer_product_factors(mask_node: torch.fx.Node, seq_len) -> tuple[torch.fx.N
     if mask.dim() != 4 or not _one(mask.shape[1]):
         return "it varies across heads" if mask.dim() == 4 else f"it is {mask.dim()}-D"
     node = mask_node
-    while _name(node) in _UNARY - {"logical_not", "__invert__", "bitwise_not", "neg", "log"}:
+    while op_name(node) in _UNARY - {"logical_not", "__invert__", "bitwise_not", "neg", "log"}:
         node = node.args[0]
-    name = _name(node)
+    name = op_name(node)
     combines = _AND_OPS if mask.dtype == torch.bool else _ADD_OPS
     operands = [a for a in node.args if isinstance(a, torch.fx.Node) and isinstance(example(a), torch.Tensor)]
     if name not in combines or len(operands) != 2:
@@ -59,7 +57,7 @@ def constant_dims(node: torch.fx.Node, depth: int = 0) -> set[int]:
     ones = {d for d, size in enumerate(value.shape) if _one(size)}
     if depth >= _MAX_DEPTH or node.op not in ("call_function", "call_method") or not node.args:
         return ones
-    name, source = _name(node), node.args[0]
+    name, source = op_name(node), node.args[0]
     if not isinstance(source, torch.fx.Node) or not isinstance(example(source), torch.Tensor):
         return ones
     src_value = example(source)
@@ -69,7 +67,7 @@ def constant_dims(node: torch.fx.Node, depth: int = 0) -> set[int]:
         inner = constant_dims(source, depth + 1)
         return ones | inner | {d for d in range(value.dim()) if _one(src_value.shape[d])}
     if name in _PERMUTE:
-        moved = _permutation(node, src_value.dim())
+        moved = permutation(node, src_value.dim())
         inner = constant_dims(source, depth + 1)
         return ones | ({d for d, src in enumerate(moved) if src in inner} if moved else set())
     if name in _VIEW:
@@ -99,28 +97,6 @@ def _view_constant_dims(in_shape, out_shape, inner: set[int]) -> set[int]:
     if not all(same_size(in_shape[a], out_shape[b]) for a, b in zip(kept_in, kept_out)):
         return set()
     return {b for a, b in zip(kept_in, kept_out) if a in inner}
-
-
-def _permutation(node: torch.fx.Node, ndim: int) -> list[int] | None:
-    """For each output dimension of a transpose/permute node, its input dimension (replayed on a meta probe)."""
-    primes = (2, 3, 5, 7, 11, 13, 17, 19)
-    if ndim > len(primes):
-        return None
-    probe = torch.empty(primes[:ndim], device="meta")
-    op = getattr(probe, node.target) if node.op == "call_method" else functools.partial(node.target, probe)
-    try:
-        result = op(*node.args[1:], **node.kwargs)
-    except (TypeError, RuntimeError, IndexError):
-        return None
-    return [primes.index(size) for size in result.shape]
-
-
-def _name(node) -> str:
-    if not isinstance(node, torch.fx.Node):
-        return ""
-    if node.op == "call_method":
-        return str(node.target)
-    return getattr(node.target, "__name__", "").split(".")[0]
 
 
 def _one(size) -> bool:

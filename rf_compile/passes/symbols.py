@@ -7,10 +7,20 @@ from Dynamo's graph (``s0``, ``s1``, ... and data-dependent ``u0``), never from 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
 import sympy
 import torch
 
 from rf_compile.passes.nodes import example
+
+# Values of the graph's size symbols under which shapes are read (symbolic graphs); None: hints only.
+_BINDINGS: contextvars.ContextVar[dict[sympy.Symbol, sympy.Integer] | None] = contextvars.ContextVar(
+    "rf_bindings", default=None
+)
 
 
 def _sizes_of(value) -> list:
@@ -90,3 +100,35 @@ def _tensor_holding(gm: torch.fx.GraphModule, symbol: sympy.Symbol, before: torc
                 if isinstance(size, torch.SymInt) and size.node.expr == symbol:
                     return node, dim
     return None
+
+
+@contextlib.contextmanager
+def bound(bindings: dict[sympy.Symbol, int] | None) -> Iterator[None]:
+    """Read every symbolic size under ``bindings`` (symbol -> value) inside the block."""
+    token = _BINDINGS.set({symbol: sympy.Integer(value) for symbol, value in (bindings or {}).items()})
+    try:
+        yield
+    finally:
+        _BINDINGS.reset(token)
+
+
+def size_value(size: Any) -> int | None:
+    """A size as an int: itself, or a symbolic size evaluated under the current bindings (None if unbound)."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        bindings = _BINDINGS.get()
+        if bindings and expr.free_symbols <= bindings.keys():
+            expr = expr.xreplace(bindings)
+        if expr.is_number:
+            return int(expr)
+    return None
+
+
+def shape_of(node: torch.fx.Node) -> tuple[int | None, ...] | None:
+    """Static shape of a tensor node; symbolic sizes are None. None for non-tensors."""
+    value = example(node)
+    if not isinstance(value, torch.Tensor):
+        return None
+    return tuple(size_value(size) for size in value.shape)
