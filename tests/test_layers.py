@@ -43,6 +43,7 @@ RANKS = {
     "plan": 2,
     "config": 1,
     "report": 1,
+    "persistent": 1,
     "layout": 0,
 }
 REFERENCE_MAY_IMPORT = {"layout", "reference"}

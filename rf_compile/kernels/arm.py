@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rf_compile.persistent import persistent
+
 
 @triton.jit
 def _band_recall_kernel(
@@ -72,8 +74,9 @@ def _band_recall_kernel(
 
 @functools.lru_cache(maxsize=64)
 def _device_ints(values: tuple[int, ...], device: str) -> torch.Tensor:
-    """A small int32 tensor on the device, made once (a fresh host-to-device copy would sync)."""
-    return torch.tensor(values, dtype=torch.int32, device=device)
+    """A small int32 tensor on the device, made once (a fresh host-to-device copy would sync), outside
+    CUDA-graph pools (it outlives the call)."""
+    return persistent(lambda: torch.tensor(values, dtype=torch.int32, device=device), device)
 
 
 def band_recall(

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops import arm, v2
-from rf_compile.ops.runtime import attach_clock, get_spec, persistent_allocation, site_state
+from rf_compile.ops.runtime import attach_clock, get_spec, site_state
 from rf_compile.ops.torch_attention import torch_sparse_attention
 from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable, build_plan_table, variants_for
 
@@ -269,12 +269,11 @@ def attention(
 
     if timestep is None and not state.model.clock_checked:
         attach_clock(state)
-    call = state.begin(layout, q, timestep)
-    shape, config = call.shape, spec.config
+    config = spec.config
+    call = state.begin(layout, q, timestep, lambda variants: _prepare(q, layout, config, variants, kernel))
+    shape = call.shape
     out = output_like(q)
     if config.mode == "v2":
-        with persistent_allocation(q.device):  # v2's per-layout tensors are cached
-            v2.warm_static(q, layout, config)
         table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense)
         sparse = (~call.dense).double()
         density = table.density().view(q.shape[:2]).double()
@@ -282,13 +281,7 @@ def attention(
         shape.kept.add_(density.sum() * sparse)
         shape.sparse_heads.add_(sparse * density.numel())
     else:
-        with persistent_allocation(q.device):  # built once per layout, cached
-            table = build_plan_table(layout, shape.variants, q.device)
-            table.score_density  # noqa: B018  (cached; computing it reads the device once)
-            if kernel == "triton":
-                from rf_compile.kernels.block_sparse import plan_extras
-
-                plan_extras(table)  # the kernel's per-table tensors, cached on the table
+        table = shape.prepared
         new_variant, new_recall = arm.decide(q, k, layout, config, scale, enabled=call.run_arm)
         shape.variant.copy_(torch.where(call.run_arm, new_variant, shape.variant))
         shape.recall.copy_(torch.where(call.run_arm, new_recall, shape.recall))
@@ -296,6 +289,23 @@ def attention(
         _record(shape, call.dense, table)
     out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out)
     return _zero_masked_rows(out, query_mask)
+
+
+def _prepare(
+    q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, variants: tuple, kernel: str
+) -> PlanTable | None:
+    """What a site keeps per (layout, batch size), built once with its state (outside CUDA-graph pools):
+    v1's plan table with its cached densities and kernel tensors; v2's per-layout tensors (cached in v2)."""
+    if config.mode == "v2":
+        v2.warm_static(q, layout, config)
+        return None
+    table = build_plan_table(layout, variants, q.device)
+    table.score_density  # noqa: B018  (cached; computing it reads the device once)
+    if kernel == "triton":
+        from rf_compile.kernels.block_sparse import plan_extras
+
+        plan_extras(table)  # the kernel's per-table tensors, cached on the table
+    return table
 
 
 def _record(shape, dense: torch.Tensor, table: PlanTable) -> None:

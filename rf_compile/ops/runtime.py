@@ -14,26 +14,27 @@ replays exactly the decisions eager execution makes:
 State belongs to a compiled model *instance*: the rewrite pass gives the op one of the model's
 parameters (``owner``), and sites are kept per owner, so two models of one class (Wan 2.2's two
 experts) never share counters or decisions. Tensors that outlive a call are allocated outside any
-CUDA-graph memory pool (``persistent_allocation``), and reset in place (captured graphs keep
+CUDA-graph memory pool (``rf_compile.persistent``), and reset in place (captured graphs keep
 pointing at them).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
+from rf_compile.persistent import persistent
 from rf_compile.plan import Pattern, Variant, variants_for
 
 DENSE = Variant(Pattern.DENSE)
@@ -43,39 +44,6 @@ DENSE = Variant(Pattern.DENSE)
 LayoutResolver = Callable[[dict, "torch.nn.Module | None", int], "VideoLayout | str"]
 
 
-# -- allocation outside CUDA-graph pools -----------------------------------------------------------
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-@contextlib.contextmanager
-def persistent_allocation(device: torch.device | str) -> Iterator[None]:
-    """Allocate tensors that outlive a call (state, cached plans) outside any CUDA-graph pool.
-
-    Inductor's CUDA-graph trees route the current stream's allocations into their private pool
-    while they warm a graph up; state made there could be handed to a later graph. A side stream
-    is not routed, and the current stream waits for it (a device-side wait, no host sync).
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        yield
-        return
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "rainfusion: a site met a new shape or model for the first time inside CUDA-graph capture; "
-            "run one call outside capture first (torch.compile's CUDA graphs do this for you)"
-        )
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    side = _SIDE_STREAMS.get(index)
-    if side is None:
-        side = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    main = torch.cuda.current_stream(index)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        yield
-    main.wait_stream(side)
-
-
 # -- the step clock ----------------------------------------------------------------------------------
 
 
@@ -83,9 +51,13 @@ class StepClock:
     """Denoising step of the current video, counted on the device from the model's timestep values."""
 
     def __init__(self, device: torch.device) -> None:
-        with persistent_allocation(device):
-            self.last = torch.full((), float("nan"), dtype=torch.float64, device=device)
-            self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.last, self.step = persistent(
+            lambda: (
+                torch.full((), float("nan"), dtype=torch.float64, device=device),
+                torch.zeros((), dtype=torch.int64, device=device),
+            ),
+            device,
+        )
 
     def tick(self, timestep: torch.Tensor) -> torch.Tensor:
         """Advance on a new timestep value (restart on a larger one); returns the step (int64 scalar)."""
@@ -214,11 +186,24 @@ class ShapeState:
     kept: torch.Tensor  # float64 scalar: sum over sparse (batch, head) calls of the kept fraction
     block_density_sums: torch.Tensor  # float64 [H]: v2 kept block fraction per head
     sparse_heads: torch.Tensor  # float64 scalar: (batch, head) pairs computed sparse
+    prepared: Any = None  # what the op built once for this shape (its plan table), made with the state
 
     @classmethod
-    def new(cls, layout: VideoLayout, batch: int, heads: int, variants: tuple[Variant, ...], device) -> ShapeState:
-        with persistent_allocation(device):
-            zeros = functools_partial_zeros(device)
+    def new(
+        cls,
+        layout: VideoLayout,
+        batch: int,
+        heads: int,
+        variants: tuple[Variant, ...],
+        device: torch.device,
+        prepare: Callable[[], Any] | None = None,
+    ) -> ShapeState:
+        """Zeroed state (and ``prepare()``'s result), all made outside CUDA-graph pools."""
+
+        def make() -> ShapeState:
+            def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                return torch.zeros(shape, dtype=dtype, device=device)
+
             return cls(
                 layout=layout,
                 heads=heads,
@@ -233,17 +218,16 @@ class ShapeState:
                 kept=zeros((), torch.float64),
                 block_density_sums=zeros((heads,), torch.float64),
                 sparse_heads=zeros((), torch.float64),
+                prepared=prepare() if prepare is not None else None,
             )
+
+        return persistent(make, device)
 
     def reset(self) -> None:
         for tensor in (self.calls, self.dense_calls, self.arm_runs, self.variant, self.variant_counts,
                        self.recall_sums, self.kept, self.block_density_sums, self.sparse_heads):  # fmt: skip
             tensor.zero_()
         self.recall.fill_(float("nan"))
-
-
-def functools_partial_zeros(device) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor]:
-    return lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device)
 
 
 @dataclasses.dataclass
@@ -271,13 +255,24 @@ class SiteState:
         config = self.spec.config
         return math.ceil(config.dense_warmup * config.num_steps)
 
-    def begin(self, layout: VideoLayout, q: torch.Tensor, timestep: torch.Tensor | None) -> CallPlan:
-        """Count the call and decide on the device whether it is dense and whether the ARM runs."""
+    def begin(
+        self,
+        layout: VideoLayout,
+        q: torch.Tensor,
+        timestep: torch.Tensor | None,
+        prepare: Callable[[tuple[Variant, ...]], Any] | None = None,
+    ) -> CallPlan:
+        """Count the call and decide on the device whether it is dense and whether the ARM runs.
+
+        On the first call of a (layout, batch size), ``prepare(variants)`` builds what the op keeps
+        for it (``ShapeState.prepared``), outside CUDA-graph pools with the state.
+        """
         B, H = q.shape[:2]
         shape = self.shapes.get((layout, B))
         if shape is None:
             variants = (*self.spec.variants, DENSE)
-            shape = self.shapes[(layout, B)] = ShapeState.new(layout, B, H, variants, q.device)
+            made = (lambda: prepare(variants)) if prepare is not None else None
+            shape = self.shapes[(layout, B)] = ShapeState.new(layout, B, H, variants, q.device, made)
         step = self._step(q.device, timestep)
         dense = step < self.warmup_steps
         shape.calls += 1
@@ -293,8 +288,7 @@ class SiteState:
         if self.model.ticks_clock:  # no timestep in this graph: a hook on the model ticks the clock
             return step_clock(device).step
         if self.counter is None:
-            with persistent_allocation(device):
-                self.counter = torch.zeros((), dtype=torch.int64, device=device)
+            self.counter = persistent(lambda: torch.zeros((), dtype=torch.int64, device=device), device)
         step = self.counter.clone()
         self.counter += 1
         return step
