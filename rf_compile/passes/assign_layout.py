@@ -97,7 +97,7 @@ def _free_symbols(size) -> set:
 def _use_layout_option(site: Site, config: RainFusionConfig) -> None:
     layout = config.layout
     site.report.layout_source = "option"
-    if site.report.symbolic:
+    if site.report.symbolic:  # the length is known per call: check it there
 
         def resolve(bindings: dict, model, seq_len: int) -> VideoLayout | str:
             if seq_len != layout.seq_len:
@@ -105,12 +105,7 @@ def _use_layout_option(site: Site, config: RainFusionConfig) -> None:
             return _checked(layout, config)
 
         site.resolver = resolve
-        site.report.layout = layout
-        reason = layout_dense_reason(layout, config)
-        if reason:
-            site.make_dense(reason)
-        return
-    if layout.seq_len != site.report.seq_len:
+    elif layout.seq_len != site.report.seq_len:
         site.make_dense(f"sequence length {site.report.seq_len} does not match the layout option ({layout.describe()})")
         return
     site.report.layout = layout
