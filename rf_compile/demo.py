@@ -40,7 +40,7 @@ def _pattern_shares(stats: dict) -> dict[str, float]:
 def demo_model(name: str, steps: int) -> None:
     preset = build_preset(name, "tiny", batch=2)
     model = preset.model.eval()
-    options = {"min_video_tokens": 0}
+    options = {"min_video_tokens": 0, "num_steps": steps}  # warm-up: the first 10% of these steps
     print(f"\n=== {name} (tiny, random weights, batch 2 as with CFG) ===")
     compiled = torch.compile(model, backend="rainfusion", options={**options, "report": True})
     rf_compile.reset()
@@ -49,7 +49,7 @@ def demo_model(name: str, steps: int) -> None:
             args, kwargs = _with_timestep(preset, t)
             out = compiled(*args, **kwargs)
         out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
-        stats = rf_compile.stats()
+        stats = rf_compile.stats(model)
         shares = _pattern_shares(stats)
         dense_calls = sum(s["dense_calls"] for s in stats.values())
         calls = sum(s["calls"] for s in stats.values())

@@ -33,8 +33,10 @@ def outer_product_factors(mask_node: torch.fx.Node, seq_len) -> tuple[torch.fx.N
     4-D, so ``row[..., :1]`` is a [B|1, 1, N, 1] row mask and ``key[..., :1, :]`` a key-padding mask.
     """
     mask = example(mask_node)
-    if mask.dim() != 4 or not _one(mask.shape[1]):
-        return "it varies across heads" if mask.dim() == 4 else f"it is {mask.dim()}-D"
+    if mask.dim() != 4:
+        return f"it is {mask.dim()}-D"
+    if not _one(mask.shape[1]):
+        return f"it holds one mask per head ({mask.shape[1]} along dim 1)"
     node = mask_node
     while op_name(node) in _UNARY - {"logical_not", "__invert__", "bitwise_not", "neg", "log"}:
         node = node.args[0]
