@@ -65,6 +65,11 @@ def test_one_compile_serves_three_resolutions_sparse(dynamic):
         assert all(entry["sparse_calls"] == 1 and entry["dense_calls"] == 0 for entry in by_layout.values())
         assert stats[site]["dense_shapes"] == {}
         assert all(0 < entry["sparsity"] < 1 for entry in by_layout.values())
+        # The site's totals are the sum over its layouts, head by head.
+        patterns = ("spatial", "temporal", "textural")
+        for h, head in enumerate(stats[site]["heads"]):
+            for p in patterns:
+                assert head[p] == sum(entry["heads"][h][p] for entry in by_layout.values())
     # No more graphs than inductor compiles for the same calls.
     assert ours == _count_inductor_graphs(model, [(a, k) for a, k, _ in calls], dynamic=dynamic)
     # Each output equals a static compile of that resolution alone (the symbolic path is exact).

@@ -42,12 +42,6 @@ def is_key_padding_mask(shape: tuple[int, ...] | torch.Size, seq_len: int) -> bo
     return all(s == 1 for s in shape[:-1])
 
 
-def is_query_mask(shape: tuple[int, ...] | torch.Size, seq_len: int) -> bool:
-    """Whether a mask of this shape is [B|1, 1, N, 1]: one value per query row."""
-    shape = tuple(shape)
-    return len(shape) == 4 and shape[1] == 1 and shape[2] == seq_len and shape[3] == 1
-
-
 def key_padding_bias(attn_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
     """Turn a mask that only varies along keys ([B|1, 1, 1, N]) into an additive float [B, N] bias.
 

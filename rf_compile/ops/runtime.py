@@ -307,11 +307,13 @@ class SiteState:
     def summary(self) -> dict:
         """Host-side statistics (reads the device counters: a sync)."""
         per_layout: dict[str, dict] = {}
+        total: dict | None = None
         for shape in self.shapes.values():
-            entry = per_layout.setdefault(shape.layout.describe(), _empty_summary(shape))
-            _accumulate(entry, shape)
+            _accumulate(per_layout.setdefault(shape.layout.describe(), _empty_summary(shape)), shape)
+            total = total or _empty_summary(shape)  # every shape of a site has its heads and variants
+            _accumulate(total, shape)
         layouts = [_finish(entry) for entry in per_layout.values()]
-        total = _merge(layouts, self.spec.variants)
+        total = _finish(total) if total is not None else _finish_empty()
         return {
             "model": self.model.name,
             "site": self.name,
@@ -383,45 +385,12 @@ def _finish(entry: dict) -> dict:
         "density": density,
         "sparsity": None if density is None else 1.0 - density,
         "heads": heads,
-        "_kept": entry["kept"],
-        "_sparse_heads": entry["sparse_heads"],
     }
 
 
-def _merge(layouts: list[dict], variants: tuple[Variant, ...]) -> dict:
-    """One summary over every layout of a site (heads: the first layout's, by far the common case)."""
-    kept = sum(entry.pop("_kept") for entry in layouts)
-    sparse_heads = sum(entry.pop("_sparse_heads") for entry in layouts)
-    density = kept / sparse_heads if sparse_heads else None
-    calls = sum(entry["calls"] for entry in layouts)
-    dense_calls = sum(entry["dense_calls"] for entry in layouts)
-    return {
-        "calls": calls,
-        "dense_calls": dense_calls,
-        "sparse_calls": calls - dense_calls,
-        "arm_runs": sum(entry["arm_runs"] for entry in layouts),
-        "density": density,
-        "sparsity": None if density is None else 1.0 - density,
-        "heads": _sum_heads([entry["heads"] for entry in layouts]),
-    }
-
-
-def _sum_heads(per_layout: list[list[dict]]) -> list[dict]:
-    """Per-head pattern counts summed over layouts (means weighted by counts are not kept: first wins)."""
-    per_layout = [heads for heads in per_layout if heads]
-    if not per_layout:
-        return []
-    if len(per_layout) == 1:
-        return per_layout[0]
-    total = []
-    for heads in zip(*per_layout):
-        merged = dict(heads[0])
-        for other in heads[1:]:
-            for key, value in other.items():
-                if key in ("spatial", "temporal", "textural"):
-                    merged[key] += value
-        total.append(merged)
-    return total
+def _finish_empty() -> dict:
+    return {"calls": 0, "dense_calls": 0, "sparse_calls": 0, "arm_runs": 0, "density": None, "sparsity": None,
+            "heads": []}  # fmt: skip
 
 
 # -- models ---------------------------------------------------------------------------------------
