@@ -50,17 +50,16 @@ class RainFusionConfig:
         Textural checkerboard stride tau (>= 2): keeps about 1/tau of the video keys.
     alpha:
         v1 recall threshold of the ARM (Algorithm 1), in (0, 1]. The paper does not state
-        its value; 0.9 matches the 90% recall of RainFusion+.
+        its value; 0.8 was best of 0.5-0.97 on both trained fidelity models (README, Quality).
     sample_stride:
         omega of the ARM's global sampling (every omega-th video token). ``None`` uses the
         number of frames, so both samples hold about one frame of tokens.
     dense_warmup:
-        Fraction of the denoising trajectory kept dense, in [0, 1). Keyed to the model's
-        ``timestep`` input: a call is dense while ``timestep >= (1 - dense_warmup) * 1000``.
+        Share of the denoising steps kept dense, in [0, 1): the first
+        ``ceil(dense_warmup * num_steps)`` steps of each video. Steps are counted on the device
+        from the ``timestep`` values (a new value is a new step, a larger one a new video).
     num_steps:
-        Only for graphs with no ``timestep`` input: the op then counts its calls per site and
-        keeps the first ``ceil(dense_warmup * num_steps)`` of them dense (``rf_compile.reset()``
-        restarts the count).
+        Steps of the sampling loop, which the warm-up share is taken of.
     arm_every:
         Re-run the ARM every k-th sparse call of a site and reuse its decision in between.
     sparsity:
@@ -98,7 +97,7 @@ class RainFusionConfig:
     bandwidths: tuple[float, ...] = (0.5, 0.25, 0.125)
     recall_target: float = 0.9
     stride: int = 2
-    alpha: float = 0.9
+    alpha: float = 0.8
     sample_stride: int | None = None
     dense_warmup: float = 0.1
     num_steps: int = 50

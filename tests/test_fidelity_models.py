@@ -97,11 +97,10 @@ def test_procedural_data_is_deterministic_and_names_its_content():
     assert all(len(text.split()) >= 6 for text in data.describe(tokens))
 
 
-def test_oracle_rebuilds_the_v1_plus_choice_of_classify_heads():
-    layout = models.layout_of("cogvideox", **SIZE)
+def _local_heads(layout):
+    """q, k [2, 6, N, 64] whose heads are local in space and time at varied strengths (every branch taken)."""
     torch.manual_seed(0)
     q, k = torch.randn(2, 6, layout.seq_len, 64), torch.randn(2, 6, layout.seq_len, 64)
-    # Make the heads local in space and time, at varied strengths, so every branch is taken.
     pos = torch.zeros(layout.seq_len, 3)
     f, h, w = torch.meshgrid(*(torch.arange(n) for n in (layout.frames, layout.height, layout.width)), indexing="ij")
     pos[layout.video_slice] = torch.stack([f, h, w], -1).reshape(-1, 3).float()
@@ -109,10 +108,29 @@ def test_oracle_rebuilds_the_v1_plus_choice_of_classify_heads():
         feat = torch.cat([pos[:, :1] * sf, pos[:, 1:] * ss], -1)  # score ~ -|p_i - p_j|^2 / 2
         q[:, head, :, :4] = torch.cat([feat, torch.ones(layout.seq_len, 1)], -1)
         k[:, head, :, :4] = torch.cat([feat, -(feat**2).sum(-1, keepdim=True) / 2], -1)
+    return q, k
+
+
+def test_oracle_rebuilds_the_v1_plus_choice_of_classify_heads():
+    layout = models.layout_of("cogvideox", **SIZE)
+    q, k = _local_heads(layout)
     config = RainFusionConfig(mode="v1+")
     pattern, bandwidth = oracle.arm_choice(q, k, layout, config)
     assert torch.equal(pattern, classify_heads(q, k, layout, config))
     assert ((pattern == oracle.TEXTURAL) == (bandwidth == 0)).all()
+
+
+def test_recall_of_the_arm_choice_at_a_bandwidth_float32_cannot_hold():
+    """0.18 is not a float32: the ARM's bandwidth must still match the oracle's mask of that bandwidth."""
+    layout = models.layout_of("cogvideox", **SIZE)
+    q, k = _local_heads(layout)
+    config = RainFusionConfig(bandwidth=0.18, alpha=0.8)
+    pattern, bandwidth = oracle.arm_choice(q, k, layout, config)
+    assert (pattern != oracle.TEXTURAL).any() and (pattern == oracle.TEXTURAL).any()
+    recalls = oracle.exact_recalls(q, k, layout, oracle.variants_of(config))  # spatial, temporal, textural
+    column = {oracle.SPATIAL: 0, oracle.TEMPORAL: 1, oracle.TEXTURAL: 2}
+    index = torch.tensor([column[int(p)] for p in pattern.flatten()]).view_as(pattern)
+    assert torch.equal(oracle.recall_of(recalls, config, pattern, bandwidth), recalls.gather(-1, index[..., None])[..., 0])
 
 
 # -- trained checkpoints ---------------------------------------------------------------------------

@@ -106,8 +106,9 @@ def arm_choice(q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, config: Ra
     """
     if config.mode != "v1+":
         pattern = classify_heads(q, k, layout, config)
-        bandwidth = torch.where(pattern == TEXTURAL, 0.0, config.bandwidth).double()
-        return pattern, bandwidth
+        # float64 from the start: a float32 0.18 would match no oracle bandwidth (``recall_of``).
+        bandwidth = torch.full(pattern.shape, config.bandwidth, dtype=torch.float64, device=pattern.device)
+        return pattern, torch.where(pattern == TEXTURAL, 0.0, bandwidth)
     per_b = [
         classify_heads(q, k, layout, RainFusionConfig(bandwidth=b, alpha=config.recall_target,
                                                       sample_stride=config.sample_stride, stride=config.stride))
