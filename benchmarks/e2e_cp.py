@@ -4,23 +4,26 @@ A real-size HunyuanVideo-shaped transformer (random bf16 weights, ``--layers`` b
 stack) runs a short Euler loop on every rank of ``torchrun``; with ``--cp N`` (N > 1) the model is
 wrapped by ``enable_parallelism(ContextParallelConfig(ulysses_degree=N))`` with the ``native``
 attention backend (SDPA inside diffusers' Ulysses all-to-all, the form rainfusion rewrites).
-``--cp 1`` is the single-GPU baseline: run both to read the scaling. Results merge into
-``benchmarks/results/<gpu>x<N>/e2e_cp.json`` and ``.md`` (one file per world size).
+``--cp 1`` is the single-GPU baseline (plain ``python``, no torchrun needed). Records (``model``,
+``cp``, ``variant``, ``ms_per_step``, ...) merge into ``benchmarks/results/<gpu>x<G>/e2e_cp.json`` and
+``.md``, G the GPUs of the machine, so both runs on one 2-GPU host land in one table with the
+1 -> cp scaling of each variant (``scaling``: ms per step at cp 1 / at this cp).
 
-    torchrun --nproc-per-node 1 benchmarks/e2e_cp.py --cp 1 --layers 4
-    torchrun --nproc-per-node 2 benchmarks/e2e_cp.py --cp 2 --layers 4
-    torchrun --nproc-per-node 1 benchmarks/e2e_cp.py --cp 1 --size tiny --steps 2   # CPU smoke run (gloo)
+    python benchmarks/e2e_cp.py --cp 1 --model wan --layers 8
+    torchrun --nproc-per-node 2 benchmarks/e2e_cp.py --cp 2 --model wan --layers 8
+    python benchmarks/e2e_cp.py --cp 1 --size tiny --steps 2   # CPU smoke run (gloo)
 
-HunyuanVideo has no ``_cp_plan`` in diffusers 0.42.1; ``CP_PLANS`` gives it one that shards the
+HunyuanVideo has no ``_cp_plan`` in diffusers 0.42.1; ``cp_plan`` gives it one that shards the
 video and the text tokens. Ulysses then gathers each rank's [video shard, text shard] in rank
-order, an interleaved sequence that no VideoLayout describes: rainfusion keeps those sites dense
-and says so (the site table is printed). ``--model wan`` (Wan2.1-14B, diffusers' own plan, video
-only) is the case where every self-attention stays sparse under CP.
+order; rainfusion reads that as the video grid and text in rank shards and stays sparse.
+CogVideoX is not here: diffusers 0.42.1 gives it no plan, and its attention processor calls SDPA
+directly (no Ulysses all-to-all).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -77,6 +80,25 @@ def enable_cp(key: str, preset, degree: int) -> None:
             module.processor._parallel_config = None
 
 
+@contextlib.contextmanager
+def gather_bools_as_bytes():
+    """CPU runs: Ulysses all-gathers HunyuanVideo's boolean key mask with ``dist.all_gather``, and inductor's CPU
+    code makes that gathered mask int64 (torch 2.13, gloo), which SDPA rejects. Gathering it as uint8 is exact."""
+    all_gather = dist.all_gather
+
+    def gather(tensors, tensor, *args, **kwargs):
+        if tensor.dtype != torch.bool:
+            return all_gather(tensors, tensor, *args, **kwargs)
+        parts = [torch.empty_like(t, dtype=torch.uint8) for t in tensors]
+        work = all_gather(parts, tensor.to(torch.uint8), *args, **kwargs)
+        for t, part in zip(tensors, parts, strict=True):
+            t.copy_(part.bool())
+        return work
+
+    with mock.patch.object(dist, "all_gather", gather):
+        yield
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -122,6 +144,18 @@ def run_variant(name: str, spec: dict, preset, timesteps: list[float], device: s
     }
 
 
+def with_scaling(records: list[dict]) -> list[dict]:
+    """Records sorted by (model, layers, size, variant, cp), each with ``scaling``: ms per step at cp 1 / at its cp
+    (NaN without a cp 1 record of the same model, variant, layers and size)."""
+
+    def key(r: dict) -> tuple:
+        return (r["model"], r["layers"], r["size"], r["variant"])
+
+    base = {key(r): r["ms_per_step"] for r in records if r["cp"] == 1}
+    out = [{**r, "scaling": base[key(r)] / r["ms_per_step"] if key(r) in base else float("nan")} for r in records]
+    return sorted(out, key=lambda r: (*key(r), r["cp"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cp", type=int, required=True, help="ulysses degree = torchrun --nproc-per-node")
@@ -153,7 +187,8 @@ def main() -> None:
         elif args.model == "hunyuanvideo":  # same inputs as under CP
             preset.kwargs["encoder_attention_mask"] = torch.ones_like(preset.kwargs["encoder_attention_mask"])
         timesteps = torch.linspace(999, 0, args.steps + 1)[:-1].tolist()
-        results = [run_variant(n, VARIANTS[n], preset, timesteps, device) for n in args.variants]
+        with contextlib.nullcontext() if cuda else gather_bools_as_bytes():
+            results = [run_variant(n, VARIANTS[n], preset, timesteps, device) for n in args.variants]
     finally:
         env = environment()
         dist.destroy_process_group()
@@ -175,25 +210,26 @@ def main() -> None:
                 "rel_err": ((latent - ref).norm() / ref.norm()).item(),
             }
         )
-    slug = f"{gpu_slug(env.get('gpu', 'cpu'))}x{args.cp}"
+    gpus = torch.cuda.device_count() if cuda else world
+    slug = f"{gpu_slug(env.get('gpu', 'cpu'))}x{gpus}"
     out_dir = args.out or Path(__file__).parent / "results" / slug
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "e2e_cp.json"
     old = json.loads(path.read_text())["records"] if path.exists() else []
-    keep = [r for r in old if (r["model"], r["layers"], r["size"]) != (MODELS[args.model], args.layers, args.size)]
-    all_records = keep + records
+    run_key = (MODELS[args.model], args.cp, args.layers, args.size)
+    all_records = with_scaling([r for r in old if (r["model"], r["cp"], r["layers"], r["size"]) != run_key] + records)
     path.write_text(json.dumps({"environment": env, "records": all_records}, indent=1))
     columns = [
-        "model", "cp", "variant", "ms_per_step", "speedup_vs_inductor", "compile_s", "sparse_sites",
+        "model", "cp", "variant", "ms_per_step", "speedup_vs_inductor", "scaling", "compile_s", "sparse_sites",
         "dense_sites", "rel_err",
     ]  # fmt: skip
     table = markdown_table(all_records, columns)
     reasons = sorted({reason for r in all_records for reason in r["dense_reasons"]})
     markdown = (
-        f"# End to end under context parallelism (Ulysses degree {args.cp})\n\nenv: {env}\n\n"
+        f"# End to end under context parallelism (diffusers Ulysses; cp = GPUs)\n\nenv: {env}\n\n"
         f"{args.layers} blocks per stack, {args.steps} Euler steps (first 10% dense), {dtype}; ms_per_step: "
         f"median over steps, max over ranks. rel_err: final latent vs inductor on the same ranks. "
-        f"Compare with `{gpu_slug(env.get('gpu', 'cpu'))}x1/e2e_cp.md` for the scaling.\n\n{table}\n\n"
+        f"scaling: ms per step at cp 1 / at this cp (same model, variant, layers).\n\n{table}\n\n"
         "Dense-site reasons:\n\n" + "".join(f"- {r}\n" for r in reasons)
     )
     (out_dir / "e2e_cp.md").write_text(markdown)

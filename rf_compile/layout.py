@@ -4,6 +4,10 @@ Every supported video DiT flattens its latent video frame-major after the patch 
 token ``f * height * width + h * width + w``. Text tokens may come before the video
 (``prefix``, CogVideoX) or after it (``suffix``, HunyuanVideo). A ``VideoLayout`` says how many
 of each there are; it knows nothing about heads, batches or patterns.
+
+Under Ulysses context parallelism over per-rank [text, video, text] shards (HunyuanVideo's plan),
+the gathered sequence is that layout cut into ``shards`` equal rank chunks laid end to end, each
+holding its share of every part: ``placed`` maps the canonical order onto the order the tokens lie in.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ class VideoLayout:
         Size of the latent video grid in tokens (after patching).
     prefix, suffix:
         Number of non-video (text) tokens before and after the video tokens.
+    shards:
+        Rank chunks the sequence lies in (1: as described). With ``shards = R`` the tokens lie as R
+        chunks, chunk ``r`` = [r-th R-th of the prefix, of the video (frame-major), of the suffix]:
+        the order Ulysses attention gathers per-rank [video shard, text shard] sequences in.
     """
 
     frames: int
@@ -32,6 +40,7 @@ class VideoLayout:
     width: int
     prefix: int = 0
     suffix: int = 0
+    shards: int = 1
 
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width"):
@@ -42,6 +51,13 @@ class VideoLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"layout {name} must be a non-negative int, got {value!r}")
+        R = self.shards
+        if not isinstance(R, int) or isinstance(R, bool) or R < 1:
+            raise ValueError(f"layout shards must be a positive int, got {R!r}")
+        if any(part % R for part in (self.prefix, self.video_tokens, self.suffix)):
+            raise ValueError(
+                f"layout {self.describe()}: prefix, video tokens and suffix must each split into {R} equal shards"
+            )
 
     @classmethod
     def from_value(cls, value: VideoLayout | Mapping[str, Any] | tuple | list) -> VideoLayout:
@@ -53,7 +69,7 @@ class VideoLayout:
             if unknown:
                 raise ValueError(
                     f"layout has unknown keys {sorted(unknown)}; accepted keys: "
-                    "frames, height, width, prefix, suffix"
+                    "frames, height, width, prefix, suffix, shards"
                 )
             missing = {"frames", "height", "width"} - set(value)
             if missing:
@@ -99,7 +115,30 @@ class VideoLayout:
             text.append(f"+{self.prefix} text first")
         if self.suffix:
             text.append(f"+{self.suffix} text last")
+        if self.shards > 1:
+            text.append(f"in {self.shards} interleaved rank shards")
         return " ".join([f"{self.frames}x{self.height}x{self.width}", *text])
+
+    def placed(self, canonical: torch.Tensor) -> torch.Tensor:
+        """Where tokens of the canonical order (prefix, video, suffix) lie in the sequence: same shape.
+
+        The identity unless ``shards > 1``; then canonical token ``c`` of a part (prefix, video or
+        suffix) of ``n`` tokens at offset ``c'`` in it lies in rank chunk ``c' // (n / R)``, after
+        that chunk's shares of the parts before it.
+        """
+        if self.shards == 1:
+            return canonical
+        R, c = self.shards, canonical.long()
+        starts = (0, self.prefix, self.prefix + self.video_tokens)
+        out = torch.empty_like(c)
+        local_start = 0
+        for start, size in zip(starts, (self.prefix, self.video_tokens, self.suffix), strict=True):
+            inside = (c >= start) & (c < start + size)
+            share = max(size // R, 1)
+            offset = c - start
+            out = torch.where(inside, offset // share * (self.seq_len // R) + local_start + offset % share, out)
+            local_start += size // R
+        return out.to(canonical.dtype)
 
     # -- token orders ------------------------------------------------------------------------
 

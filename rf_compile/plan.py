@@ -16,6 +16,11 @@ Each variant runs as block-sparse attention over a token *order*:
 Spatial heads use the identity order, temporal heads the spatial-major order (their band
 becomes a diagonal band too), textural heads a key order with the checkerboard video tokens
 packed after the prefix text and the dropped ones at the end (beyond ``kv_valid``).
+
+A layout in rank shards (``VideoLayout.shards > 1``, Ulysses over per-rank [video, text] shards)
+gets the same orders mapped through ``VideoLayout.placed``: the kernel's loads and stores already
+go through the orders, so the permutation costs nothing. Order 0 stays the identity (the kernel
+reads identity heads in place) and no variant uses it.
 """
 
 from __future__ import annotations
@@ -187,6 +192,9 @@ def _build_plan_table(
             order_id, kv_valid = textural_ids[variant.stride]
             rows.append((0, order_id, -1, kv_valid))
 
+    if layout.shards > 1:  # the orders as the tokens lie; a spare identity keeps order 0 the identity
+        orders = [orders[0], *(layout.placed(order) for order in orders)]
+        rows = [(q + 1, kv + 1, band, valid) for q, kv, band, valid in rows]
     q_order, kv_order, band, kv_valid = (torch.tensor(col, dtype=torch.int32, device=device) for col in zip(*rows))
     any_blocks, full_blocks = _block_masks(layout, band, kv_valid, block_m, block_n)
     kv_num_blocks, kv_indices = listed_blocks(any_blocks)

@@ -8,7 +8,12 @@ from rf_compile.ops import arm
 from rf_compile.reference import arm as reference_arm
 from rf_compile.reference.synthetic import planted_qk
 
-LAYOUTS = [VideoLayout(4, 5, 7, prefix=6), VideoLayout(3, 6, 6, suffix=9), VideoLayout(5, 4, 5, prefix=2, suffix=3)]
+LAYOUTS = [
+    VideoLayout(4, 5, 7, prefix=6),
+    VideoLayout(3, 6, 6, suffix=9),
+    VideoLayout(5, 4, 5, prefix=2, suffix=3),
+    VideoLayout(4, 4, 6, suffix=8, shards=2),  # Ulysses over per-rank [video, text] shards
+]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)

@@ -1,5 +1,7 @@
 """The op and the functional layer against F.scaled_dot_product_attention."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,24 @@ def test_sparse_output_equals_sdpa_with_the_chosen_pattern_as_additive_mask(layo
             bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
             expected = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], attn_mask=bias, scale=0.2)
             torch.testing.assert_close(out[b, h], expected, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+def test_rank_shards_compute_the_canonical_sequence_in_their_order(mode):
+    """A layout in rank shards holds the unsharded layout's tokens laid [prefix_0, video_0, suffix_0, prefix_1, ...]:
+    its output is the unsharded output in that order, key padding included."""
+    layout = VideoLayout(4, 16, 16, prefix=4, suffix=6, shards=2)  # 9 kernel blocks: v2 plans are sparse
+    canonical = dataclasses.replace(layout, shards=1)
+    parts = torch.arange(canonical.seq_len).split([4, 1024, 6])
+    where = torch.cat([part.chunk(2)[r] for r in range(2) for part in parts])  # the token at each position
+    q, k, v = qkv(canonical)
+    mask = torch.zeros(2, 1, 1, canonical.seq_len)
+    mask[0, ..., -3:] = float("-inf")
+    config = RainFusionConfig(mode=mode)
+    expected = sparse_attention(q, k, v, canonical, config=config, attn_mask=mask)
+    out = sparse_attention(*(t[:, :, where] for t in (q, k, v)), layout, config=config, attn_mask=mask[..., where])
+    torch.testing.assert_close(out, expected[:, :, where], atol=1e-6, rtol=1e-6)
+    assert (expected - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() > 1e-3  # not dense
 
 
 def test_reference_honours_boolean_key_padding_mask_and_float_masks():

@@ -34,6 +34,7 @@ LAYOUTS = {
     "both": VideoLayout(3, 8, 8, prefix=11, suffix=9),  # N = 212
     "none_even": VideoLayout(4, 8, 8),  # N = 256, no tail
     "none_tail": VideoLayout(3, 7, 9),  # N = 189 (Wan-like)
+    "shards": VideoLayout(4, 6, 10, suffix=16, shards=2),  # N = 256, Ulysses over per-rank [video, text] shards
 }
 
 # Absolute floor per dtype on top of the 2x rule (outputs are O(1)).
@@ -243,6 +244,7 @@ GPU_LAYOUTS = {
     "cogvideox_small": VideoLayout(7, 20, 30, prefix=226),  # N = 4426, ragged
     "hunyuan_small": VideoLayout(8, 16, 24, suffix=256),  # N = 3328
     "wan_small": VideoLayout(5, 20, 26),  # N = 2600
+    "hunyuan_shards": VideoLayout(8, 16, 24, suffix=256, shards=2),  # N = 3328 in 2 Ulysses rank shards
 }
 
 
@@ -280,7 +282,9 @@ def test_gpu_v2_plans(loads):
 @pytest.mark.gpu
 @pytest.mark.parametrize("loads", ["gather", "tma"])
 @pytest.mark.parametrize("loop", ["split", "masked"])
-@pytest.mark.parametrize("layout_name,D", [("cogvideox_small", 64), ("hunyuan_small", 128), ("wan_small", 128)])
+@pytest.mark.parametrize(
+    "layout_name,D", [("cogvideox_small", 64), ("hunyuan_small", 128), ("wan_small", 128), ("hunyuan_shards", 128)]
+)
 def test_gpu_bf16_against_dense_sdpa(layout_name, D, loads, loop):
     """Real tile sizes (128x128) in bf16: three-way check, and equal to dense SDPA with the same
     mask given as an additive -inf mask."""

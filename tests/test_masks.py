@@ -17,15 +17,18 @@ LAYOUTS = [
     VideoLayout(2, 5, 4, prefix=3, suffix=4),
     VideoLayout(5, 4, 7),
     VideoLayout(1, 6, 5, prefix=2),
+    VideoLayout(4, 3, 3, suffix=6, shards=2),  # Ulysses over per-rank [video, text] shards
+    VideoLayout(4, 2, 3, prefix=3, suffix=6, shards=3),
 ]
 
 
 def token_coords(layout):
-    """(is_text, frame, h, w) per token, written out one token at a time."""
-    coords = [(True, None, None, None)] * layout.prefix
-    for f, h, w in itertools.product(range(layout.frames), range(layout.height), range(layout.width)):
-        coords.append((False, f, h, w))
-    return coords + [(True, None, None, None)] * layout.suffix
+    """(is_text, frame, h, w) per token, written out one token at a time; rank chunk after rank chunk."""
+    grid = itertools.product(range(layout.frames), range(layout.height), range(layout.width))
+    video = [(False, f, h, w) for f, h, w in grid]
+    parts = [[(True, None, None, None)] * layout.prefix, video, [(True, None, None, None)] * layout.suffix]
+    R = layout.shards
+    return [token for r in range(R) for part in parts for token in part[r * len(part) // R : (r + 1) * len(part) // R]]
 
 
 def brute_force(layout, kind, bandwidth=0.25, stride=2):

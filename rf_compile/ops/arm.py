@@ -65,11 +65,21 @@ def arm_recalls(
     halfwidths = [band_halfwidth(layout, b) for b in bandwidths]
     # Local sample: frame 0. In spatial-major order its tokens sit F apart.
     local = slice(P, P + layout.frame_tokens)
-    recall_t = _sampled_recall(q[..., local, :], k[..., local, :], F, halfwidths, scale, enabled)
+    recall_t = _sampled_recall(_tokens(q, layout, local), _tokens(k, layout, local), F, halfwidths, scale, enabled)
     # Global sample: every omega-th video token, omega apart in frame-major order.
     global_ = slice(P, P + layout.video_tokens, omega)
-    recall_s = _sampled_recall(q[..., global_, :], k[..., global_, :], omega, halfwidths, scale, enabled)
+    recall_s = _sampled_recall(
+        _tokens(q, layout, global_), _tokens(k, layout, global_), omega, halfwidths, scale, enabled
+    )
     return recall_t, recall_s
+
+
+def _tokens(x: torch.Tensor, layout: VideoLayout, canonical: slice) -> torch.Tensor:
+    """``x[..., canonical, :]`` in the canonical token order: a view, or a gather for rank shards."""
+    if layout.shards == 1:
+        return x[..., canonical, :]
+    index = layout.placed(torch.arange(canonical.start, canonical.stop, canonical.step or 1, device=x.device))
+    return x.index_select(-2, index)
 
 
 def choose_variants(recall_temporal: torch.Tensor, recall_spatial: torch.Tensor, threshold: float) -> torch.Tensor:

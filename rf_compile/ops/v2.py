@@ -40,7 +40,9 @@ def sink_frame_count(layout: VideoLayout, config: RainFusionConfig) -> int:
 
 @functools.lru_cache(maxsize=32)
 def tile_order(layout: VideoLayout, tile: tuple[int, int, int], sink_frames: int, device: str = "cpu") -> torch.Tensor:
-    """Permutation (``order[p]`` = original index of position ``p``) putting blocks on 3-D tiles."""
+    """Permutation (``order[p]`` = original index of position ``p``) putting blocks on 3-D tiles.
+
+    Indices are where the tokens lie (``VideoLayout.placed``: rank shards of a Ulysses sequence)."""
     F, H, W, P = layout.frames, layout.height, layout.width, layout.prefix
     grid = torch.arange(layout.video_tokens).view(F, H, W) + P
     tile_t, tile_h, tile_w = tile
@@ -57,7 +59,7 @@ def tile_order(layout: VideoLayout, tile: tuple[int, int, int], sink_frames: int
         leftover[:, : nh * th, : nw * tw] = False
         pieces.append(slab[leftover])
     pieces.append(torch.arange(P + layout.video_tokens, layout.seq_len))
-    return torch.cat(pieces).to(device)
+    return layout.placed(torch.cat(pieces)).to(device)
 
 
 def pooling_matrix(

@@ -13,6 +13,7 @@ import re
 
 import torch
 
+from rf_compile.layout import VideoLayout
 from rf_compile.ops.attention import is_key_padding_mask
 from rf_compile.passes.context import PassContext, Site
 from rf_compile.passes.masks import outer_product_factors
@@ -45,7 +46,7 @@ def find_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         if reason is None:
             reason = _mask_reason(site)
         if not reason and distributed:
-            reason = _sequence_shard_reason(gm, node)
+            reason = _sequence_shard_reason(gm, node, ctx.config.layout)
         if reason:
             site.make_dense(reason)
         ctx.sites.append(site)
@@ -64,12 +65,12 @@ def has_collectives(gm: torch.fx.GraphModule) -> bool:
     )
 
 
-def _sequence_shard_reason(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+def _sequence_shard_reason(gm: torch.fx.GraphModule, node: torch.fx.Node, option: VideoLayout | None) -> str | None:
     """Context parallelism: a site over a shard of the sequence (ring attention) stays dense, layout option or not."""
     from rf_compile.passes.infer_layout import sequence_shard_reason
 
     try:
-        return sequence_shard_reason(gm, node)
+        return sequence_shard_reason(gm, node, option)
     except Exception as error:  # the check is advisory; inference reports its own failure later
         log.debug("rainfusion: shard check of %s failed: %s", node.name, error)
         return None

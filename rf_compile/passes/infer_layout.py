@@ -34,7 +34,7 @@ import torch.fx
 from rf_compile.layout import VideoLayout
 from rf_compile.passes.dim_rules import propagate_dims
 from rf_compile.passes.nodes import SDPA_TARGETS, example, sdpa_arguments
-from rf_compile.passes.sequence_shards import shard_reason
+from rf_compile.passes.sequence_shards import shard_layout
 from rf_compile.passes.spans import Conflict, TensorDims, dim_at, merge_dims
 from rf_compile.passes.symbols import _BINDINGS, bound, shape_of
 
@@ -138,9 +138,9 @@ def _infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> Vi
     facts = graph_dims(gm, holding=(query, key))
     spans = merge_dims(dim_at(facts.dims[query], -2), dim_at(facts.dims[key], -2))
     spans = spans or ((seq, None),)
-    reason = shard_reason(spans, seq)
-    if reason:
-        return reason
+    sharded = shard_layout(spans, seq)
+    if sharded is not None:
+        return sharded if isinstance(sharded, str) else _mostly_video(sharded, sdpa_node)
     conflicts = [info for _, info in spans if isinstance(info, Conflict)]
     if conflicts:
         return f"ambiguous: {conflicts[0].what} both fit the {seq} tokens of the query; {LAYOUT_HINT}"
@@ -173,31 +173,47 @@ def _infer_site_layout(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> Vi
             f"sequence length {seq} does not match video grid {frames}x{height}x{width}="
             f"{layout.video_tokens} plus {prefix + suffix} text"
         )
-    if 2 * layout.video_tokens <= seq:
-        # Every video DiT's sequence is mostly video; a small grid (a downsampled history clip) among many
-        # other tokens means the video's own grid was not followed here: do not guess.
+    return _mostly_video(layout, sdpa_node)
+
+
+def _mostly_video(layout: VideoLayout, sdpa_node: torch.fx.Node) -> VideoLayout | str:
+    """``layout``, unless its grid holds at most half of the tokens.
+
+    Every video DiT's sequence is mostly video; a small grid (a downsampled history clip) among many
+    other tokens means the video's own grid was not followed here: do not guess.
+    """
+    if 2 * layout.video_tokens <= layout.seq_len:
         return (
-            f"the only video grid found, {frames}x{height}x{width}, holds {layout.video_tokens} of the {seq} tokens "
-            f"(not most of them), so it is not taken as the video; {LAYOUT_HINT}"
+            f"the only video grid found, {layout.frames}x{layout.height}x{layout.width}, holds {layout.video_tokens} "
+            f"of the {layout.seq_len} tokens (not most of them), so it is not taken as the video; {LAYOUT_HINT}"
         )
     log.debug("site %s: layout %s", sdpa_node.name, layout.describe())
     return layout
 
 
-def sequence_shard_reason(gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node) -> str | None:
+def sequence_shard_reason(
+    gm: torch.fx.GraphModule, sdpa_node: torch.fx.Node, option: VideoLayout | None = None
+) -> str | None:
     """Why ``sdpa_node`` attends over a shard of a sequence (None if it does not, or cannot tell).
 
     For graphs with collectives (context parallelism): such a site must stay dense even when a
-    ``layout`` option was given, because its tokens are not the layout's sequence.
+    ``layout`` option was given, because its tokens are not the layout's sequence; so must a site
+    whose tokens lie in rank shards that the ``option`` does not give.
     """
     query, key = _qk(sdpa_node)
     if query is None or key is None or shape_of(query) is None or shape_of(key) is None:
         return None
     facts = graph_dims(gm, holding=(query, key))
     for node in (query, key):
-        reason = shard_reason(dim_at(facts.dims[node], -2) or (), shape_of(node)[-2])
-        if reason:
-            return reason
+        found = shard_layout(dim_at(facts.dims[node], -2) or (), shape_of(node)[-2])
+        if isinstance(found, str):
+            return found
+        if found is not None and option is not None and option.shards != found.shards:
+            return (
+                f"the sequence lies in {found.shards} interleaved rank shards (Ulysses over per-rank [video, text] "
+                f"shards) but the layout option has shards={option.shards}: give shards={found.shards} in the "
+                "option, or leave the layout to inference"
+            )
     return None
 
 

@@ -59,6 +59,13 @@ def op_name(node: Any) -> str:
     return getattr(node.target, "__name__", "").split(".")[0]  # aten/c10d overloads: "name.default"
 
 
+def is_impure(node: torch.fx.Node) -> bool:
+    """FX's impurity, plus in-place ops (``t.copy_(x)``): FX keeps an unused in-place ``call_method``
+    only if told, and dropping one loses the mutation (an ``all_gather`` into preallocated tensors)."""
+    name = op_name(node)
+    return node.is_impure() or (name.endswith("_") and not name.endswith("__"))
+
+
 def permutation(node: torch.fx.Node, ndim: int) -> list[int] | None:
     """For each output dimension of a permute / transpose / movedim node, its input dimension.
 

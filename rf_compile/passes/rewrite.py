@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 from rf_compile.ops.attention import attention, output_like  # noqa: F401  (registers the op)
 from rf_compile.ops.runtime import register_site
 from rf_compile.passes.context import PassContext, Site
-from rf_compile.passes.nodes import example
+from rf_compile.passes.nodes import example, is_impure
 from rf_compile.passes.symbols import symbol_readers
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def rewrite_sites(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         counters["rainfusion"]["sparse_sites"] += 1
         changed = True
     if changed:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
         gm.graph.lint()
         gm.recompile()
     log.debug("rainfusion: rewrote %d of %d sites", sum(s.report.status == "sparse" for s in ctx.sites), len(ctx.sites))

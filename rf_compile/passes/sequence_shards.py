@@ -2,9 +2,10 @@
 
 Under Ulysses attention each rank holds an equal chunk of the sequence (a ``Piece`` of the whole
 dimension); an all-to-all swaps it for all tokens of some heads (dimension 0 of the exchanged
-tensor becomes ``Ranks``), and flattening (ranks, tokens) gives the whole sequence back. Ring
-attention (a shard attended alone) and interleaved [video, text] shards are no ``VideoLayout``:
-``shard_reason`` says so for a person.
+tensor becomes ``Ranks``), and flattening (ranks, tokens) gives the whole sequence back. When each
+rank holds a joint [video shard, text shard] sequence (HunyuanVideo's plan), the gathered sequence
+is ``Interleaved``: a ``VideoLayout`` in rank shards (``shard_layout``). Ring attention (a shard
+attended alone) has no ``VideoLayout``: ``shard_layout`` says why for a person.
 """
 
 from __future__ import annotations
@@ -14,29 +15,60 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
+from rf_compile.layout import VideoLayout
 from rf_compile.passes.nodes import ALL_TO_ALL_OPS, VIEW_OPS, WAIT_OPS, op_name
-from rf_compile.passes.spans import Dim, Piece, Ranks, Sharded, Span, TensorDims, whole
+from rf_compile.passes.spans import Dim, Interleaved, Piece, Ranks, Span, TensorDims, whole
 from rf_compile.passes.symbols import shape_of
 
 SHARD_HINT = "RainFusion needs the whole sequence of a head on one rank (Ulysses: ulysses_degree > 1, ring_degree 1)"
+# Measured by benchmarks/ring_skip.py (results/cpu/ring_skip.md): Wan2.1 480p, HunyuanVideo 720p, CogVideoX-5B.
+RING_DECISION = (
+    "a sparse ring is not built: with v1's mix of heads no ring step can be skipped at cp 2, 4 or 8 on Wan2.1, "
+    "HunyuanVideo or CogVideoX (temporal and textural heads need every K/V shard), and a skipped step would hold "
+    "only blocks that Ulysses + RainFusion already skips (benchmarks/ring_skip.py)"
+)
 
 
-def shard_reason(spans: Sequence[Span], seq: int) -> str | None:
-    """Why a sequence made of shards cannot have a VideoLayout (None if it holds no shard)."""
+def shard_layout(spans: Sequence[Span], seq: int) -> VideoLayout | str | None:
+    """The layout of a sequence made of rank shards, or why it has none; None if it holds no shard."""
     for _, info in spans:
         if isinstance(info, Piece):
             return (
                 f"sequence-sharded attention: the {seq} query tokens are 1 of {info.parts} chunks of the sequence "
-                f"(context-parallel ring attention, or a shard not gathered by an all-to-all); {SHARD_HINT}"
+                f"(context-parallel ring attention, or a shard not gathered by an all-to-all); {SHARD_HINT}; "
+                f"{RING_DECISION}"
             )
-        if isinstance(info, (Sharded, Ranks)):
-            what = info.what if isinstance(info, Sharded) else "an all-to-all's rank dimension"
-            return (
-                f"sequence shards that no VideoLayout describes ({what}); the Ulysses all-to-all keeps each rank's "
-                "token order, so shard a joint video+text sequence such that the gathered order is text, video, text "
-                "(not the video of one rank, its text, the next rank's video...), or keep it dense"
-            )
+        if isinstance(info, Interleaved):
+            return interleaved_layout(info)
+        if isinstance(info, Ranks):
+            return f"sequence shards that no VideoLayout describes (an all-to-all's rank dimension); {SHARD_HINT}"
     return None
+
+
+def interleaved_layout(info: Interleaved) -> VideoLayout | str:
+    """Ranks' [text, video shard, text] sequences, rank after rank: a VideoLayout in ``info.parts`` shards."""
+    known = [i for i, (_, span) in enumerate(info.local) if span is not None]
+    index = known[0] if len(known) == 1 else None
+    piece = info.local[index][1] if index is not None else None
+    grid = None
+    if isinstance(piece, Piece) and piece.parts == info.parts:
+        grid = whole(piece.whole, info.parts * info.local[index][0])
+    if not isinstance(grid, tuple) or len(grid) not in (2, 3):
+        what = ", ".join(f"{length} {'other' if span is None else _kind(span)} tokens" for length, span in info.local)
+        return (
+            f"sequence shards that no VideoLayout describes: after a {info.parts}-way all-to-all each rank's "
+            f"[{what}] follow each other (supported: one video shard and text per rank); {SHARD_HINT}"
+        )
+    frames, height, width = grid if len(grid) == 3 else (1, *grid)
+    lead = sum(length for length, _ in info.local[:index])
+    trail = sum(length for length, _ in info.local[index + 1 :])
+    return VideoLayout(frames, height, width, lead * info.parts, trail * info.parts, shards=info.parts)
+
+
+def _kind(info: object) -> str:
+    if isinstance(info, Piece):
+        return f"{info.parts}-way shard"
+    return "grid" if isinstance(info, tuple) else type(info).__name__
 
 
 def gather_pieces(ranks: Ranks, dim: Dim, size: int) -> Dim:
@@ -45,16 +77,7 @@ def gather_pieces(ranks: Ranks, dim: Dim, size: int) -> Dim:
     if isinstance(piece, Piece) and piece.parts == ranks.parts:
         return piece.whole
     if dim is not None and any(isinstance(info, Piece) for _, info in dim):
-        what = ", ".join(f"{info.parts}-way shard" if isinstance(info, Piece) else "other tokens" for _, info in dim)
-        return (
-            (
-                ranks.parts * size,
-                Sharded(
-                    f"each rank's {size} tokens are [{what}]: after the all-to-all the "
-                    f"shards of {ranks.parts} ranks are interleaved"
-                ),
-            ),
-        )
+        return ((ranks.parts * size, Interleaved(dim, ranks.parts)),)
     return None
 
 

@@ -4,7 +4,7 @@ A dimension is read as consecutive spans ``(length, info)``. ``info`` says what 
 span are: ``None`` (not a flattened grid: text, or unknown), a ``Grid`` (the factors of a flattened
 frames x height x width or height x width grid, outermost first, sizes of 1 dropped), a ``Conflict``
 (two different grids claim the same tokens) or, under context parallelism, a ``Piece`` / ``Ranks``
-/ ``Sharded`` (``sequence_shards``). This module only combines spans (cut, join, merge two views of
+/ ``Interleaved`` (``sequence_shards``). This module only combines spans (cut, join, merge two views of
 one dimension); which op does what to them is ``dim_rules``.
 """
 
@@ -42,13 +42,16 @@ class Ranks:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sharded:
-    """Tokens of sequence shards that no VideoLayout describes (interleaved, or a shard alone)."""
+class Interleaved:
+    """A whole dimension made of ``parts`` ranks' sequences, rank after rank, each rank's spans being
+    ``local`` (Ulysses over per-rank [video shard, text shard] sequences); ``sequence_shards`` reads
+    it as a ``VideoLayout`` in rank shards."""
 
-    what: str
+    local: tuple[Span, ...]
+    parts: int
 
 
-SpanInfo = Grid | Conflict | Piece | Ranks | Sharded | None
+SpanInfo = Grid | Conflict | Piece | Ranks | Interleaved | None
 Span = tuple[int, SpanInfo]
 # A dimension: None (one span of unknown tokens) or spans covering it in order.
 Dim = tuple[Span, ...] | None
@@ -134,7 +137,9 @@ def _describe(info: SpanInfo) -> str:
         return "grid " + "x".join(map(str, info))
     if isinstance(info, Piece):
         return f"a {info.parts}-way sequence shard"
-    return "sequence shards" if isinstance(info, Sharded) else "an all-to-all rank dimension"
+    if isinstance(info, Interleaved):
+        return f"{info.parts} interleaved rank shards"
+    return "an all-to-all rank dimension"
 
 
 def refines(fine: tuple[int, ...], coarse: tuple[int, ...]) -> bool:

@@ -16,9 +16,11 @@ from rf_compile.reference import masks
 def sample_indices(layout: VideoLayout, sample_stride: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token indices of the local sample (first frame) and the global sample (every omega-th video token)."""
     omega = sample_stride or layout.frames
-    local = layout.prefix + torch.arange(layout.frame_tokens)
-    global_ = layout.prefix + torch.arange(0, layout.video_tokens, omega)
-    return local, global_
+    c = masks.token_coords(layout)
+    number = (c["frame"] * layout.height + c["h"]) * layout.width + c["w"]  # frame-major video number
+    where = torch.empty(layout.video_tokens, dtype=torch.long)
+    where[number[c["video"]]] = torch.nonzero(c["video"]).flatten()  # video number -> token index
+    return where[: layout.frame_tokens], where[::omega]
 
 
 def masked_recall(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:

@@ -47,9 +47,18 @@ def band_tokens(layout: VideoLayout, bandwidth: float) -> int:
 
 
 def token_coords(layout: VideoLayout, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Per token (int64 [N]): ``video`` (bool), ``frame``, ``h``, ``w`` (-1 for text tokens)."""
-    index = torch.arange(layout.frames * layout.height * layout.width + layout.prefix + layout.suffix, device=device)
-    v = index - layout.prefix
+    """Per token (int64 [N]): ``video`` (bool), ``frame``, ``h``, ``w`` (-1 for text tokens).
+
+    Tokens in ``layout.shards`` rank chunks: chunk ``r`` holds the r-th shares of the prefix, the
+    video and the suffix, in that order; video token ``i`` of chunk ``r`` is number ``r * V / R + i``.
+    """
+    N = layout.frames * layout.height * layout.width + layout.prefix + layout.suffix
+    R = layout.shards
+    index = torch.arange(N, device=device)
+    rank, local = index // (N // R), index % (N // R)
+    v = local - layout.prefix // R
+    in_share = (v >= 0) & (v < layout.frames * layout.height * layout.width // R)
+    v = torch.where(in_share, rank * (layout.frames * layout.height * layout.width // R) + v, -1)
     video = (v >= 0) & (v < layout.frames * layout.height * layout.width)
     per_frame = layout.height * layout.width
     frame = torch.where(video, v // per_frame, -1)
