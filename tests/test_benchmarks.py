@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -44,3 +45,65 @@ def test_e2e_tiny_run_writes_its_records(tmp_path):
 def test_gpu_benchmarks_parse_their_arguments(script):
     result = run(script, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_plan_stats_counts_masked_blocks_against_the_plan(tmp_path):
+    """Recounted from the plan's element mask: the kernel visits exactly the blocks that hold a kept
+    score, and takes the masked loop for at least every partial block (it may be conservative, never
+    the other way: an unmasked partial block would attend to keys outside the plan)."""
+    result = run("plan_stats.py", "--models", "CogVideoX-5B", "--patterns", "mix", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    (record,) = json.loads((tmp_path / "plan_stats.json").read_text())["records"]
+    assert record["model"] == "CogVideoX-5B" and 0 < record["masked_share"] < 1
+
+    sys.path.insert(0, str(BENCHMARKS.parent))
+    from benchmarks.attention import pattern_plan
+    from benchmarks.plan_stats import pattern_stats
+    from rf_compile.layout import VideoLayout
+    from rf_compile.plan import element_mask
+
+    layout, heads = VideoLayout(3, 16, 20, prefix=30), 2  # N = 990: ragged last blocks
+    stats = pattern_stats("small", "spatial", masked_cost=2.0, shape=(heads, 64, layout))
+    table, _ = pattern_plan("spatial", layout, heads, device="cpu")
+    N, bm, bn = layout.seq_len, table.block_m, table.block_n
+    mask = torch.nn.functional.pad(element_mask(table, 0), (0, (-N) % bn, 0, (-N) % bm)).int()
+    kept = mask.view(-(-N // bm), bm, -(-N // bn), bn).sum((1, 3))
+    rows = torch.clamp(N - torch.arange(0, N, bm), max=bm)  # real query rows per block: padding needs no mask
+    partial = int(((kept > 0) & (kept < rows[:, None] * bn)).sum()) * heads  # the ragged last key block too
+    assert stats["visited_blocks"] == int((kept > 0).sum()) * heads
+    masked = round(stats["masked_share"] * stats["visited_blocks"])
+    assert partial <= masked < stats["visited_blocks"]
+    assert stats["free_mask_saving"] == pytest.approx(1 - stats["visited_blocks"] / (stats["visited_blocks"] + masked))
+
+
+@pytest.mark.gpu
+def test_kernel_configs_times_every_kept_configuration_under_both_loops(tmp_path):
+    result = run("kernel_configs.py", "--shapes", "CogVideoX-5B", "--patterns", "density0.3", "--rep-ms", "5",
+                 "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads((tmp_path / "kernel_configs.json").read_text())["records"]
+    assert {r["loop"] for r in records} == {"split", "masked"} and len({r["config"] for r in records}) >= 2
+    timed = [r for r in records if r["ms"] == r["ms"]]
+    assert timed and all(0 < r["efficiency"] < 1.5 for r in timed)
+
+
+def test_ring_skip_never_skips_a_ring_step_a_head_needs():
+    """Against the plan's element mask, token by token: with block-aligned shards a spatial head needs
+    exactly the (query shard, key shard) pairs the block count says; permuted heads need no more."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from ring_skip import needed_pairs
+
+    from rf_compile.config import RainFusionConfig
+    from rf_compile.layout import VideoLayout
+    from rf_compile.plan import build_plan_table, element_mask, variants_for
+
+    layout, cp = VideoLayout(4, 16, 16), 4  # N = 1024: shards of 256 tokens, two 128-blocks each
+    variants = variants_for(RainFusionConfig(bandwidth=0.1))
+    table = build_plan_table(layout, variants)
+    for p, variant in enumerate(variants):
+        mask = element_mask(table, p).view(cp, 256, cp, 256)
+        by_tokens = mask.any(3).any(1)
+        by_blocks = needed_pairs(table, p, cp)
+        assert (by_blocks | ~by_tokens).all(), variant  # a needed step is never skipped
+        if variant.pattern.name == "SPATIAL":
+            assert torch.equal(by_blocks, by_tokens) and not by_tokens.all()  # the band skips far shards
