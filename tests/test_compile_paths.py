@@ -80,6 +80,33 @@ def test_one_compile_serves_three_resolutions_sparse(dynamic):
             torch.testing.assert_close(out, _out(static(*args, **kwargs)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["cogvideox", "cogvideox1.5", "hunyuanvideo", "ltx", "mochi"])
+def test_every_preset_stays_sparse_through_resolution_changes(name):
+    """The default ``dynamic=None`` path on the other presets: the second resolution turns the graph
+    symbolic; every site is sparse at every resolution with that resolution's layout, exactly."""
+    # Mochi's text length comes from torch.nonzero: one graph needs the flag its preset notes name.
+    flags = {"capture_dynamic_output_shape_ops": True} if name == "mochi" else {}
+    model = build_preset(name).model
+    grids = [(2 * f, h, w) for f, h, w in GRIDS] if name == "cogvideox1.5" else GRIDS  # it patches frame pairs
+    calls = [_inputs(name, latent) for latent in grids]
+    torch._dynamo.reset()
+    rf_compile.reset()
+    compiled = torch.compile(model, backend="rainfusion", options=OPTIONS)
+    with torch.no_grad(), torch._dynamo.config.patch(**flags):
+        outputs = [_out(compiled(*args, **kwargs)) for args, kwargs, _ in calls]
+    sites = {site: entry for site, entry in rf_compile.stats(model).items() if entry.get("calls")}
+    assert sites
+    for site, entry in sites.items():
+        assert set(entry["by_layout"]) == {layout.describe() for _, _, layout in calls}, site
+        assert all(e["sparse_calls"] == 1 and e["dense_calls"] == 0 for e in entry["by_layout"].values()), site
+        assert entry["dense_shapes"] == {}, site
+    for (args, kwargs, _), out in zip(calls, outputs, strict=True):
+        torch._dynamo.reset()
+        static = torch.compile(model, backend="rainfusion", options=OPTIONS, dynamic=False)
+        with torch.no_grad(), torch._dynamo.config.patch(**flags):
+            torch.testing.assert_close(out, _out(static(*args, **kwargs)), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["wan", "hunyuanvideo", "ltx"])
 def test_regional_compilation_is_sparse_with_the_whole_model_layout(name):
     preset = build_preset(name, batch=2)
