@@ -7,6 +7,7 @@ missing. Every floor is computed here from real outputs, never stored.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -130,7 +131,8 @@ def test_recall_of_the_arm_choice_at_a_bandwidth_float32_cannot_hold():
     recalls = oracle.exact_recalls(q, k, layout, oracle.variants_of(config))  # spatial, temporal, textural
     column = {oracle.SPATIAL: 0, oracle.TEMPORAL: 1, oracle.TEXTURAL: 2}
     index = torch.tensor([column[int(p)] for p in pattern.flatten()]).view_as(pattern)
-    assert torch.equal(oracle.recall_of(recalls, config, pattern, bandwidth), recalls.gather(-1, index[..., None])[..., 0])
+    chosen = oracle.recall_of(recalls, config, pattern, bandwidth)
+    assert torch.equal(chosen, recalls.gather(-1, index[..., None])[..., 0])
 
 
 # -- trained checkpoints ---------------------------------------------------------------------------
@@ -191,3 +193,22 @@ def test_arm_finds_structure_in_trained_weights_but_not_in_random_ones(name):
     assert random >= 0.9, f"{name}: random weights gave {1 - random:.0%} non-textural heads"
     assert trained < 1.0, f"{name}: the ARM picked textural for every head of the trained model"
     assert trained < random
+
+
+@pytest.mark.slow
+def test_evaluate_tiny_run_writes_one_record_per_setting(tmp_path):
+    """The evaluation script end to end on the shipped checkpoints (CPU smoke size): the record fields
+    the quality tables are built from."""
+    import subprocess
+
+    command = [sys.executable, str(FIDELITY / "evaluate.py"), "--tiny", "--models", "wan", "--models-dir",
+               str(MODELS_DIR), "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=FIDELITY, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads((tmp_path / "fidelity.json").read_text())["records"]
+    assert [(r["mode"], r["setting"]) for r in records] == [
+        ("dense", "dense other-noise"), ("v1", "v1"), ("random-mask", "random-mask")]
+    v1 = records[1]
+    assert v1["model"] == "wan" and all(math.isfinite(v1[key]) for key in ("psnr_db", "ssim", "loss_increase"))
+    assert 0 < v1["sparsity"] < 1 and 0 <= v1["arm_agreement"] <= 1
+    assert (tmp_path / "pareto.png").stat().st_size > 0

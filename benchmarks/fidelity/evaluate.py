@@ -17,8 +17,10 @@ noise seeds) and ``random-mask`` (attention restricted to a random mask at v1's 
         --sweep-modes v1 --out /tmp/sweep                                                   # tune defaults
     python benchmarks/fidelity/evaluate.py --tiny --models-dir /tmp/fidelity --out /tmp/eval  # CPU smoke
 
-Writes ``fidelity.json`` (one record per model and mode), ``fidelity.md``, ``pareto.png`` (PSNR vs
-achieved attention sparsity) and ``strip_<model>.png`` (dense vs sparse frames) into ``--out``.
+Writes ``fidelity.json`` (one record per model and setting: ``mode`` is ``v1``, ``v1+``, ``v2``,
+``dense`` or ``random-mask``, ``setting`` the row's label such as ``v2 s=0.8 warmup=0``, ``options``
+its options), ``fidelity.md``, ``pareto.png`` (PSNR vs achieved attention sparsity) and
+``strip_<model>.png`` (dense vs sparse frames) into ``--out``.
 """
 
 from __future__ import annotations
@@ -239,8 +241,9 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
     settings = dict(steps=args.steps, batch=args.batch, layout=layout.describe(), loss_batches=args.loss_batches)
     base = dict(model=name, **settings)
     records = [
-        dict(base, mode="dense other-noise", options={}, sparsity=0.0, psnr_db=psnr(other, dense).mean().item(),
-             ssim=ssim(other, dense).mean().item(), loss_increase=0.0, loss=loss_dense),
+        dict(base, mode="dense", setting="dense other-noise", options={}, sparsity=0.0,
+             psnr_db=psnr(other, dense).mean().item(), ssim=ssim(other, dense).mean().item(), loss_increase=0.0,
+             loss=loss_dense),
     ]  # fmt: skip
     samples = {"dense": dense}
     skipped = []
@@ -267,7 +270,8 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
                 got = rf_compile.sparse_attention(q, k, v, layout, config=config)
                 cosines.append(round(F.cosine_similarity(got.float().flatten(), ref.float().flatten(), 0).item(), 5))
         record = dict(
-            base, mode=label, options=opts, sparsity=sparsity, sparse_call_sparsity=sparse_call_sparsity,
+            base, mode=opts.get("mode", "v1"), setting=label, options=opts, sparsity=sparsity,
+            sparse_call_sparsity=sparse_call_sparsity,
             psnr_db=psnr(out, dense).mean().item(), ssim=ssim(out, dense).mean().item(), loss=loss,
             loss_increase=(loss - loss_dense) / loss_dense, layer_cosine=cosines, pattern_share=shares,
             seconds_compile_and_sample=round(sample_s, 2),
@@ -281,7 +285,7 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
               f"ARM/oracle {record.get('arm_agreement', float('nan')):.3f} ({sample_s:.1f}s)", flush=True)  # fmt: skip
 
     # Reference row: a random mask at the density v1 reached on its sparse calls.
-    v1 = next((r for r in records if r.get("mode") == "v1"), None)
+    v1 = next((r for r in records if r["setting"] == "v1"), None)
     if v1 is not None and v1["sparse_call_sparsity"] == v1["sparse_call_sparsity"]:
         config = RainFusionConfig(num_steps=args.steps)
         density = 1 - v1["sparse_call_sparsity"]
@@ -289,7 +293,8 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
         hook = random_mask_hook(density, layout, lambda: state["step"], config)
         with models.CaptureAttention(hook):
             out = models.sample(model, name, noise, text, args.steps, on_step=lambda i, t: state.update(step=i))
-        records.append(dict(base, mode="random-mask", options={"density": density}, sparsity=v1["sparsity"],
+        records.append(dict(base, mode="random-mask", setting="random-mask", options={"density": density},
+                            sparsity=v1["sparsity"],
                             psnr_db=psnr(out, dense).mean().item(), ssim=ssim(out, dense).mean().item(),
                             loss_increase=float("nan")))  # fmt: skip
         samples["random-mask"] = out
@@ -309,13 +314,14 @@ def plot_pareto(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         for r in records:
-            if r["model"] != name or not math.isfinite(r["psnr_db"]) or r["mode"] == "dense other-noise":
+            if r["model"] != name or not math.isfinite(r["psnr_db"]) or r["mode"] == "dense":
                 continue
-            family = r["mode"].split()[0]
+            family = r["mode"]
             marker = {"v1": "o", "v1+": "s", "v2": "^", "random-mask": "x"}.get(family, "D")
             ax.scatter(r["sparsity"], r["psnr_db"], marker=marker, s=30)
-            ax.annotate(r["mode"], (r["sparsity"], r["psnr_db"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ref = [r["psnr_db"] for r in records if r["model"] == name and r["mode"] == "dense other-noise"]
+            ax.annotate(r["setting"], (r["sparsity"], r["psnr_db"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+        ref = [r["psnr_db"] for r in records if r["model"] == name and r["mode"] == "dense"]
         if ref:
             ax.axhline(ref[0], color="grey", ls=":", lw=1, label="dense vs dense, other noise")
             ax.legend(fontsize=7)
@@ -379,7 +385,7 @@ def main() -> None:
         skipped += skip
     env.update(settings=settings, modes=table, skipped=skipped, seconds=round(time.time() - start, 1))
     (args.out / "fidelity.json").write_text(json.dumps({"environment": env, "records": records}, indent=1))
-    columns = ["model", "mode", "sparsity", "psnr_db", "ssim", "loss_increase", "arm_agreement",
+    columns = ["model", "setting", "sparsity", "psnr_db", "ssim", "loss_increase", "arm_agreement",
                "recall_lost_where_differ"]  # fmt: skip
     md = [f"# Trained-model fidelity, sparse vs dense\n\n`{env['command']}`\n", markdown_table(records, columns)]
     if skipped:
