@@ -200,6 +200,32 @@ def test_key_subtiles():
         block_sparse._FORCED_CONFIG = None
 
 
+@pytest.mark.parametrize("layout_name", ["both", "none_tail", "shards"])
+def test_tma_loads_and_tile_stores(layout_name):
+    """The Hopper path (TMA tiles in and out, permuted heads through scratch copies) in the
+    interpreter, which emulates tensor descriptors: every variant, ragged tails, rank shards,
+    diffusers' (B, N, H, D) views, a key-padding bias and bf16."""
+    layout = LAYOUTS[layout_name]
+    P = len(V1_PLUS)
+    voh = torch.cat([torch.arange(P), torch.arange(P).flip(0)]).view(2, P)
+    bias = torch.zeros(2, layout.seq_len)
+    bias[1, -5:] = float("-inf")
+    out, (q, *_rest) = run_case(layout, V1_PLUS, voh, dtype=torch.bfloat16, bnhd=True, key_bias=bias, loads="tma")
+    assert out.stride() == q.stride()
+
+
+def test_tma_loads_of_v2_plans():
+    """v2 plans permute every head's queries (tile order): all output rows go through the scratch."""
+    from rf_compile.ops.v2 import predict_plan
+
+    layout = LAYOUTS["both"]
+    q, k, v = make_qkv(2, 2, layout.seq_len, 64, torch.float16)
+    table = predict_plan(q, k, layout, RainFusionConfig(mode="v2", sparsity=0.6, tile=(2, 4, 4)), block=32)
+    voh = torch.arange(4, dtype=torch.int32, device=DEVICE).view(2, 2)
+    out = block_sparse_attention(q, k, v, table, voh, loads="tma")
+    assert_close_three_way(out, q, k, v, head_masks(table, voh))
+
+
 def test_bnhd_views_keep_layout():
     """diffusers passes (B, H, N, D) views of (B, N, H, D) tensors; the output keeps that layout."""
     out, (q, *_rest) = run_case(LAYOUTS["none_tail"], V1, torch.tensor([[2, 1, 0]]), bnhd=True)

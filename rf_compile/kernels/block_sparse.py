@@ -14,10 +14,14 @@ Two ways of reading permuted rows (``loads=``):
 
 - ``"gather"``: the permutation is fused into the loads (row index = ``orders[o, pos]``, pointer
   loads). Works everywhere, including the Triton interpreter.
-- ``"tma"`` (Hopper+, CUDA only): a small copy kernel first writes the rows of the heads whose
-  order is not the identity into scratch tensors in their permuted order; the attention kernel
-  then reads plain tiles through TMA tensor descriptors (identity heads read ``q``/``k``/``v``
-  in place), optionally warp-specialised.
+- ``"tma"`` (Hopper+; also Triton's interpreter, which emulates descriptors, for CPU tests): a small
+  copy kernel first writes the rows of the heads whose order is not the identity into scratch
+  tensors in their permuted order; the attention kernel then reads plain tiles through TMA tensor
+  descriptors (identity heads read ``q``/``k``/``v`` in place), optionally warp-specialised, and
+  stores output tiles the same way: identity heads into ``out``, the others into a scratch whose
+  rows the copy kernel puts back. A row-gathered pointer store of a 128 x 128 tile costs 128
+  64-bit addresses per thread: with it the kernel spilled (Triton 3.6, sm_90: 296 B of stack at 8
+  warps, 1136 B warp-specialised), with the tile store it does not at 8 warps (NOTES.md).
 
 Not here: the ARM, plan building, dense fallbacks and the custom op (``rf_compile.ops``).
 """
@@ -32,7 +36,7 @@ import triton.language as tl
 
 from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable
 
-__all__ = ["block_sparse_attention", "plan_extras"]
+__all__ = ["block_sparse_attention", "gpu_configs", "plan_extras"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -42,6 +46,11 @@ def _has_tma() -> bool:
     if _INTERPRET or not torch.cuda.is_available() or not hasattr(tl, "make_tensor_descriptor"):
         return False
     return torch.cuda.get_device_capability()[0] >= 9 and hasattr(triton, "set_allocator")
+
+
+def _tma_runs() -> bool:
+    """Where ``loads="tma"`` can run: Hopper, or the interpreter (it emulates tensor descriptors)."""
+    return _has_tma() or (_INTERPRET and hasattr(tl, "make_tensor_descriptor"))
 
 
 def _supports_warp_specialize() -> bool:
@@ -63,16 +72,21 @@ def _supports_warp_specialize() -> bool:
 # specialisation are tuned. Measured on H100 (benchmarks/results/nvidia-h100-80gb-hbm3/NOTES.md).
 
 
-def _configs() -> list[triton.Config]:
-    if _INTERPRET or not torch.cuda.is_available():
-        return [triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": 1}, num_warps=4, num_stages=1)]
+def gpu_configs(warp_specialize: bool) -> list[triton.Config]:
+    """The GPU launch configurations (before pruning); ``warp_specialize`` adds the specialised ones."""
     # (warps, stages, key sub-tiles per plan block). H100 run 2 chose w4/s3 + warp specialisation at
     # d=64 and w8/s3 at d=128; SPLIT_N=2 never won (benchmarks/results/nvidia-h100-80gb-hbm3/NOTES.md).
     plain = [(4, 2, 1), (4, 3, 1), (8, 2, 1), (8, 3, 1), (8, 3, 2)]
     configs = [triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": n}, num_warps=w, num_stages=s) for w, s, n in plain]
-    if _supports_warp_specialize():  # Triton 3.6: warp specialisation only takes with 4 warps
+    if warp_specialize:  # Triton 3.6: warp specialisation only takes with 4 warps
         configs += [triton.Config({"WARP_SPECIALIZE": True, "SPLIT_N": 1}, num_warps=4, num_stages=s) for s in (2, 3)]
     return configs
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET or not torch.cuda.is_available():
+        return [triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": 1}, num_warps=4, num_stages=1)]
+    return gpu_configs(_supports_warp_specialize())
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -105,9 +119,10 @@ def _permute_rows_kernel(
     X, XP, Orders, WhichOrder, VariantOfHead,
     stride_xb, stride_xh, stride_xm,
     H, N,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, INVERSE: tl.constexpr,
 ):
-    """XP[b, h, pos] = X[b, h, orders[o, pos]] for heads whose order o is not the identity."""
+    """XP[b, h, pos] = X[b, h, orders[o, pos]] for heads whose order o is not the identity;
+    ``INVERSE``: X[b, h, orders[o, pos]] = XP[b, h, pos] (output rows back to their positions)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -119,8 +134,12 @@ def _permute_rows_kernel(
     rows = tl.load(Orders + order.to(tl.int64) * N + pos, mask=live, other=0).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     base = b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-    x = tl.load(X + base + rows[:, None] * stride_xm + d[None, :], mask=live[:, None])
-    tl.store(XP + base + pos.to(tl.int64)[:, None] * stride_xm + d[None, :], x, mask=live[:, None])
+    original = X + base + rows[:, None] * stride_xm + d[None, :]
+    permuted = XP + base + pos.to(tl.int64)[:, None] * stride_xm + d[None, :]
+    if INVERSE:
+        tl.store(original, tl.load(permuted, mask=live[:, None]), mask=live[:, None])
+    else:
+        tl.store(permuted, tl.load(original, mask=live[:, None]), mask=live[:, None])
 
 
 @triton.jit
@@ -218,7 +237,7 @@ def _attend_blocks(
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, QP, KP, VP, Out, Bias,
+    Q, K, V, QP, KP, VP, Out, OP, Bias,
     Orders, QOrder, KVOrder, Band, KVValid,
     KVNum, KVNumMasked, KVIdx, VariantOfHead,
     stride_qb, stride_qh, stride_qm,
@@ -305,8 +324,15 @@ def _block_sparse_fwd_kernel(
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key (all-masked padding) gives 0
     out = acc / l_i[:, None]
     o_head = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_head + q_rows[:, None] * stride_om + d[None, :], out.to(Out.dtype.element_ty),
-             mask=(q_pos < N)[:, None])
+    if USE_TMA:  # one tile store: identity heads into Out, permuted ones into OP (the launcher puts rows back)
+        if q_order != 0:
+            o_head = OP + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        o_desc = tl.make_tensor_descriptor(o_head, shape=[N, HEAD_DIM], strides=[stride_om, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        o_desc.store([m * BLOCK_M, 0], out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_head + q_rows[:, None] * stride_om + d[None, :], out.to(Out.dtype.element_ty),
+                 mask=(q_pos < N)[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +381,7 @@ _ALLOCATOR_SET = False
 def _ensure_tma_allocator() -> None:
     """Device-side tensor descriptors need a global scratch allocator (Triton >= 3.4)."""
     global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
+    if not _ALLOCATOR_SET and not _INTERPRET:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
         _ALLOCATOR_SET = True
 
@@ -403,8 +429,9 @@ def block_sparse_attention(
         Optional float [B, N] additive key bias in the original token order (0 / -inf from a
         key-padding mask), added to the scores of every block.
     loads:
-        ``"gather"`` (permutation fused into pointer loads), ``"tma"`` (copy the permuted heads
-        once, then TMA tile loads; Hopper only) or ``"auto"`` (the measured faster one available).
+        ``"gather"`` (permutation fused into pointer loads and stores), ``"tma"`` (copy the permuted
+        heads once, then TMA tile loads and stores; Hopper, or the interpreter) or ``"auto"`` (TMA
+        on Hopper, else gather).
     loop:
         ``"split"`` (default): the blocks that need the element mask first, then the whole ones
         without it (the loop that can be warp-specialised comes last). ``"masked"``: the element
@@ -450,10 +477,10 @@ def block_sparse_attention(
     # Unit stride along D lets every row load be vectorised; copy only if a caller breaks it.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     use_tma = loads == "tma" or (loads == "auto" and _has_tma())
-    if use_tma and not (_has_tma() and _tma_ok(q, k, v)):
+    if use_tma and not (_tma_runs() and _tma_ok(q, k, v, *(() if out is None else (out,)))):
         if loads == "tma":
-            raise ValueError("loads='tma' needs a Hopper GPU, Triton with tensor descriptors and 16-byte "
-                             "aligned q/k/v rows")
+            raise ValueError("loads='tma' needs a Hopper GPU (or Triton's interpreter), Triton with tensor "
+                             "descriptors and 16-byte aligned q/k/v/out rows")
         use_tma = False
 
     extras = plan_extras(table)
@@ -473,19 +500,19 @@ def block_sparse_attention(
     else:
         bias, stride_biasb = extras["band"], 0  # never read
 
+    copy_block = 64
+    copy_grid = (triton.cdiv(N, copy_block), B * H)
     if use_tma:
         _ensure_tma_allocator()
-        qp, kp, vp = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        block = 64
-        grid = (triton.cdiv(N, block), B * H)
+        # Scratch with the strides of its source: the kernel addresses both with one set of strides.
+        qp, kp, vp, op = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                          for t in (q, k, v, out))  # fmt: skip
         for x, xp, which in ((q, qp, extras["q_order"]), (k, kp, extras["kv_order"]), (v, vp, extras["kv_order"])):
-            _permute_rows_kernel[grid](x, xp, extras["orders"], which, voh,
-                                       x.stride(0), x.stride(1), x.stride(2), H, N,
-                                       HEAD_DIM=D, BLOCK=block, num_warps=4)
-        if qp.stride() != q.stride() or kp.stride() != k.stride() or vp.stride() != v.stride():
-            raise AssertionError("scratch copies must share q/k/v strides")
+            _permute_rows_kernel[copy_grid](x, xp, extras["orders"], which, voh,
+                                            x.stride(0), x.stride(1), x.stride(2), H, N,
+                                            HEAD_DIM=D, BLOCK=copy_block, INVERSE=False, num_warps=4)
     else:
-        qp, kp, vp = q, k, v
+        qp, kp, vp, op = q, k, v, out
 
     P, Mq, Mk = table.kv_indices.shape
     grid = (Mq, B * H)
@@ -494,7 +521,7 @@ def block_sparse_attention(
         kernel = _block_sparse_fwd_kernel.fn
         meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps, num_stages=_FORCED_CONFIG.num_stages)
     kernel[grid](
-        q, k, v, qp, kp, vp, out, bias,
+        q, k, v, qp, kp, vp, out, op, bias,
         extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
         extras["kv_num_blocks"], extras["num_masked"], extras["kv_indices"], voh,
         q.stride(0), q.stride(1), q.stride(2),
@@ -510,4 +537,8 @@ def block_sparse_attention(
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         **meta,
     )
+    if use_tma:  # rows of the permuted-query heads back to their positions
+        _permute_rows_kernel[copy_grid](out, op, extras["orders"], extras["q_order"], voh,
+                                        out.stride(0), out.stride(1), out.stride(2), H, N,
+                                        HEAD_DIM=D, BLOCK=copy_block, INVERSE=True, num_warps=4)
     return out
