@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.utils import (  # noqa: E402
+    config_name,
     do_bench,
     do_bench_graph,
     environment,
@@ -269,7 +270,7 @@ def _best_config(kernel) -> str:
     cfg = getattr(kernel, "best_config", None)
     if cfg is None:
         return "none"
-    return f"w{cfg.num_warps}/s{cfg.num_stages}/ws{int(cfg.kwargs.get('WARP_SPECIALIZE', False))}"
+    return config_name(cfg)
 
 
 def summarize(records: list[dict]) -> str:

@@ -24,13 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.attention import PATTERNS, SHAPES, pattern_plan  # noqa: E402
 from benchmarks.plan_stats import pattern_stats  # noqa: E402
-from benchmarks.utils import do_bench, environment, gpu_slug, markdown_table, write_results  # noqa: E402
+from benchmarks.utils import config_name, do_bench, environment, gpu_slug, markdown_table, write_results  # noqa: E402
 from rf_compile.kernels import block_sparse  # noqa: E402
-
-
-def config_name(config) -> str:
-    return (f"w{config.num_warps}/s{config.num_stages}/ws{int(config.kwargs['WARP_SPECIALIZE'])}"
-            f"/n{config.kwargs['SPLIT_N']}")  # fmt: skip
 
 
 def bench_pattern(model: str, pattern: str, rep_ms: float) -> list[dict]:

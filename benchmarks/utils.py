@@ -37,6 +37,12 @@ def do_bench_graph(fn, rep_ms: float = 100) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
+def config_name(config) -> str:
+    """A block-sparse kernel launch configuration as warps / stages / warp specialisation / key sub-tiles."""
+    return (f"w{config.num_warps}/s{config.num_stages}/ws{int(config.kwargs['WARP_SPECIALIZE'])}"
+            f"/n{config.kwargs['SPLIT_N']}")  # fmt: skip
+
+
 def environment() -> dict[str, object]:
     """GPU name, versions and the exact command, for every result file."""
     import triton

@@ -1,6 +1,7 @@
 """The benchmark scripts still run (CPU smoke runs; their GPU numbers come from the device)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,15 @@ def test_ring_skip_never_skips_a_ring_step_a_head_needs():
         assert (by_blocks | ~by_tokens).all(), variant  # a needed step is never skipped
         if variant.pattern.name == "SPATIAL":
             assert torch.equal(by_blocks, by_tokens) and not by_tokens.all()  # the band skips far shards
+
+
+def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
+    """Triton compiles the kernel for sm_90 here and cuobjdump reads its registers and stack."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for the kernels
+    command = [sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "64", "--loops", "split",
+               "--max-configs", "1", "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=BENCHMARKS, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (record,) = json.loads((tmp_path / "kernel_resources.json").read_text())["records"]
+    assert record["head_dim"] == 64 and 0 < record["registers"] <= 255 and record["stack_bytes"] >= 0
+    assert 0 < record["shared_bytes"] <= 232448

@@ -1,0 +1,106 @@
+"""Registers and spills of the block-sparse kernel per launch configuration, compiled for sm_90 on any machine.
+
+Triton compiles for a target without a GPU (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``) and
+ships ``cuobjdump``, which reads the cubin's resource usage: registers per thread and the stack
+frame, where spilled registers go (``STACK`` > 0: spills, or local arrays). This checks, before a
+device run is spent, whether a kernel change removes spills: the question the H200 runs raised
+(``benchmarks/results/nvidia-h200/NOTES.md``). Each configuration the autotuner may keep for TMA
+loads, under both loop shapes (``split``: masked blocks first, then the unmasked loop;
+``masked``: one loop). The Triton version matters: the device runs the one in the environment.
+
+    python benchmarks/kernel_resources.py --out benchmarks/results/cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.utils import config_name, environment, markdown_table, write_results  # noqa: E402
+from rf_compile.kernels import block_sparse  # noqa: E402
+
+TENSORS = {"Q", "K", "V", "QP", "KP", "VP", "Out", "OP"}  # bf16 tensors; the other capitalised arguments are int32
+SCALARS = {"H", "N"}
+
+
+def signature(fn, constants: dict) -> dict[str, str]:
+    """Triton types of the kernel's arguments (bf16 attention, int32 plans, fp32 bias and scale)."""
+    def kind(name: str) -> str:
+        if name in constants:
+            return "constexpr"
+        if name in TENSORS:
+            return "*bf16"
+        if name == "Bias":
+            return "*fp32"
+        if name[0].isupper() and name not in SCALARS:
+            return "*i32"
+        return "fp32" if name == "qk_scale" else "i32"
+
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget) -> dict:
+    """Compile one configuration and read its resource usage from the cubin."""
+    fn = block_sparse._block_sparse_fwd_kernel.fn
+    constants = dict(N_BUCKET=65536, HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=128, USE_TMA=True,
+                     MASK_ALL=loop == "masked", HAS_BIAS=False, EVEN_N=True, UPCAST=False, **config.kwargs)  # fmt: skip
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, constants), constexprs=constants), target=target,
+                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        Path(cubin).write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    return {
+        "head_dim": head_dim, "loop": loop,
+        "config": config_name(config),
+        "registers": int(regs), "stack_bytes": int(stack), "shared_bytes": kernel.metadata.shared,
+        "warp_specialized": "warp_specialize" in kernel.asm["ttgir"],
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 64], choices=[64, 128])
+    parser.add_argument("--loops", nargs="+", default=["split", "masked"], choices=["split", "masked"])
+    parser.add_argument("--max-configs", type=int, default=None, help="only the first N kept configurations")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
+    parser.add_argument("--stem", default="kernel_resources")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernel_resources.py compiles for sm_90: unset TRITON_INTERPRET")
+    target = GPUTarget("cuda", 90, 32)
+    records = []
+    for head_dim in args.head_dims:
+        kept = block_sparse._prune_configs(block_sparse.gpu_configs(warp_specialize=True),
+                                           {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True})  # fmt: skip
+        for config in kept[: args.max_configs]:
+            for loop in args.loops:
+                records.append(resources(config, head_dim, loop, target))
+                print(records[-1], flush=True)
+    env = environment()
+    columns = ["head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes", "warp_specialized"]
+    markdown = (
+        f"# Block-sparse kernel resources for sm_90 (compiled offline, triton {triton.__version__})\n\n"
+        f"Command: `{env['command']}`\n\nTMA loads and stores, 128 x 128 blocks, bf16; `stack_bytes` > 0: "
+        "registers spilled to local memory; Hopper allows 232,448 shared bytes a block.\n\n"
+        f"{markdown_table(records, columns)}\n"
+    )
+    write_results(args.out, args.stem, env, records, markdown)
+
+
+if __name__ == "__main__":
+    main()
