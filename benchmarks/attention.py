@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -152,7 +153,8 @@ FLEX_OPTIONS = {
 }
 # (loads, loop) forms of ours. Runs 1-2 (NOTES.md) measured the loop forms since removed from the
 # kernel: a run-time branch per block 15-50% and the unmasked loop first 0-22% slower than "split".
-VARIANTS = [("tma", "split"), ("tma", "masked"), ("gather", "split")]
+# "two_pass" puts the unmasked blocks in a launch of their own, the one Triton warp-specialises.
+VARIANTS = [("tma", "two_pass"), ("tma", "split"), ("tma", "masked"), ("gather", "split")]
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def bench_shape(model, heads, D, layout, args, records, log):
                 first_s = time.time() - t0
                 err = rel_err(out[:, :, rows], ref)
                 t = do_bench(fn, rep_ms=args.rep_ms)
-                cfg = _best_config(block_sparse._block_sparse_fwd_kernel)
+                cfg = _tuned_configs(block_sparse._block_sparse_fwd_kernel, D, N)
                 records.append(dict(common, method="rainfusion", variant=name, rel_err=err, config=cfg,
                                     first_call_s=first_s, efficiency=best_dense * density / t["ms"], **t))
                 log(f"{model} {pattern} d={density:.3f} rainfusion {name}: {t['ms']:.3f} ms "
@@ -266,11 +268,14 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
             f"kernel {kernel['ms']:.3f}) {best_dense / t['ms']:.2f}x dense, err {err:.1e}")
 
 
-def _best_config(kernel) -> str:
-    cfg = getattr(kernel, "best_config", None)
-    if cfg is None:
-        return "none"
-    return config_name(cfg)
+def _tuned_configs(kernel, head_dim: int, seq_len: int) -> str:
+    """The autotuner's choice for each kernel pass (``LOOP``) tuned at this head dim and length,
+    e.g. ``"2:w4/s2/ws1/n1 3:w8/s3/ws0/n1"`` after loop="two_pass". Keys follow the kernel's
+    autotune key: HEAD_DIM, BLOCK_M, BLOCK_N, N_BUCKET, USE_TMA, LOOP, then argument dtypes."""
+    bucket = triton.next_power_of_2(seq_len)
+    chosen = {key[5]: config for key, config in getattr(kernel, "cache", {}).items()
+              if key[0] == head_dim and key[3] == bucket}  # fmt: skip
+    return " ".join(f"{loop}:{config_name(config)}" for loop, config in sorted(chosen.items())) or "none"
 
 
 def summarize(records: list[dict]) -> str:

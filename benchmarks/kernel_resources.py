@@ -5,8 +5,9 @@ ships ``cuobjdump``, which reads the cubin's resource usage: registers per threa
 frame, where spilled registers go (``STACK`` > 0: spills, or local arrays). This checks, before a
 device run is spent, whether a kernel change removes spills: the question the H200 runs raised
 (``benchmarks/results/nvidia-h200/NOTES.md``). Each configuration the autotuner may keep for TMA
-loads, under both loop shapes (``split``: masked blocks first, then the unmasked loop;
-``masked``: one loop). The Triton version matters: the device runs the one in the environment.
+loads, under each kernel pass (``split``: masked blocks first, then the unmasked loop;
+``masked``: one loop; ``unmasked`` and ``fixup``: the two launches of ``loop="two_pass"``). The
+Triton version matters: the device runs the one in the environment.
 
     python benchmarks/kernel_resources.py --out benchmarks/results/cpu
 """
@@ -32,6 +33,8 @@ from rf_compile.kernels import block_sparse  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "QP", "KP", "VP", "Out", "OP"}  # bf16 tensors; the other capitalised arguments are int32
 SCALARS = {"H", "N"}
+# Kernel passes by name (``block_sparse._LOOPS``): loop="two_pass" launches "unmasked" then "fixup".
+PASSES = {"split": 0, "masked": 1, "unmasked": 2, "fixup": 3}
 
 
 def signature(fn, constants: dict) -> dict[str, str]:
@@ -41,7 +44,7 @@ def signature(fn, constants: dict) -> dict[str, str]:
             return "constexpr"
         if name in TENSORS:
             return "*bf16"
-        if name == "Bias":
+        if name in ("Bias", "Lse"):
             return "*fp32"
         if name[0].isupper() and name not in SCALARS:
             return "*i32"
@@ -54,7 +57,7 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
     """Compile one configuration and read its resource usage from the cubin."""
     fn = block_sparse._block_sparse_fwd_kernel.fn
     constants = dict(N_BUCKET=65536, HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=128, USE_TMA=True,
-                     MASK_ALL=loop == "masked", HAS_BIAS=False, EVEN_N=True, UPCAST=False, **config.kwargs)  # fmt: skip
+                     LOOP=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, **config.kwargs)  # fmt: skip
     kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, constants), constexprs=constants), target=target,
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -68,14 +71,17 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
         "head_dim": head_dim, "loop": loop,
         "config": config_name(config),
         "registers": int(regs), "stack_bytes": int(stack), "shared_bytes": kernel.metadata.shared,
-        "warp_specialized": "warp_specialize" in kernel.asm["ttgir"],
+        # Specialised for real when partitions added warps: the loop's attribute stays in the TTGIR even
+        # where the pass gave up (it did for a descriptor made from an scf.if-yielded pointer).
+        "warps": kernel.metadata.num_warps, "warp_specialized": kernel.metadata.num_warps > config.num_warps,
     }  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 64], choices=[64, 128])
-    parser.add_argument("--loops", nargs="+", default=["split", "masked"], choices=["split", "masked"])
+    parser.add_argument("--loops", nargs="+", default=list(PASSES), choices=list(PASSES),
+                        help="kernel passes: split, masked, and two_pass's unmasked and fixup launches")
     parser.add_argument("--max-configs", type=int, default=None, help="only the first N kept configurations")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--stem", default="kernel_resources")
@@ -85,14 +91,15 @@ def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     records = []
     for head_dim in args.head_dims:
-        kept = block_sparse._prune_configs(block_sparse.gpu_configs(warp_specialize=True),
-                                           {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True})  # fmt: skip
-        for config in kept[: args.max_configs]:
-            for loop in args.loops:
+        for loop in args.loops:
+            kept = block_sparse._prune_configs(block_sparse.gpu_configs(warp_specialize=True),
+                                               {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True,
+                                                "LOOP": PASSES[loop]})  # fmt: skip
+            for config in kept[: args.max_configs]:
                 records.append(resources(config, head_dim, loop, target))
                 print(records[-1], flush=True)
     env = environment()
-    columns = ["head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes", "warp_specialized"]
+    columns = ["head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes", "warps", "warp_specialized"]
     markdown = (
         f"# Block-sparse kernel resources for sm_90 (compiled offline, triton {triton.__version__})\n\n"
         f"Command: `{env['command']}`\n\nTMA loads and stores, 128 x 128 blocks, bf16; `stack_bytes` > 0: "
