@@ -384,3 +384,34 @@ def test_gpu_full_size_rows_against_reference():
     rel = (out[0, :, rows].double() - ref).norm() / ref.norm()
     assert rel < 1e-2, f"relative error {rel:.2e}"
     assert any(v.pattern == Pattern.TEXTURAL for v in V1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["textural", "spatial", "mix"])
+def test_gpu_two_pass_equals_split_at_full_size(pattern):
+    """Wan2.1-1.3B's 480p layout (N=32760, d=128): loop="two_pass" (its first launch warp-specialised
+    on Hopper) equals the one-launch "split". On failure, the error per kind of query block says
+    which launch is wrong: blocks with no masked key block (first launch only), with no unmasked
+    one (second only), or with both."""
+    from rf_compile.kernels.block_sparse import plan_extras
+
+    layout = VideoLayout(21, 30, 52)
+    table = build_plan_table(layout, V1, "cuda")
+    H = 5
+    ids = {"textural": [2] * H, "spatial": [0] * H, "mix": [0, 1, 0, 1, 2]}[pattern]
+    voh = torch.tensor([ids], dtype=torch.int32, device="cuda")
+    q, k, v = make_qkv(1, H, layout.seq_len, 128, torch.bfloat16, device="cuda", bnhd=True)
+    split = block_sparse_attention(q, k, v, table, voh, loop="split").float()
+    two = block_sparse_attention(q, k, v, table, voh, loop="two_pass").float()
+    extras = plan_extras(table)
+    Mq = table.kv_num_blocks.shape[1]
+    masked = extras["num_masked"][voh[0].long()]  # [H, Mq]
+    unmasked = table.kv_num_blocks[voh[0].long()] - masked
+    err = (two - split).abs()[0]  # [H, N, D]
+    pad = Mq * table.block_m - layout.seq_len
+    per_block = F.pad(err.amax(-1), (0, pad)).view(H, Mq, table.block_m).amax(-1)
+    kinds = {"no masked": masked == 0, "no unmasked": unmasked == 0, "both": (masked > 0) & (unmasked > 0)}
+    report = {name: f"{int(sel.sum())} blocks, max err {float(per_block[sel].max()) if sel.any() else 0:.2e}"
+              for name, sel in kinds.items()}  # fmt: skip
+    rel = float((two - split).norm() / split.norm())
+    assert rel < 4e-3, f"two_pass vs split: relative error {rel:.2e}; per kind of query block: {report}"

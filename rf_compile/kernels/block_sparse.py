@@ -104,9 +104,9 @@ def _prune_configs(configs, named_args, **kwargs):
         and not (args.get("HEAD_DIM") == 128 and c.num_warps == 4 and not c.kwargs.get("WARP_SPECIALIZE"))
         and not (args.get("HEAD_DIM") == 64 and c.num_warps == 8 and c.num_stages == 2)
         and args.get("BLOCK_N", 128) % (16 * c.kwargs.get("SPLIT_N", 1)) == 0
-        # Only the unmasked pass specialises: the other passes' masked loop crashes Triton 3.6's
-        # warp specialisation (NVGPUWarpSpecialization) or spills at 4 warps (NOTES.md entry 4).
-        and not (c.kwargs.get("WARP_SPECIALIZE") and args.get("LOOP") != 2)
+        # Only the unmasked pass specialises, and only without a key bias: a masked loop, or the
+        # bias gathered in the loop, crashes Triton 3.6's specialisation passes (NOTES.md entries 4-5).
+        and not (c.kwargs.get("WARP_SPECIALIZE") and (args.get("LOOP") != 2 or args.get("HAS_BIAS")))
     ]
     return kept or configs[:1]
 
@@ -196,8 +196,10 @@ def _attend_blocks(
     ``MASKED`` applies the element mask (partial blocks, the ragged last block); without it the
     blocks are taken whole. ``qk_scale`` is in log2 units.
     """
-    for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
-        kb = tl.load(idx_row + t)
+    # Counted from 0: on the H200, Triton 3.6's specialised loop gave wrong results when it started
+    # at the run-time ``lo`` (NOTES.md entry 5).
+    for t in tl.range(0, hi - lo, warp_specialize=WARP_SPECIALIZE):
+        kb = tl.load(idx_row + lo + t)
         for s in tl.static_range(SPLIT_N):
             k, v, k_pos, bias = _load_kv(K_desc, V_desc, K_head, V_head, Orders, kv_order, Bias_row,
                                          kb * SPLIT_N + s, N, stride_km, stride_vm,
@@ -256,7 +258,7 @@ def _out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N,
     return o_head, o_desc
 
 
-@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP"],
+@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": _prune_configs},
                  restore_value=["Out", "OP"])  # the fix-up pass (LOOP 3) adds to the tiles it reads
 @triton.jit
@@ -329,7 +331,6 @@ def _block_sparse_fwd_kernel(
         q = tl.load(q_head + q_rows[:, None] * stride_qm + d[None, :], mask=(q_pos < N)[:, None], other=0.0)
 
     qk_scale = qk_scale * 1.44269504  # log2(e)
-    lse_row = Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos
 
     if LOOP == 3:
         # -- resume from pass 2: its normalised tile and log-sum-exp are the state (acc, l=1, m=lse) --
@@ -340,36 +341,38 @@ def _block_sparse_fwd_kernel(
         else:
             acc = tl.load(o_head + q_rows[:, None] * stride_om + d[None, :], mask=(q_pos < N)[:, None],
                           other=0.0).to(tl.float32)
-        m_i = tl.load(lse_row)
+        m_i = tl.load(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
     else:
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # -- key blocks: the plan row lists the masked ones first (launcher), then the unmasked ones --
+    # -- key blocks: the plan row lists the unmasked ones first (launcher), then the masked ones --
+    num_unmasked = num_blocks - num_masked
     if LOOP == 1:  # explicit option (loop="masked"): element mask on every block
         acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
                                        idx_row, 0, num_blocks, q_pos, N, prefix, video_end, band, kv_valid, qk_scale,
                                        stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS,
-                                       EVEN_N, UPCAST, WARP_SPECIALIZE)
+                                       EVEN_N, UPCAST, False)
     else:
         if LOOP != 2:
             acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
-                                           bias_row, idx_row, 0, num_masked, q_pos, N, prefix, video_end, band,
-                                           kv_valid, qk_scale, stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N, True,
-                                           USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False)
-        if LOOP != 3:
-            # Last, so that nothing but the epilogue follows the loop that may be warp-specialised (Triton 3.6
-            # only specialised such a loop). The ragged last key block is always masked, so EVEN_N holds here.
-            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
-                                           bias_row, idx_row, num_masked, num_blocks, q_pos, N, prefix, video_end,
+                                           bias_row, idx_row, num_unmasked, num_blocks, q_pos, N, prefix, video_end,
                                            band, kv_valid, qk_scale, stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N,
-                                           False, USE_TMA, HAS_BIAS, True, UPCAST, WARP_SPECIALIZE)
+                                           True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False)
+        if LOOP != 3:
+            # Last, so that nothing but the epilogue follows the loop that may be warp-specialised (pass 2 only:
+            # the pruner keeps WARP_SPECIALIZE off elsewhere). It starts at block 0, like Triton's own kernels.
+            # The ragged last key block is always masked, so EVEN_N holds here.
+            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
+                                           bias_row, idx_row, 0, num_unmasked, q_pos, N, prefix, video_end, band,
+                                           kv_valid, qk_scale, stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N, False,
+                                           USE_TMA, HAS_BIAS, True, UPCAST, WARP_SPECIALIZE)
 
     # -- epilogue: normalise, store rows at their original positions --
     if LOOP == 2:  # base-2 log-sum-exp of the rows for pass 3 (-inf where no key was seen)
-        tl.store(lse_row, m_i + tl.math.log2(l_i))
+        tl.store(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos, m_i + tl.math.log2(l_i))
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key (all-masked padding) gives 0
     out = acc / l_i[:, None]
     # Made here, not before the loop, so that the specialised loop carries no output state.
@@ -389,8 +392,9 @@ def _block_sparse_fwd_kernel(
 def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     """Per-table tensors the kernel needs beyond the plan, computed once and cached on the table.
 
-    ``kv_indices``: the plan's key blocks with the ones that need the element mask first (order
-    does not matter to the softmax), ``num_masked``: how many of those there are. A block needs
+    ``kv_indices``: the plan's key blocks with the ones that need the element mask last (order
+    does not matter to the softmax; the unmasked loop then starts at 0, the form Triton's warp
+    specialisation handles), ``num_masked``: how many of those there are. A block needs
     the mask when it is not ``block_full`` or it is the ragged last key block (its positions past
     N must be masked even where the plan calls it full).
     """
@@ -403,8 +407,8 @@ def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     live = torch.arange(Mk, device=device) < table.kv_num_blocks[..., None]
     ragged = (table.kv_indices.long() + 1) * block_n > N
     needs_mask = live & (~table.block_full | ragged)
-    # Sort key: masked blocks 0, unmasked 1, padding 2 (stable keeps ascending order inside).
-    key = torch.where(live, (~needs_mask).to(torch.int8), torch.full_like(needs_mask, 2, dtype=torch.int8))
+    # Sort key: unmasked blocks 0, masked 1, padding 2 (stable keeps ascending order inside).
+    key = torch.where(live, needs_mask.to(torch.int8), torch.full_like(needs_mask, 2, dtype=torch.int8))
     perm = torch.sort(key, dim=-1, stable=True).indices
     cache = {
         "kv_indices": torch.gather(table.kv_indices, -1, perm).to(torch.int32).contiguous(),
@@ -485,7 +489,8 @@ def block_sparse_attention(
         Triton 3.6 warp-specialises on Hopper (the masked loop spills at 4 warps or crashes the
         specialisation pass, NOTES.md); it stores each tile and its log-sum-exp, and a second
         launch adds the masked blocks of the query blocks that have any. ``"auto"`` (default):
-        ``"two_pass"`` where warp specialisation runs (TMA loads on Hopper), else ``"split"``.
+        ``"two_pass"`` where warp specialisation runs (TMA loads on Hopper, no ``key_bias``),
+        else ``"split"``.
         ``"masked"``: the element mask on every block, trusting no ``block_full`` flag; 1.5-1.9x
         slower on H100 (NOTES.md), kept to check the flags and to measure what skipping the mask
         is worth.
@@ -535,8 +540,8 @@ def block_sparse_attention(
                              "descriptors and 16-byte aligned q/k/v/out rows")
         use_tma = False
 
-    if loop == "auto":
-        loop = "two_pass" if use_tma and _supports_warp_specialize() else "split"
+    if loop == "auto":  # two launches pay only where the first is warp-specialised
+        loop = "two_pass" if use_tma and key_bias is None and _supports_warp_specialize() else "split"
     extras = plan_extras(table)
     voh = variant_of_head.contiguous()
     if out is None:
