@@ -6,7 +6,7 @@ frame, where spilled registers go (``STACK`` > 0: spills, or local arrays). This
 device run is spent, whether a kernel change removes spills: the question the H200 runs raised
 (``benchmarks/results/nvidia-h200/NOTES.md``). Each configuration the autotuner may keep for TMA
 loads, under each kernel pass (``split``: masked blocks first, then the unmasked loop;
-``masked``: one loop; ``unmasked`` and ``fixup``: the two launches of ``loop="two_pass"``). The
+``masked``: one loop; ``two_pass_masked`` and ``two_pass_unmasked``: the launches of ``loop="two_pass"``). The
 Triton version matters: the device runs the one in the environment.
 
     python benchmarks/kernel_resources.py --out benchmarks/results/cpu
@@ -33,8 +33,8 @@ from rf_compile.kernels import block_sparse  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "QP", "KP", "VP", "Out", "OP"}  # bf16 tensors; the other capitalised arguments are int32
 SCALARS = {"H", "N"}
-# Kernel passes by name (``block_sparse._LOOPS``): loop="two_pass" launches "unmasked" then "fixup".
-PASSES = {"split": 0, "masked": 1, "unmasked": 2, "fixup": 3}
+# Kernel passes by name (``block_sparse._LOOPS``): loop="two_pass" launches its masked pass, then the unmasked.
+PASSES = {"split": 0, "masked": 1, "two_pass_unmasked": 2, "two_pass_masked": 3}
 
 
 def signature(fn, constants: dict) -> dict[str, str]:
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 64], choices=[64, 128])
     parser.add_argument("--loops", nargs="+", default=list(PASSES), choices=list(PASSES),
-                        help="kernel passes: split, masked, and two_pass's unmasked and fixup launches")
+                        help="kernel passes: split, masked, and the two launches of two_pass")
     parser.add_argument("--max-configs", type=int, default=None, help="only the first N kept configurations")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--stem", default="kernel_resources")

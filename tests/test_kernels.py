@@ -413,5 +413,15 @@ def test_gpu_two_pass_equals_split_at_full_size(pattern):
     kinds = {"no masked": masked == 0, "no unmasked": unmasked == 0, "both": (masked > 0) & (unmasked > 0)}
     report = {name: f"{int(sel.sum())} blocks, max err {float(per_block[sel].max()) if sel.any() else 0:.2e}"
               for name, sel in kinds.items()}  # fmt: skip
-    rel = float((two - split).norm() / split.norm())
-    assert rel < 4e-3, f"two_pass vs split: relative error {rel:.2e}; per kind of query block: {report}"
+    # Both against float64 rows of the paper's masks: two_pass may lose no more than bf16 rounding.
+    rows = torch.randperm(layout.seq_len, device="cuda")[:512]
+    masks = torch.stack([paper.pattern_mask(layout, var.pattern, var.bandwidth, var.stride, "cuda", rows)
+                         for var in V1])[voh[0].long()]  # fmt: skip
+    scores = torch.einsum("hnd,hmd->hnm", q[0, :, rows].double() * 128**-0.5, k[0].double())
+    ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v[0].double()
+    rel_split = float((split[0, :, rows].double() - ref).norm() / ref.norm())
+    rel_two = float((two[0, :, rows].double() - ref).norm() / ref.norm())
+    assert rel_two < 2 * rel_split + 1e-3, (
+        f"two_pass relative error {rel_two:.2e} (split {rel_split:.2e}); per kind of query block, max "
+        f"difference to split: {report}"
+    )

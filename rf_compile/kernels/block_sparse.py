@@ -260,7 +260,7 @@ def _out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N,
 
 @triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS"],
                  prune_configs_by={"early_config_prune": _prune_configs},
-                 restore_value=["Out", "OP"])  # the fix-up pass (LOOP 3) adds to the tiles it reads
+                 restore_value=["Out", "OP"])  # pass 2 of two_pass adds to the tiles it reads
 @triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, QP, KP, VP, Out, OP, Bias, Lse,
@@ -278,9 +278,11 @@ def _block_sparse_fwd_kernel(
     UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_N: tl.constexpr,
 ):
     """One (query block, batch x head) program. ``LOOP`` (see ``_LOOPS``): 0 masked then unmasked
-    blocks, 1 every block masked, 2 the unmasked blocks alone (stores the tile and its base-2
-    log-sum-exp in ``Lse``), 3 the masked blocks added to what pass 2 left (programs without
-    masked blocks return at once)."""
+    blocks, 1 every block masked; ``loop="two_pass"`` launches 3 then 2. 3: the masked blocks
+    alone, storing the normalised tile and its base-2 log-sum-exp in ``Lse`` (programs without
+    masked blocks return at once). 2: the unmasked blocks, resumed from what pass 3 stored; the
+    loop Triton warp-specialises, with nothing but ``acc / l`` after it as in Triton's own kernel
+    (on the H200 a specialised loop whose row max was read after it gave wrong sums, NOTES.md)."""
     tl.static_assert(BLOCK_N % (16 * SPLIT_N) == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
     SUB_N: tl.constexpr = BLOCK_N // SPLIT_N  # key tile: a plan block is walked in SPLIT_N sub-tiles
     m = tl.program_id(0)
@@ -298,7 +300,7 @@ def _block_sparse_fwd_kernel(
     num_blocks = tl.load(KVNum + plan_row)
     num_masked = tl.load(KVNumMasked + plan_row)
     if LOOP == 3:
-        if num_masked == 0:  # nothing to add: pass 2's tile is final
+        if num_masked == 0:  # nothing masked: pass 2 starts from an empty state
             return
     idx_row = KVIdx + plan_row * max_kv_blocks
 
@@ -332,21 +334,21 @@ def _block_sparse_fwd_kernel(
 
     qk_scale = qk_scale * 1.44269504  # log2(e)
 
-    if LOOP == 3:
-        # -- resume from pass 2: its normalised tile and log-sum-exp are the state (acc, l=1, m=lse) --
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if LOOP == 2:
+        # -- resume from pass 3 where it ran: its normalised tile and log-sum-exp are the state (acc, l=1,
+        # m=lse). Masked pointer loads, not a branch: an if before the loop turns warp specialisation off.
+        has_masked = num_masked > 0
         o_head, o_desc = _out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N, HEAD_DIM, BLOCK_M,
                                    USE_TMA)
-        if USE_TMA:
-            acc = o_desc.load([m * BLOCK_M, 0]).to(tl.float32)
-        else:
-            acc = tl.load(o_head + q_rows[:, None] * stride_om + d[None, :], mask=(q_pos < N)[:, None],
-                          other=0.0).to(tl.float32)
-        m_i = tl.load(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-    else:
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        o_rows = q_pos.to(tl.int64) if USE_TMA else q_rows  # the tile store's rows: positions, or original rows
+        acc = tl.load(o_head + o_rows[:, None] * stride_om + d[None, :], mask=(q_pos < N)[:, None] & has_masked,
+                      other=0.0).to(tl.float32)
+        m_i = tl.load(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos, mask=(q_pos < N) & has_masked,
+                      other=float("-inf"))
+        l_i += has_masked.to(tl.float32)
 
     # -- key blocks: the plan row lists the unmasked ones first (launcher), then the masked ones --
     num_unmasked = num_blocks - num_masked
@@ -371,7 +373,7 @@ def _block_sparse_fwd_kernel(
                                            USE_TMA, HAS_BIAS, True, UPCAST, WARP_SPECIALIZE)
 
     # -- epilogue: normalise, store rows at their original positions --
-    if LOOP == 2:  # base-2 log-sum-exp of the rows for pass 3 (-inf where no key was seen)
+    if LOOP == 3:  # base-2 log-sum-exp of the rows for pass 2 (-inf where no key was seen)
         tl.store(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos, m_i + tl.math.log2(l_i))
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key (all-masked padding) gives 0
     out = acc / l_i[:, None]
@@ -425,7 +427,7 @@ def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
 
 
 # loop= option -> the kernel's LOOP passes, in launch order.
-_LOOPS = {"split": (0,), "masked": (1,), "two_pass": (2, 3)}
+_LOOPS = {"split": (0,), "masked": (1,), "two_pass": (3, 2)}
 _ALLOCATOR_SET = False
 
 
@@ -575,11 +577,11 @@ def block_sparse_attention(
 
     P, Mq, Mk = table.kv_indices.shape
     grid = (Mq, B * H)
-    # Base-2 log-sum-exp per (batch x head, query position), from pass 2 to pass 3 of "two_pass".
+    # Base-2 log-sum-exp per (batch x head, query position), from pass 3 to pass 2 of "two_pass".
     lse = torch.empty(B * H, Mq * table.block_m, dtype=torch.float32, device=q.device) if loop == "two_pass" else bias
     for loop_pass in _LOOPS[loop]:
         kernel, meta = _block_sparse_fwd_kernel, {}
-        if _FORCED_CONFIG is not None and loop_pass != 3:  # the fix-up pass keeps its own tuning
+        if _FORCED_CONFIG is not None and loop_pass != 3:  # the masked pass of two_pass keeps its own tuning
             kernel = _block_sparse_fwd_kernel.fn
             meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps,
                         num_stages=_FORCED_CONFIG.num_stages)
