@@ -145,10 +145,9 @@ def test_scale_argument():
     assert (out.float() - default.float()).abs().max() > 1e-2, "scale had no effect"
 
 
-@pytest.mark.parametrize("loop", ["masked", "two_pass"])
+@pytest.mark.parametrize("loop", ["masked"])
 def test_loop_forms_agree(loop):
-    """The element mask on every block (no ``block_full`` flag trusted), and the unmasked blocks in
-    a first launch with the masked ones added by a second, give the default result."""
+    """The element mask on every block (no ``block_full`` flag trusted) gives the default result."""
     voh = torch.tensor([[0, 1, 2]])
     split, (q, k, v, table, voh) = run_case(LAYOUTS["both"], V1, voh, dtype=torch.float32)
     other = block_sparse_attention(q, k, v, table, voh, loop=loop)
@@ -201,7 +200,7 @@ def test_key_subtiles():
         block_sparse._FORCED_CONFIG = None
 
 
-@pytest.mark.parametrize("loop", ["split", "two_pass"])
+@pytest.mark.parametrize("loop", ["split", "masked"])
 @pytest.mark.parametrize("layout_name", ["both", "none_tail", "shards"])
 def test_tma_loads_and_tile_stores(layout_name, loop):
     """The Hopper path (TMA tiles in and out, permuted heads through scratch copies) in the
@@ -217,7 +216,7 @@ def test_tma_loads_and_tile_stores(layout_name, loop):
     assert out.stride() == q.stride()
 
 
-@pytest.mark.parametrize("loop", ["split", "two_pass"])
+@pytest.mark.parametrize("loop", ["split", "masked"])
 def test_tma_loads_of_v2_plans(loop):
     """v2 plans permute every head's queries (tile order): all output rows go through the scratch."""
     from rf_compile.ops.v2 import predict_plan
@@ -228,26 +227,6 @@ def test_tma_loads_of_v2_plans(loop):
     voh = torch.arange(4, dtype=torch.int32, device=DEVICE).view(2, 2)
     out = block_sparse_attention(q, k, v, table, voh, loads="tma", loop=loop)
     assert_close_three_way(out, q, k, v, head_masks(table, voh))
-
-
-def test_two_pass_covers_every_kind_of_query_block():
-    """The case split of loop="two_pass": query blocks with no masked key block (the second launch
-    returns at once), with only masked ones (the first launch leaves an empty state: lse = -inf)
-    and with both; each must equal the one-launch result."""
-    from rf_compile.kernels.block_sparse import plan_extras
-
-    kinds = set()
-    for layout_name, block in (("none_even", 32), ("prefix", 64)):
-        voh = torch.tensor([[0, 1, 2]])
-        split, (q, k, v, table, voh) = run_case(LAYOUTS[layout_name], V1, voh, dtype=torch.float32,
-                                                block=(block, block))
-        masked, listed = plan_extras(table)["num_masked"], table.kv_num_blocks
-        kinds |= {"none"} if (masked == 0).any() else set()
-        kinds |= {"only"} if ((masked == listed) & (listed > 0)).any() else set()
-        kinds |= {"both"} if ((masked > 0) & (masked < listed)).any() else set()
-        torch.testing.assert_close(block_sparse_attention(q, k, v, table, voh, loop="two_pass"), split,
-                                   atol=1e-5, rtol=1e-5)
-    assert kinds == {"none", "only", "both"}
 
 
 def test_bnhd_views_keep_layout():
@@ -331,7 +310,7 @@ def test_gpu_v2_plans(loads):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("loads", ["gather", "tma"])
-@pytest.mark.parametrize("loop", ["split", "masked", "two_pass"])
+@pytest.mark.parametrize("loop", ["split", "masked"])
 @pytest.mark.parametrize(
     "layout_name,D", [("cogvideox_small", 64), ("hunyuan_small", 128), ("wan_small", 128), ("hunyuan_shards", 128)]
 )
@@ -387,41 +366,22 @@ def test_gpu_full_size_rows_against_reference():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loop", ["split", "masked"])
 @pytest.mark.parametrize("pattern", ["textural", "spatial", "mix"])
-def test_gpu_two_pass_equals_split_at_full_size(pattern):
-    """Wan2.1-1.3B's 480p layout (N=32760, d=128): loop="two_pass" (its first launch warp-specialised
-    on Hopper) equals the one-launch "split". On failure, the error per kind of query block says
-    which launch is wrong: blocks with no masked key block (first launch only), with no unmasked
-    one (second only), or with both."""
-    from rf_compile.kernels.block_sparse import plan_extras
-
+def test_gpu_loops_at_full_size_against_reference(pattern, loop):
+    """Wan2.1-1.3B's 480p layout (N=32760, d=128, TMA on Hopper; "masked" warp-specialised there):
+    512 random query rows against float64 rows of the paper's masks."""
     layout = VideoLayout(21, 30, 52)
     table = build_plan_table(layout, V1, "cuda")
     H = 5
     ids = {"textural": [2] * H, "spatial": [0] * H, "mix": [0, 1, 0, 1, 2]}[pattern]
     voh = torch.tensor([ids], dtype=torch.int32, device="cuda")
     q, k, v = make_qkv(1, H, layout.seq_len, 128, torch.bfloat16, device="cuda", bnhd=True)
-    split = block_sparse_attention(q, k, v, table, voh, loop="split").float()
-    two = block_sparse_attention(q, k, v, table, voh, loop="two_pass").float()
-    extras = plan_extras(table)
-    Mq = table.kv_num_blocks.shape[1]
-    masked = extras["num_masked"][voh[0].long()]  # [H, Mq]
-    unmasked = table.kv_num_blocks[voh[0].long()] - masked
-    err = (two - split).abs()[0]  # [H, N, D]
-    pad = Mq * table.block_m - layout.seq_len
-    per_block = F.pad(err.amax(-1), (0, pad)).view(H, Mq, table.block_m).amax(-1)
-    kinds = {"no masked": masked == 0, "no unmasked": unmasked == 0, "both": (masked > 0) & (unmasked > 0)}
-    report = {name: f"{int(sel.sum())} blocks, max err {float(per_block[sel].max()) if sel.any() else 0:.2e}"
-              for name, sel in kinds.items()}  # fmt: skip
-    # Both against float64 rows of the paper's masks: two_pass may lose no more than bf16 rounding.
+    out = block_sparse_attention(q, k, v, table, voh, loop=loop)
     rows = torch.randperm(layout.seq_len, device="cuda")[:512]
     masks = torch.stack([paper.pattern_mask(layout, var.pattern, var.bandwidth, var.stride, "cuda", rows)
                          for var in V1])[voh[0].long()]  # fmt: skip
     scores = torch.einsum("hnd,hmd->hnm", q[0, :, rows].double() * 128**-0.5, k[0].double())
     ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v[0].double()
-    rel_split = float((split[0, :, rows].double() - ref).norm() / ref.norm())
-    rel_two = float((two[0, :, rows].double() - ref).norm() / ref.norm())
-    assert rel_two < 2 * rel_split + 1e-3, (
-        f"two_pass relative error {rel_two:.2e} (split {rel_split:.2e}); per kind of query block, max "
-        f"difference to split: {report}"
-    )
+    rel = float((out[0, :, rows].double() - ref).norm() / ref.norm())
+    assert rel < 5e-3, f"relative error {rel:.2e} (bf16 output rounding alone gives about 2.3e-3)"
