@@ -153,8 +153,8 @@ FLEX_OPTIONS = {
 }
 # (loads, loop) forms of ours. Runs 1-2 (NOTES.md) measured the loop forms since removed from the
 # kernel: a run-time branch per block 15-50% and the unmasked loop first 0-22% slower than "split".
-# "masked" (one loop) is the form Triton warp-specialises on Hopper.
-VARIANTS = [("tma", "masked"), ("tma", "split"), ("gather", "split")]
+# "two_pass" puts the unmasked blocks in a launch of their own, the one Triton warp-specialises.
+VARIANTS = [("tma", "two_pass"), ("tma", "split"), ("tma", "masked"), ("gather", "split")]
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -269,11 +269,11 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
 
 
 def _tuned_configs(kernel, head_dim: int, seq_len: int) -> str:
-    """The autotuner's choice for each loop form tuned at this head dim and length, e.g.
-    ``"masked:w4/s2/ws1/n1 split:w8/s3/ws0/n1"``. Keys follow the kernel's autotune key: HEAD_DIM,
-    BLOCK_M, BLOCK_N, N_BUCKET, USE_TMA, MASK_ALL, HAS_BIAS, then the arguments' dtypes."""
+    """The autotuner's choice for each kernel pass (``LOOP``) tuned at this head dim and length,
+    e.g. ``"2:w4/s2/ws1/n1 3:w8/s3/ws0/n1"`` after loop="two_pass". Keys follow the kernel's
+    autotune key: HEAD_DIM, BLOCK_M, BLOCK_N, N_BUCKET, USE_TMA, LOOP, then argument dtypes."""
     bucket = triton.next_power_of_2(seq_len)
-    chosen = {("masked" if key[5] else "split"): config for key, config in getattr(kernel, "cache", {}).items()
+    chosen = {key[5]: config for key, config in getattr(kernel, "cache", {}).items()
               if key[0] == head_dim and key[3] == bucket}  # fmt: skip
     return " ".join(f"{loop}:{config_name(config)}" for loop, config in sorted(chosen.items())) or "none"
 

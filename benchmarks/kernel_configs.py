@@ -3,9 +3,10 @@
 The autotuner reports only its winner. To see which configurations pay (warp specialisation
 above all, which wins in the single-loop Triton ceiling kernel, ``../shared/anchors/triton_ceiling.md``),
 this times each configuration the pruner keeps with ``loop="split"`` (masked blocks in a first loop,
-the unmasked ones in a second) and ``loop="masked"`` (one loop, element mask on every block, the
-form that may be warp-specialised), TMA loads, against cuDNN dense attention of the same shape:
-efficiency = cudnn_ms * block density / ms. GPU only.
+the unmasked ones in a second), ``loop="masked"`` (one loop, element mask on every block) and
+``loop="two_pass"`` (the configuration forced on the launch of the unmasked blocks, which may be
+warp-specialised; the masked launch autotuned), TMA loads, against cuDNN dense attention of the
+same shape: efficiency = cudnn_ms * block density / ms. GPU only.
 
     python benchmarks/kernel_configs.py --shapes HunyuanVideo Wan2.1-14B --patterns textural density0.3
 """
@@ -39,8 +40,10 @@ def bench_pattern(model: str, pattern: str, rep_ms: float) -> list[dict]:
     table, voh = pattern_plan(pattern, layout, heads)
     density = pattern_stats(model, pattern, masked_cost=1.0)["block_density"]
     records = []
-    for loop in ("split", "masked"):
-        args = {"HEAD_DIM": D, "BLOCK_N": table.block_n, "USE_TMA": True, "MASK_ALL": loop == "masked"}
+    # "two_pass": the configuration is forced on the unmasked launch (the only one that may be
+    # warp-specialised); the masked launch keeps the autotuner's choice.
+    for loop, loop_pass in (("split", 0), ("masked", 1), ("two_pass", 2)):
+        args = {"HEAD_DIM": D, "BLOCK_N": table.block_n, "USE_TMA": True, "LOOP": loop_pass}
         for config in block_sparse._prune_configs(block_sparse._CONFIGS, args):
             block_sparse._FORCED_CONFIG = config
             try:
@@ -56,7 +59,7 @@ def bench_pattern(model: str, pattern: str, rep_ms: float) -> list[dict]:
             records.append(dict(model=model, pattern=pattern, loop=loop, config=config_name(config),
                                 block_density=density, cudnn_ms=cudnn_ms, ms=ms,
                                 efficiency=cudnn_ms * density / ms, note=note))  # fmt: skip
-            print(f"{model:14s} {pattern:10s} {loop:6s} {config_name(config):16s} {ms:8.3f} ms "
+            print(f"{model:14s} {pattern:10s} {loop:8s} {config_name(config):16s} {ms:8.3f} ms "
                   f"eff {cudnn_ms * density / ms:.3f} {note}", flush=True)  # fmt: skip
     return records
 

@@ -5,9 +5,9 @@ ships ``cuobjdump``, which reads the cubin's resource usage: registers per threa
 frame, where spilled registers go (``STACK`` > 0: spills, or local arrays). This checks, before a
 device run is spent, whether a kernel change removes spills: the question the H200 runs raised
 (``benchmarks/results/nvidia-h200/NOTES.md``). Each configuration the autotuner may keep for TMA
-loads, under both loop forms (``split``: masked blocks first, then the unmasked loop; ``masked``:
-one loop, the one Triton 3.6 warp-specialises). The Triton version matters: the device runs the
-one in the environment.
+loads, under each kernel pass (``split``: masked blocks first, then the unmasked loop;
+``masked``: one loop; ``unmasked`` and ``fixup``: the two launches of ``loop="two_pass"``). The
+Triton version matters: the device runs the one in the environment.
 
     python benchmarks/kernel_resources.py --out benchmarks/results/cpu
 """
@@ -33,8 +33,8 @@ from rf_compile.kernels import block_sparse  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "QP", "KP", "VP", "Out", "OP"}  # bf16 tensors; the other capitalised arguments are int32
 SCALARS = {"H", "N"}
-# The kernel's loop forms (``block_sparse._LOOPS``) -> its MASK_ALL flag.
-PASSES = {"split": False, "masked": True}
+# Kernel passes by name (``block_sparse._LOOPS``): loop="two_pass" launches "unmasked" then "fixup".
+PASSES = {"split": 0, "masked": 1, "unmasked": 2, "fixup": 3}
 
 
 def signature(fn, constants: dict) -> dict[str, str]:
@@ -44,7 +44,7 @@ def signature(fn, constants: dict) -> dict[str, str]:
             return "constexpr"
         if name in TENSORS:
             return "*bf16"
-        if name == "Bias":
+        if name in ("Bias", "Lse"):
             return "*fp32"
         if name[0].isupper() and name not in SCALARS:
             return "*i32"
@@ -57,7 +57,7 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
     """Compile one configuration and read its resource usage from the cubin."""
     fn = block_sparse._block_sparse_fwd_kernel.fn
     constants = dict(N_BUCKET=65536, HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=128, USE_TMA=True,
-                     MASK_ALL=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, **config.kwargs)  # fmt: skip
+                     LOOP=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, **config.kwargs)  # fmt: skip
     kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, constants), constexprs=constants), target=target,
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 64], choices=[64, 128])
     parser.add_argument("--loops", nargs="+", default=list(PASSES), choices=list(PASSES),
-                        help="loop forms of the kernel")
+                        help="kernel passes: split, masked, and two_pass's unmasked and fixup launches")
     parser.add_argument("--max-configs", type=int, default=None, help="only the first N kept configurations")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--stem", default="kernel_resources")
@@ -94,7 +94,7 @@ def main() -> None:
         for loop in args.loops:
             kept = block_sparse._prune_configs(block_sparse.gpu_configs(warp_specialize=True),
                                                {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True,
-                                                "MASK_ALL": PASSES[loop]})  # fmt: skip
+                                                "LOOP": PASSES[loop]})  # fmt: skip
             for config in kept[: args.max_configs]:
                 records.append(resources(config, head_dim, loop, target))
                 print(records[-1], flush=True)

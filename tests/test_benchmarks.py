@@ -112,12 +112,12 @@ def test_ring_skip_never_skips_a_ring_step_a_head_needs():
 
 def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     """Triton compiles the kernel for sm_90 here and cuobjdump reads its registers and stack; the
-    loop="masked" kernel is really warp-specialised (partitions add warps) and does not spill. A
-    descriptor made from a pointer chosen by an ``if`` once turned the specialisation off without a
-    word, leaving the attribute in the IR."""
+    unmasked pass of loop="two_pass" is really warp-specialised (partitions add warps) and does not
+    spill. A descriptor made from a pointer chosen by an ``if`` once turned the specialisation off
+    without a word, leaving the attribute in the IR."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for the kernels
-    command = [sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "128",
-               "--loops", "masked", "--out", str(tmp_path)]  # fmt: skip
+    command = [sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "128", "--loops", "unmasked",
+               "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=BENCHMARKS, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "kernel_resources.json").read_text())["records"]

@@ -145,9 +145,10 @@ def test_scale_argument():
     assert (out.float() - default.float()).abs().max() > 1e-2, "scale had no effect"
 
 
-@pytest.mark.parametrize("loop", ["masked"])
+@pytest.mark.parametrize("loop", ["masked", "two_pass"])
 def test_loop_forms_agree(loop):
-    """The element mask on every block (no ``block_full`` flag trusted) gives the default result."""
+    """The element mask on every block (no ``block_full`` flag trusted), and the unmasked blocks in
+    a first launch with the masked ones added by a second, give the default result."""
     voh = torch.tensor([[0, 1, 2]])
     split, (q, k, v, table, voh) = run_case(LAYOUTS["both"], V1, voh, dtype=torch.float32)
     other = block_sparse_attention(q, k, v, table, voh, loop=loop)
@@ -200,7 +201,7 @@ def test_key_subtiles():
         block_sparse._FORCED_CONFIG = None
 
 
-@pytest.mark.parametrize("loop", ["split", "masked"])
+@pytest.mark.parametrize("loop", ["split", "two_pass"])
 @pytest.mark.parametrize("layout_name", ["both", "none_tail", "shards"])
 def test_tma_loads_and_tile_stores(layout_name, loop):
     """The Hopper path (TMA tiles in and out, permuted heads through scratch copies) in the
@@ -216,7 +217,7 @@ def test_tma_loads_and_tile_stores(layout_name, loop):
     assert out.stride() == q.stride()
 
 
-@pytest.mark.parametrize("loop", ["split", "masked"])
+@pytest.mark.parametrize("loop", ["split", "two_pass"])
 def test_tma_loads_of_v2_plans(loop):
     """v2 plans permute every head's queries (tile order): all output rows go through the scratch."""
     from rf_compile.ops.v2 import predict_plan
@@ -227,6 +228,26 @@ def test_tma_loads_of_v2_plans(loop):
     voh = torch.arange(4, dtype=torch.int32, device=DEVICE).view(2, 2)
     out = block_sparse_attention(q, k, v, table, voh, loads="tma", loop=loop)
     assert_close_three_way(out, q, k, v, head_masks(table, voh))
+
+
+def test_two_pass_covers_every_kind_of_query_block():
+    """The case split of loop="two_pass": query blocks with no masked key block (the second launch
+    returns at once), with only masked ones (the first launch leaves an empty state: lse = -inf)
+    and with both; each must equal the one-launch result."""
+    from rf_compile.kernels.block_sparse import plan_extras
+
+    kinds = set()
+    for layout_name, block in (("none_even", 32), ("prefix", 64)):
+        voh = torch.tensor([[0, 1, 2]])
+        split, (q, k, v, table, voh) = run_case(LAYOUTS[layout_name], V1, voh, dtype=torch.float32,
+                                                block=(block, block))
+        masked, listed = plan_extras(table)["num_masked"], table.kv_num_blocks
+        kinds |= {"none"} if (masked == 0).any() else set()
+        kinds |= {"only"} if ((masked == listed) & (listed > 0)).any() else set()
+        kinds |= {"both"} if ((masked > 0) & (masked < listed)).any() else set()
+        torch.testing.assert_close(block_sparse_attention(q, k, v, table, voh, loop="two_pass"), split,
+                                   atol=1e-5, rtol=1e-5)
+    assert kinds == {"none", "only", "both"}
 
 
 def test_bnhd_views_keep_layout():
@@ -310,7 +331,7 @@ def test_gpu_v2_plans(loads):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("loads", ["gather", "tma"])
-@pytest.mark.parametrize("loop", ["split", "masked"])
+@pytest.mark.parametrize("loop", ["split", "masked", "two_pass"])
 @pytest.mark.parametrize(
     "layout_name,D", [("cogvideox_small", 64), ("hunyuan_small", 128), ("wan_small", 128), ("hunyuan_shards", 128)]
 )
@@ -366,11 +387,11 @@ def test_gpu_full_size_rows_against_reference():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("loop", ["split", "masked"])
+@pytest.mark.parametrize("loop", ["split", "two_pass"])
 @pytest.mark.parametrize("pattern", ["textural", "spatial", "mix"])
 def test_gpu_loops_at_full_size_against_reference(pattern, loop):
-    """Wan2.1-1.3B's 480p layout (N=32760, d=128, TMA on Hopper; "masked" warp-specialised there):
-    512 random query rows against float64 rows of the paper's masks."""
+    """Wan2.1-1.3B's 480p layout (N=32760, d=128, TMA on Hopper; two_pass's unmasked launch
+    warp-specialised there): 512 random query rows against float64 rows of the paper's masks."""
     layout = VideoLayout(21, 30, 52)
     table = build_plan_table(layout, V1, "cuda")
     H = 5

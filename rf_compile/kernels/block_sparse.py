@@ -23,9 +23,10 @@ Two ways of reading permuted rows (``loads=``):
   64-bit addresses per thread: with it the kernel spilled (Triton 3.6, sm_90: 296 B of stack at 8
   warps, 1136 B warp-specialised), with the tile store it does not at 8 warps (NOTES.md).
 
-Two ways of walking a query block's key blocks (``loop=``): ``"split"``, the blocks that need the
-element mask first, then the whole ones without it; ``"masked"``, one loop with the mask on every
-block, the only form Triton 3.6 warp-specialises on Hopper (NOTES.md entries 4-5).
+Two ways of walking a query block's key blocks (``loop=``): ``"split"``, one launch, masked blocks
+first; ``"two_pass"``, the unmasked blocks in a launch of their own (the loop Triton 3.6
+warp-specialises on Hopper), then the masked ones added to its tiles through the row
+log-sum-exp. ``"auto"`` takes ``"two_pass"`` where warp specialisation runs.
 
 Not here: the ARM, plan building, dense fallbacks and the custom op (``rf_compile.ops``).
 """
@@ -103,9 +104,9 @@ def _prune_configs(configs, named_args, **kwargs):
         and not (args.get("HEAD_DIM") == 128 and c.num_warps == 4 and not c.kwargs.get("WARP_SPECIALIZE"))
         and not (args.get("HEAD_DIM") == 64 and c.num_warps == 8 and c.num_stages == 2)
         and args.get("BLOCK_N", 128) % (16 * c.kwargs.get("SPLIT_N", 1)) == 0
-        # Triton 3.6 specialises only the single loop: with a loop in front of it, or a key bias
-        # gathered in it, its specialisation passes crash (NOTES.md entries 4-5).
-        and not (c.kwargs.get("WARP_SPECIALIZE") and (not args.get("MASK_ALL") or args.get("HAS_BIAS")))
+        # Only the unmasked pass specialises, and only without a key bias: a masked loop, or the
+        # bias gathered in the loop, crashes Triton 3.6's specialisation passes (NOTES.md entries 4-5).
+        and not (c.kwargs.get("WARP_SPECIALIZE") and (args.get("LOOP") != 2 or args.get("HAS_BIAS")))
     ]
     return kept or configs[:1]
 
@@ -195,6 +196,7 @@ def _attend_blocks(
     ``MASKED`` applies the element mask (partial blocks, the ragged last block); without it the
     blocks are taken whole. ``qk_scale`` is in log2 units.
     """
+    # Counted from 0, the form of Triton's own specialised kernels.
     if MASKED:
         # -- element mask as a key interval per row (5 operations a score instead of 8): text rows see every
         # key, video rows the existing keys within the band (all of them without one), and text keys --
@@ -203,8 +205,8 @@ def _attend_blocks(
         video_hi = tl.where(band < 0, kv_valid - 1, tl.minimum(q_pos + band, kv_valid - 1))
         row_lo = tl.where(text_q, 0, video_lo)
         row_hi = tl.where(text_q, N - 1, video_hi)
-    for t in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
-        kb = tl.load(idx_row + t)
+    for t in tl.range(0, hi - lo, warp_specialize=WARP_SPECIALIZE):
+        kb = tl.load(idx_row + lo + t)
         for s in tl.static_range(SPLIT_N):
             k, v, k_pos, bias = _load_kv(K_desc, V_desc, K_head, V_head, Orders, kv_order, Bias_row,
                                          kb * SPLIT_N + s, N, stride_km, stride_vm,
@@ -244,12 +246,27 @@ def _attend_blocks(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_CONFIGS,
-                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "MASK_ALL", "HAS_BIAS"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr):
+    """This head's output base and, with TMA, its tile descriptor: identity heads write ``Out``,
+    permuted ones ``OP`` (the launcher puts those rows back)."""
+    o_head = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    if USE_TMA:
+        o_head = tl.where(q_order != 0, OP + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, o_head)
+        o_desc = tl.make_tensor_descriptor(o_head, shape=[N, HEAD_DIM], strides=[stride_om, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+    else:
+        o_desc = o_head  # unused placeholder
+    return o_head, o_desc
+
+
+@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS"],
+                 prune_configs_by={"early_config_prune": _prune_configs},
+                 restore_value=["Out", "OP"])  # the fix-up pass (LOOP 3) adds to the tiles it reads
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, QP, KP, VP, Out, OP, Bias,
+    Q, K, V, QP, KP, VP, Out, OP, Bias, Lse,
     Orders, QOrder, KVOrder, Band, KVValid,
     KVNum, KVNumMasked, KVIdx, VariantOfHead,
     stride_qb, stride_qh, stride_qm,
@@ -260,9 +277,13 @@ def _block_sparse_fwd_kernel(
     H, N, prefix, video_end, num_q_blocks, max_kv_blocks, qk_scale,
     N_BUCKET: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, MASK_ALL: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+    USE_TMA: tl.constexpr, LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_N: tl.constexpr,
 ):
+    """One (query block, batch x head) program. ``LOOP`` (see ``_LOOPS``): 0 masked then unmasked
+    blocks, 1 every block masked, 2 the unmasked blocks alone (stores the tile and its base-2
+    log-sum-exp in ``Lse``), 3 the masked blocks added to what pass 2 left (programs without
+    masked blocks return at once)."""
     tl.static_assert(BLOCK_N % (16 * SPLIT_N) == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
     SUB_N: tl.constexpr = BLOCK_N // SPLIT_N  # key tile: a plan block is walked in SPLIT_N sub-tiles
     m = tl.program_id(0)
@@ -278,6 +299,10 @@ def _block_sparse_fwd_kernel(
     kv_valid = tl.load(KVValid + p)
     plan_row = (p * num_q_blocks + m).to(tl.int64)
     num_blocks = tl.load(KVNum + plan_row)
+    num_masked = tl.load(KVNumMasked + plan_row)
+    if LOOP == 3:
+        if num_masked == 0:  # nothing to add: pass 2's tile is final
+            return
     idx_row = KVIdx + plan_row * max_kv_blocks
 
     d = tl.arange(0, HEAD_DIM)
@@ -308,37 +333,62 @@ def _block_sparse_fwd_kernel(
         v_desc = v_head
         q = tl.load(q_head + q_rows[:, None] * stride_qm + d[None, :], mask=(q_pos < N)[:, None], other=0.0)
 
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = qk_scale * 1.44269504  # log2(e)
 
-    # -- key blocks: the plan row lists the masked ones first (launcher), then the unmasked ones --
-    if MASK_ALL:  # explicit option (loop="masked"): element mask on every block
+    if LOOP == 3:
+        # -- resume from pass 2: its normalised tile and log-sum-exp are the state (acc, l=1, m=lse) --
+        o_head, o_desc = _out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N, HEAD_DIM, BLOCK_M,
+                                   USE_TMA)
+        if USE_TMA:
+            acc = o_desc.load([m * BLOCK_M, 0]).to(tl.float32)
+        else:
+            acc = tl.load(o_head + q_rows[:, None] * stride_om + d[None, :], mask=(q_pos < N)[:, None],
+                          other=0.0).to(tl.float32)
+        m_i = tl.load(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    else:
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # -- key blocks: the plan row lists the unmasked ones first (launcher), then the masked ones --
+    num_unmasked = num_blocks - num_masked
+    if LOOP == 1:  # explicit option (loop="masked"): element mask on every block
         acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
                                        idx_row, 0, num_blocks, q_pos, N, prefix, video_end, band, kv_valid, qk_scale,
                                        stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS,
-                                       EVEN_N, UPCAST, WARP_SPECIALIZE)
-    else:
-        num_masked = tl.load(KVNumMasked + plan_row)
-        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
-                                       idx_row, 0, num_masked, q_pos, N, prefix, video_end, band, kv_valid, qk_scale,
-                                       stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS,
                                        EVEN_N, UPCAST, False)
-        # The ragged last key block is always masked, so EVEN_N holds here.
-        acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
-                                       idx_row, num_masked, num_blocks, q_pos, N, prefix, video_end, band, kv_valid,
-                                       qk_scale, stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N, False, USE_TMA,
-                                       HAS_BIAS, True, UPCAST, False)
+    else:
+        if LOOP != 2:
+            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
+                                           bias_row, idx_row, num_unmasked, num_blocks, q_pos, N, prefix, video_end,
+                                           band, kv_valid, qk_scale, stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N,
+                                           True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False)
+        if LOOP != 3:
+            # Last, so that nothing but the epilogue follows the loop that may be warp-specialised (pass 2 only:
+            # the pruner keeps WARP_SPECIALIZE off elsewhere). It starts at block 0, like Triton's own kernels.
+            # The ragged last key block is always masked, so EVEN_N holds here.
+            acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
+                                           bias_row, idx_row, 0, num_unmasked, q_pos, N, prefix, video_end, band,
+                                           kv_valid, qk_scale, stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N, False,
+                                           USE_TMA, HAS_BIAS, True, UPCAST, WARP_SPECIALIZE)
 
     # -- epilogue: normalise, store rows at their original positions --
+    if LOOP == 2:  # base-2 log-sum-exp of the rows for pass 3 (-inf where no key was seen)
+        lse = m_i + tl.math.log2(l_i)
+        if USE_TMA:
+            # A tile store, like the output's: no row vector made before the loop may be used after it, since
+            # Triton 3.6's specialisation hands such vectors to the wrong half of the rows (NOTES.md entry 5).
+            lse_desc = tl.make_tensor_descriptor(Lse, shape=[tl.num_programs(1) * num_q_blocks * BLOCK_M],
+                                                 strides=[1], block_shape=[BLOCK_M])
+            lse_desc.store([(bh * num_q_blocks + m) * BLOCK_M], lse)
+        else:
+            tl.store(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos, lse)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key (all-masked padding) gives 0
     out = acc / l_i[:, None]
-    o_head = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    if USE_TMA:  # one tile store: identity heads into Out, permuted ones into OP (the launcher puts rows back)
-        o_head = tl.where(q_order != 0, OP + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, o_head)
-        o_desc = tl.make_tensor_descriptor(o_head, shape=[N, HEAD_DIM], strides=[stride_om, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
+    # Made here, not before the loop, so that the specialised loop carries no output state.
+    o_head, o_desc = _out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N, HEAD_DIM, BLOCK_M, USE_TMA)
+    if USE_TMA:
         o_desc.store([m * BLOCK_M, 0], out.to(Out.dtype.element_ty))
     else:
         tl.store(o_head + q_rows[:, None] * stride_om + d[None, :], out.to(Out.dtype.element_ty),
@@ -353,8 +403,9 @@ def _block_sparse_fwd_kernel(
 def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     """Per-table tensors the kernel needs beyond the plan, computed once and cached on the table.
 
-    ``kv_indices``: the plan's key blocks with the ones that need the element mask first (order
-    does not matter to the softmax), ``num_masked``: how many of those there are. A block needs
+    ``kv_indices``: the plan's key blocks with the ones that need the element mask last (order
+    does not matter to the softmax; the unmasked loop then starts at 0, the form Triton's warp
+    specialisation handles), ``num_masked``: how many of those there are. A block needs
     the mask when it is not ``block_full`` or it is the ragged last key block (its positions past
     N must be masked even where the plan calls it full).
     """
@@ -367,8 +418,8 @@ def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     live = torch.arange(Mk, device=device) < table.kv_num_blocks[..., None]
     ragged = (table.kv_indices.long() + 1) * block_n > N
     needs_mask = live & (~table.block_full | ragged)
-    # Sort key: masked blocks 0, unmasked 1, padding 2 (stable keeps ascending order inside).
-    key = torch.where(live, (~needs_mask).to(torch.int8), torch.full_like(needs_mask, 2, dtype=torch.int8))
+    # Sort key: unmasked blocks 0, masked 1, padding 2 (stable keeps ascending order inside).
+    key = torch.where(live, needs_mask.to(torch.int8), torch.full_like(needs_mask, 2, dtype=torch.int8))
     perm = torch.sort(key, dim=-1, stable=True).indices
     cache = {
         "kv_indices": torch.gather(table.kv_indices, -1, perm).to(torch.int32).contiguous(),
@@ -384,7 +435,8 @@ def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     return cache
 
 
-_LOOPS = ("split", "masked")
+# loop= option -> the kernel's LOOP passes, in launch order.
+_LOOPS = {"split": (0,), "masked": (1,), "two_pass": (2, 3)}
 _ALLOCATOR_SET = False
 
 
@@ -443,12 +495,16 @@ def block_sparse_attention(
         heads once, then TMA tile loads and stores; Hopper, or the interpreter) or ``"auto"`` (TMA
         on Hopper, else gather).
     loop:
-        ``"split"``: the blocks that need the element mask first, then the whole ones without it.
-        ``"masked"``: one loop, the element mask on every block (trusting no ``block_full`` flag);
-        the form Triton 3.6 warp-specialises on Hopper (it crashes on, or silently skips, a loop
-        with another in front of it, NOTES.md), so there it is the fast one. ``"auto"`` (default):
-        ``"masked"`` where warp specialisation runs (TMA loads on Hopper, no ``key_bias``, whose
-        gather in the loop crashes the specialisation), else ``"split"``.
+        ``"split"``: the blocks that need the element mask first, then the whole ones without it, in
+        one launch. ``"two_pass"``: the whole blocks alone in a first launch, the only one that
+        Triton 3.6 warp-specialises on Hopper (the masked loop spills at 4 warps or crashes the
+        specialisation pass, NOTES.md); it stores each tile and its log-sum-exp, and a second
+        launch adds the masked blocks of the query blocks that have any. ``"auto"`` (default):
+        ``"two_pass"`` where warp specialisation runs (TMA loads on Hopper, no ``key_bias``),
+        else ``"split"``.
+        ``"masked"``: the element mask on every block, trusting no ``block_full`` flag; 1.5-1.9x
+        slower on H100 (NOTES.md), kept to check the flags and to measure what skipping the mask
+        is worth.
     out:
         Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.
 
@@ -495,8 +551,8 @@ def block_sparse_attention(
                              "descriptors and 16-byte aligned q/k/v/out rows")
         use_tma = False
 
-    if loop == "auto":  # the masked loop wins only where it is warp-specialised
-        loop = "masked" if use_tma and key_bias is None and _supports_warp_specialize() else "split"
+    if loop == "auto":  # two launches pay only where the first is warp-specialised
+        loop = "two_pass" if use_tma and key_bias is None and _supports_warp_specialize() else "split"
     extras = plan_extras(table)
     voh = variant_of_head.contiguous()
     if out is None:
@@ -530,12 +586,30 @@ def block_sparse_attention(
 
     P, Mq, Mk = table.kv_indices.shape
     grid = (Mq, B * H)
-    kernel, meta = _block_sparse_fwd_kernel, {}
-    if _FORCED_CONFIG is not None:
-        kernel = _block_sparse_fwd_kernel.fn
-        meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps, num_stages=_FORCED_CONFIG.num_stages)
+    # Base-2 log-sum-exp per (batch x head, query position), from pass 2 to pass 3 of "two_pass".
+    lse = torch.empty(B * H, Mq * table.block_m, dtype=torch.float32, device=q.device) if loop == "two_pass" else bias
+    for loop_pass in _LOOPS[loop]:
+        kernel, meta = _block_sparse_fwd_kernel, {}
+        if _FORCED_CONFIG is not None and loop_pass != 3:  # the fix-up pass keeps its own tuning
+            kernel = _block_sparse_fwd_kernel.fn
+            meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps,
+                        num_stages=_FORCED_CONFIG.num_stages)
+        _launch(kernel, grid, meta, q, k, v, qp, kp, vp, out, op, bias, lse, extras, voh, stride_biasb,
+                table, scale, loop_pass, key_bias is not None, use_tma)
+    if use_tma:  # rows of the permuted-query heads back to their positions
+        _permute_rows_kernel[copy_grid](out, op, extras["orders"], extras["q_order"], voh,
+                                        out.stride(0), out.stride(1), out.stride(2), H, N,
+                                        HEAD_DIM=D, BLOCK=copy_block, INVERSE=True, num_warps=4)
+    return out
+
+
+def _launch(kernel, grid, meta, q, k, v, qp, kp, vp, out, op, bias, lse, extras, voh, stride_biasb,
+            table: PlanTable, scale: float | None, loop_pass: int, has_bias: bool, use_tma: bool) -> None:
+    """One launch of the attention kernel (one ``LOOP`` pass) over every (query block, batch x head)."""
+    B, H, N, D = q.shape
+    P, Mq, Mk = table.kv_indices.shape
     kernel[grid](
-        q, k, v, qp, kp, vp, out, op, bias,
+        q, k, v, qp, kp, vp, out, op, bias, lse,
         extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
         extras["kv_num_blocks"], extras["num_masked"], extras["kv_indices"], voh,
         q.stride(0), q.stride(1), q.stride(2),
@@ -547,12 +621,7 @@ def block_sparse_attention(
         float(scale if scale is not None else D ** -0.5),
         N_BUCKET=triton.next_power_of_2(N),
         HEAD_DIM=D, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
-        USE_TMA=use_tma, MASK_ALL=loop == "masked", HAS_BIAS=key_bias is not None, EVEN_N=N % table.block_n == 0,
+        USE_TMA=use_tma, LOOP=loop_pass, HAS_BIAS=has_bias, EVEN_N=N % table.block_n == 0,
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         **meta,
     )
-    if use_tma:  # rows of the permuted-query heads back to their positions
-        _permute_rows_kernel[copy_grid](out, op, extras["orders"], extras["q_order"], voh,
-                                        out.stride(0), out.stride(1), out.stride(2), H, N,
-                                        HEAD_DIM=D, BLOCK=copy_block, INVERSE=True, num_warps=4)
-    return out
