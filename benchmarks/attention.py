@@ -204,6 +204,8 @@ def bench_shape(model, heads, D, layout, args, records, log):
                                     first_call_s=first_s, efficiency=best_dense * density / t["ms"], **t))
                 log(f"{model} {pattern} d={density:.3f} rainfusion {name}: {t['ms']:.3f} ms "
                     f"eff {best_dense * density / t['ms']:.3f} err {err:.1e} cfg {cfg}")
+                if args.fp8 and loads == "tma":
+                    records.append(bench_fp8(fn, out, t["ms"], rows, ref, common, name, args, log))
             except Exception as exc:  # noqa: BLE001
                 log(f"{model} {pattern} rainfusion {name}: failed {exc!r}")
                 traceback.print_exc()
@@ -268,13 +270,39 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
             f"kernel {kernel['ms']:.3f}) {best_dense / t['ms']:.2f}x dense, err {err:.1e}")
 
 
-def _tuned_configs(kernel, head_dim: int, seq_len: int) -> str:
-    """The autotuner's choice for each kernel pass (``LOOP``) tuned at this head dim and length,
-    e.g. ``"2:w4/s2/ws1/n1 3:w8/s3/ws0/n1"`` after loop="two_pass". Keys follow the kernel's
-    autotune key: HEAD_DIM, BLOCK_M, BLOCK_N, N_BUCKET, USE_TMA, LOOP, then argument dtypes."""
+def bench_fp8(bf16_fn, bf16_out, bf16_ms: float, rows, ref, common: dict, name: str, args, log) -> dict:
+    """The same call with ``precision="fp8"``: time, speed-up over bf16, and its error against bf16
+    (relative L1 and cosine over every output) and against the float64 reference rows."""
+    fn = functools.partial(bf16_fn, precision="fp8")
+    out = fn()
+    torch.cuda.synchronize()
+    diff, base = (out.float() - bf16_out.float()), bf16_out.float()
+    rel_l1 = float(diff.abs().sum() / base.abs().sum())
+    cosine = float(F.cosine_similarity(out.float().flatten(), base.flatten(), dim=0))
+    t = do_bench(fn, rep_ms=args.rep_ms)
+    record = dict(common, method="rainfusion", dtype="fp8", variant=name, rel_err=rel_err(out[:, :, rows], ref),
+                  rel_l1_vs_bf16=rel_l1, cosine_vs_bf16=cosine, speedup_vs_bf16=bf16_ms / t["ms"],
+                  config=_tuned_configs(block_sparse_kernel(), out.shape[-1], out.shape[2], fp8=True),
+                  efficiency=common["best_dense_ms"] * common["density"] / t["ms"], **t)  # fmt: skip
+    log(f"{common['model']} {common['pattern']} rainfusion {name} fp8: {t['ms']:.3f} ms "
+        f"({bf16_ms / t['ms']:.2f}x bf16) rel L1 vs bf16 {rel_l1:.3f} cos {cosine:.5f} err {record['rel_err']:.1e}")
+    return record
+
+
+def block_sparse_kernel():
+    from rf_compile.kernels import block_sparse
+
+    return block_sparse._block_sparse_fwd_kernel
+
+
+def _tuned_configs(kernel, head_dim: int, seq_len: int, fp8: bool = False) -> str:
+    """The autotuner's choice for each kernel pass (``LOOP``) tuned at this head dim, length and
+    precision, e.g. ``"2:w4/s2/ws1/n1 3:w8/s3/ws0/n1"`` after loop="two_pass". Keys follow the
+    kernel's autotune key: HEAD_DIM, BLOCK_M, BLOCK_N, N_BUCKET, USE_TMA, LOOP, HAS_BIAS, FP8, then
+    argument dtypes."""
     bucket = triton.next_power_of_2(seq_len)
     chosen = {key[5]: config for key, config in getattr(kernel, "cache", {}).items()
-              if key[0] == head_dim and key[3] == bucket}  # fmt: skip
+              if key[0] == head_dim and key[3] == bucket and bool(key[7]) == fp8}  # fmt: skip
     return " ".join(f"{loop}:{config_name(config)}" for loop, config in sorted(chosen.items())) or "none"
 
 
@@ -285,7 +313,8 @@ def summarize(records: list[dict]) -> str:
         dense = {r["method"]: r["ms"] for r in recs if r["pattern"] == "dense"}
         best_dense = min(dense.values()) if dense else math.nan
         for pattern in dict.fromkeys(r["pattern"] for r in recs if r["pattern"] != "dense"):
-            ours = [r for r in recs if r["pattern"] == pattern and r["method"] == "rainfusion"]
+            ours = [r for r in recs if r["pattern"] == pattern and r["method"] == "rainfusion"
+                    and r.get("dtype", "bf16") == "bf16"]
             flex = [r for r in recs if r["pattern"] == pattern and r["method"] == "flex"]
             if not ours:
                 continue
@@ -304,8 +333,12 @@ def summarize(records: list[dict]) -> str:
             "speedup_vs_flex", "ours_variant", *(f"{a}/{b}_ms" for a, b in VARIANTS), "predict_ms", "predict_gpu_ms",
             "rel_err"]
     dense_rows = [dict(model=r["model"], method=r["method"], ms=r["ms"]) for r in records if r["pattern"] == "dense"]
+    fp8_rows = [r for r in records if r.get("dtype") == "fp8"]
+    fp8 = ("\n\nFP8 (`precision=\"fp8\"`) against bf16, same plan and loop:\n\n" + markdown_table(
+        fp8_rows, ["model", "pattern", "variant", "ms", "speedup_vs_bf16", "efficiency", "rel_l1_vs_bf16",
+                   "cosine_vs_bf16", "rel_err", "config"])) if fp8_rows else ""
     return (markdown_table(rows, cols) + "\n\nDense SDPA per backend (ms):\n\n"
-            + markdown_table(dense_rows, ["model", "method", "ms"]))
+            + markdown_table(dense_rows, ["model", "method", "ms"]) + fp8)
 
 
 def main() -> None:
@@ -319,6 +352,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[f"{a}/{b}" for a, b in VARIANTS],
                         help="forms of ours as loads/loop")
     parser.add_argument("--stem", default="attention", help="result file name (without extension)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time each TMA variant with precision='fp8' (records with dtype 'fp8')")
     parser.add_argument("--v2", nargs="*", type=float, default=list(V2_SPARSITIES),
                         help="RainFusion 2.0 sparsities to time (prediction included); none: skip v2")
     args = parser.parse_args()

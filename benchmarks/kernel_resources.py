@@ -44,7 +44,7 @@ def signature(fn, constants: dict) -> dict[str, str]:
             return "constexpr"
         if name in TENSORS:
             return "*bf16"
-        if name in ("Bias", "Lse"):
+        if name in ("Bias", "Lse", "QScale", "KScale", "VScale"):
             return "*fp32"
         if name[0].isupper() and name not in SCALARS:
             return "*i32"
@@ -57,7 +57,8 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
     """Compile one configuration and read its resource usage from the cubin."""
     fn = block_sparse._block_sparse_fwd_kernel.fn
     constants = dict(N_BUCKET=65536, HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=128, USE_TMA=True,
-                     LOOP=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, **config.kwargs)  # fmt: skip
+                     LOOP=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, FP8=False,
+                     **config.kwargs)  # fmt: skip
     kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, constants), constexprs=constants), target=target,
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

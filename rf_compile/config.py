@@ -24,6 +24,7 @@ class OptionError(ValueError):
 
 SELECTIONS = ("topk", "mass")
 KERNELS = ("auto", "triton", "reference")
+PRECISIONS = ("bf16", "fp8")  # the attention products: the inputs' dtype, or float8 e4m3 (Hopper)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -82,6 +83,11 @@ class RainFusionConfig:
         Sites with fewer video tokens stay dense (sparsity does not pay there).
     kernel:
         ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"reference"``.
+    precision:
+        ``"bf16"`` (default): the sparse attention's products in the inputs' dtype. ``"fp8"``:
+        Q K^T and P V in float8 e4m3 on Hopper's tensor cores from per-block scaled copies (the
+        same plans); a site that cannot run it (not the Triton kernel on a Hopper GPU) stays
+        dense and the report says so.
     report:
         Print the site table after each graph is compiled.
     strict:
@@ -110,6 +116,7 @@ class RainFusionConfig:
     layout: VideoLayout | None = None
     min_video_tokens: int = 256
     kernel: str = "auto"
+    precision: str = "bf16"
     report: bool = False
     strict: bool = False
     compile_mode: str | None = None
@@ -117,6 +124,7 @@ class RainFusionConfig:
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
         _check_choice("kernel", self.kernel, KERNELS)
+        _check_choice("precision", self.precision, PRECISIONS)
         if self.compile_mode is not None:
             _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("select", self.select, SELECTIONS)

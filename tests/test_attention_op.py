@@ -174,3 +174,13 @@ def test_stats_report_estimated_recall_and_bandwidth_per_head():
     temporal, textural = stats()["test.recall"]["heads"]
     assert temporal["temporal"] == 1 and temporal["mean_recall"] > 0.9 and temporal["mean_bandwidth"] == 0.125
     assert textural["textural"] == 1 and textural["mean_recall"] is None and textural["mean_bandwidth"] is None
+
+
+def test_fp8_where_it_cannot_run_names_the_reason():
+    """precision="fp8" runs on the Triton kernel with TMA loads only: the PyTorch path refuses it in
+    words the user can act on (in a compiled model the site stays dense with this reason)."""
+    layout = VideoLayout(2, 4, 4)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 64) for _ in range(3))
+    reason = "precision='fp8' needs the Triton kernel on a Hopper GPU.*use precision='bf16'"
+    with pytest.raises(ValueError, match=reason):
+        sparse_attention(q, k, v, layout, config=RainFusionConfig(precision="fp8", kernel="reference"))

@@ -40,6 +40,7 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"sample_stride": 0}, "'sample_stride' must be an int >= 1"),
         ({"arm_every": 0}, "'arm_every' must be an int >= 1"),
         ({"kernel": "cuda"}, "'kernel' must be one of"),
+        ({"precision": "int8"}, r"'precision' must be one of \['bf16', 'fp8'\]"),
         ({"report": "yes"}, "'report' must be True or False"),
         ({"bandwith": 0.25}, r"unknown rainfusion option\(s\) \['bandwith'\]; accepted keys"),
         ({"layout": {"frames": 0, "height": 3, "width": 4}}, "layout frames must be a positive int"),

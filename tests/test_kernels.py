@@ -406,3 +406,102 @@ def test_gpu_loops_at_full_size_against_reference(pattern, loop):
     ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v[0].double()
     rel = float((out[0, :, rows].double() - ref).norm() / ref.norm())
     assert rel < 5e-3, f"relative error {rel:.2e} (bf16 output rounding alone gives about 2.3e-3)"
+
+
+# -- FP8 (precision="fp8"): e4m3 copies in each head's order, then the same kernel ---------------
+
+
+def dequantized_inputs(q, k, v, table, voh):
+    """float64 q, k, v [B, H, N, D] rebuilt from ``quantize_for_attention``'s copies and scales,
+    in the original token order (K less its mean, which no softmax row sees)."""
+    from rf_compile.kernels.block_sparse import plan_extras
+    from rf_compile.kernels.fp8_quant import quantize_for_attention
+
+    extras = plan_extras(table)
+    copies = quantize_for_attention(q, k, v, extras["orders"], extras["q_order"], extras["kv_order"], voh,
+                                    table.block_m, table.block_n)  # fmt: skip
+    B, H, N, D = q.shape
+    rebuilt = [torch.empty(B, H, N, D, dtype=torch.float64) for _ in range(3)]
+    for b in range(B):
+        for h in range(H):
+            p = int(voh[b, h])
+            q_rows = extras["orders"][extras["q_order"][p]].long()
+            kv_rows = extras["orders"][extras["kv_order"][p]].long()
+            bh = b * H + h
+            q_scale = copies.q_scale[bh].double().repeat_interleave(table.block_m)[:N, None]
+            k_scale = copies.k_scale[bh].double().repeat_interleave(table.block_n)[:N, None]
+            rebuilt[0][b, h, q_rows] = copies.q[b, h, :N].double() * q_scale
+            rebuilt[1][b, h, kv_rows] = copies.k[b, h, :N].double() * k_scale
+            rebuilt[2][b, h, kv_rows] = copies.v[b, h, :, :N].double().T * copies.v_scale[bh].double()
+    return rebuilt
+
+
+def test_fp8_copies_round_trip():
+    """Each head's e4m3 copy, in its order and rescaled, is the input to e4m3's precision (K less its
+    mean; the interpreter truncates where the GPU rounds, so about 7% instead of 3.5%)."""
+    layout = LAYOUTS["suffix"]
+    table = build_plan_table(layout, V1, DEVICE, block_m=32, block_n=32)
+    voh = torch.tensor([[0, 1, 2], [2, 0, 1]], dtype=torch.int32)
+    q, k, v = make_qkv(2, 3, layout.seq_len, 64, torch.bfloat16)
+    k = k + 4.0  # a shared offset: smoothing must take it out before the scale is chosen
+    qd, kd, vd = dequantized_inputs(q, k, v, table, voh)
+    k_smooth = k.double() - k.double().mean(dim=2, keepdim=True)
+    for name, got, want in (("q", qd, q.double()), ("k", kd, k_smooth), ("v", vd, v.double())):
+        rel = float((got - want).norm() / want.norm())
+        assert rel < 0.09, f"{name}: relative error {rel:.3f} of its e4m3 copy"
+
+
+@pytest.mark.parametrize("loop", ["split", "two_pass"])
+def test_fp8_attention(loop):
+    """FP8 products against float64 attention: of the dequantized inputs (what is left is P's e4m3
+    rounding), and of the exact inputs, with a key-padding bias and mixed variants."""
+    layout = LAYOUTS["suffix"]
+    table = build_plan_table(layout, V1, DEVICE, block_m=32, block_n=32)
+    voh = torch.tensor([[0, 1, 2], [2, 0, 1]], dtype=torch.int32)
+    q, k, v = make_qkv(2, 3, layout.seq_len, 64, torch.bfloat16)
+    bias = torch.zeros(2, layout.seq_len)
+    bias[1, -6:] = float("-inf")
+    mask = head_masks(table, voh)
+    out = block_sparse_attention(q, k, v, table, voh, key_bias=bias, loads="tma", loop=loop, precision="fp8")
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    qd, kd, vd = dequantized_inputs(q, k, v, table, voh)
+    from_copies = masked_attention(qd, kd, vd, mask, key_bias=bias, dtype=torch.float64)
+    exact = masked_attention(q, k, v, mask, key_bias=bias, dtype=torch.float64)
+    rel_copies = float((out.double() - from_copies).norm() / from_copies.norm())
+    rel_exact = float((out.double() - exact).norm() / exact.norm())
+    cosine = float(F.cosine_similarity(out.double().flatten(), exact.flatten(), dim=0))
+    assert rel_copies < 0.08, f"against the dequantized inputs: relative error {rel_copies:.3f}"
+    assert rel_exact < 0.2 and cosine > 0.98, f"against exact attention: {rel_exact:.3f}, cosine {cosine:.4f}"
+
+
+def test_fp8_rejects_what_it_cannot_run():
+    layout = LAYOUTS["none_tail"]
+    table = build_plan_table(layout, V1, DEVICE, block_m=32, block_n=32)
+    q = torch.randn(1, 1, layout.seq_len, 64, dtype=torch.bfloat16)
+    voh = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        block_sparse_attention(q, q, q, table, voh, precision="fp4")
+    with pytest.raises(ValueError, match="precision='fp8' needs TMA loads"):
+        block_sparse_attention(q, q, q, table, voh, loads="gather", precision="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["spatial", "mix"])
+def test_gpu_fp8_at_full_size(pattern):
+    """Wan2.1-1.3B's 480p layout, d=128: FP8 against float64 rows (the GPU rounds to nearest)."""
+    layout = VideoLayout(21, 30, 52)
+    table = build_plan_table(layout, V1, "cuda")
+    H = 5
+    ids = {"spatial": [0] * H, "mix": [0, 1, 0, 1, 2]}[pattern]
+    voh = torch.tensor([ids], dtype=torch.int32, device="cuda")
+    q, k, v = make_qkv(1, H, layout.seq_len, 128, torch.bfloat16, device="cuda", bnhd=True)
+    out = block_sparse_attention(q, k, v, table, voh, precision="fp8")
+    rows = torch.randperm(layout.seq_len, device="cuda")[:512]
+    masks = torch.stack([paper.pattern_mask(layout, var.pattern, var.bandwidth, var.stride, "cuda", rows)
+                         for var in V1])[voh[0].long()]  # fmt: skip
+    scores = torch.einsum("hnd,hmd->hnm", q[0, :, rows].double() * 128**-0.5, k[0].double())
+    ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v[0].double()
+    got = out[0, :, rows].double()
+    rel = float((got - ref).norm() / ref.norm())
+    cosine = float(F.cosine_similarity(got.flatten(), ref.flatten(), dim=0))
+    assert rel < 0.1 and cosine > 0.995, f"relative error {rel:.3f}, cosine {cosine:.4f}"

@@ -39,9 +39,11 @@ import torch
 import triton
 import triton.language as tl
 
+from rf_compile.config import PRECISIONS
+from rf_compile.kernels.fp8_quant import Fp8Copies, quantize_for_attention
 from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable
 
-__all__ = ["block_sparse_attention", "gpu_configs", "plan_extras"]
+__all__ = ["block_sparse_attention", "fp8_runs", "gpu_configs", "plan_extras"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -56,6 +58,11 @@ def _has_tma() -> bool:
 def _tma_runs() -> bool:
     """Where ``loads="tma"`` can run: Hopper, or the interpreter (it emulates tensor descriptors)."""
     return _has_tma() or (_INTERPRET and hasattr(tl, "make_tensor_descriptor"))
+
+
+def fp8_runs(device: torch.device) -> bool:
+    """Whether ``precision="fp8"`` can run on ``device``: TMA loads (Hopper, or the interpreter)."""
+    return _tma_runs() and (_INTERPRET or device.type == "cuda")
 
 
 def _supports_warp_specialize() -> bool:
@@ -155,9 +162,10 @@ def _load_kv(
     K_desc, V_desc, K_head, V_head, Orders, kv_order, Bias_row,
     kb, N, stride_km, stride_vm,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, FP8: tl.constexpr,
 ):
-    """K, V tiles [BLOCK_N, HEAD_DIM] of key block kb, the key positions and their bias (log2 units)."""
+    """K, V tiles [BLOCK_N, HEAD_DIM] of key block kb, the key positions and their bias (log2 units).
+    ``FP8``: V is stored transposed ([D, N_pad], see ``fp8_quant``) and its tile read as [D, BLOCK_N]."""
     k_pos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     if EVEN_N:
@@ -166,7 +174,10 @@ def _load_kv(
         k_rows = tl.load(Orders + kv_order * N + k_pos, mask=k_pos < N, other=0)
     if USE_TMA:
         k = K_desc.load([kb * BLOCK_N, 0])
-        v = V_desc.load([kb * BLOCK_N, 0])
+        if FP8:
+            v = tl.trans(V_desc.load([0, kb * BLOCK_N]))
+        else:
+            v = V_desc.load([kb * BLOCK_N, 0])
     else:
         k_off = k_rows.to(tl.int64)
         if EVEN_N:
@@ -186,15 +197,17 @@ def _load_kv(
 def _attend_blocks(
     acc, l_i, m_i, q,
     K_desc, V_desc, K_head, V_head, Orders, kv_order, Bias_row, idx_row,
-    lo, hi, q_pos, N, prefix, video_end, band, kv_valid, qk_scale, stride_km, stride_vm,
+    lo, hi, q_pos, N, prefix, video_end, band, kv_valid, qk_scale, stride_km, stride_vm, KScale_row,
     HEAD_DIM: tl.constexpr, SUB_N: tl.constexpr, SPLIT_N: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FP8: tl.constexpr,
 ):
     """Online softmax over the plan's key blocks ``idx_row[lo:hi]``, each walked in SPLIT_N sub-tiles.
 
     ``MASKED`` applies the element mask (partial blocks, the ragged last block); without it the
-    blocks are taken whole. ``qk_scale`` is in log2 units.
+    blocks are taken whole. ``qk_scale`` is in log2 units. ``FP8``: q, k, v are e4m3; each key
+    block's scale (``KScale_row``, q's folded into ``qk_scale`` by the caller) rescales its scores,
+    and P enters its product as e4m3 times 448 (the caller divides it out with V's scales).
     """
     # Counted from 0, the form of Triton's own specialised kernels.
     if MASKED:
@@ -207,17 +220,21 @@ def _attend_blocks(
         row_hi = tl.where(text_q, N - 1, video_hi)
     for t in tl.range(0, hi - lo, warp_specialize=WARP_SPECIALIZE):
         kb = tl.load(idx_row + lo + t)
+        if FP8:
+            block_scale = qk_scale * tl.load(KScale_row + kb)
+        else:
+            block_scale = qk_scale
         for s in tl.static_range(SPLIT_N):
             k, v, k_pos, bias = _load_kv(K_desc, V_desc, K_head, V_head, Orders, kv_order, Bias_row,
                                          kb * SPLIT_N + s, N, stride_km, stride_vm,
-                                         HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, EVEN_N)
+                                         HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, EVEN_N, FP8)
             # -- scores (base 2) --
             if UPCAST:  # the interpreter computes bf16 dots wrongly (bf16 held as uint16 in numpy)
                 qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             else:
                 qk = tl.dot(q, tl.trans(k))
             if HAS_BIAS:
-                qk = qk * qk_scale + bias[None, :]
+                qk = qk * block_scale + bias[None, :]
             if MASKED:
                 text_k = ((k_pos < prefix) | (k_pos >= video_end)) & (k_pos < kv_valid)
                 inside = (k_pos[None, :] >= row_lo[:, None]) & (k_pos[None, :] <= row_hi[:, None])
@@ -226,7 +243,7 @@ def _attend_blocks(
             if HAS_BIAS:
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
             else:  # scale folded into one FMA per score (qk_scale > 0, checked by the launcher)
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * block_scale)
             if MASKED or HAS_BIAS:
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at 0
             else:
@@ -234,11 +251,13 @@ def _attend_blocks(
             if HAS_BIAS:
                 p = tl.math.exp2(qk - m_use[:, None])
             else:
-                p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+                p = tl.math.exp2(qk * block_scale - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            if UPCAST:
+            if FP8:
+                acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
+            elif UPCAST:
                 acc = tl.dot(p, v.to(tl.float32), acc)
             else:
                 acc = tl.dot(p.to(v.dtype), v, acc)
@@ -261,12 +280,13 @@ def _out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N,
     return o_head, o_desc
 
 
-@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS"],
+@triton.autotune(configs=_CONFIGS,
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS", "FP8"],
                  prune_configs_by={"early_config_prune": _prune_configs},
                  restore_value=["Out", "OP"])  # the fix-up pass (LOOP 3) adds to the tiles it reads
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, QP, KP, VP, Out, OP, Bias, Lse,
+    Q, K, V, QP, KP, VP, Out, OP, Bias, Lse, QScale, KScale, VScale,
     Orders, QOrder, KVOrder, Band, KVValid,
     KVNum, KVNumMasked, KVIdx, VariantOfHead,
     stride_qb, stride_qh, stride_qm,
@@ -274,16 +294,17 @@ def _block_sparse_fwd_kernel(
     stride_vb, stride_vh, stride_vm,
     stride_ob, stride_oh, stride_om,
     stride_biasb,
-    H, N, prefix, video_end, num_q_blocks, max_kv_blocks, qk_scale,
+    H, N, prefix, video_end, num_q_blocks, max_kv_blocks, qk_scale, n_pad,
     N_BUCKET: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_N: tl.constexpr,
+    UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_N: tl.constexpr, FP8: tl.constexpr,
 ):
     """One (query block, batch x head) program. ``LOOP`` (see ``_LOOPS``): 0 masked then unmasked
     blocks, 1 every block masked, 2 the unmasked blocks alone (stores the tile and its base-2
     log-sum-exp in ``Lse``), 3 the masked blocks added to what pass 2 left (programs without
-    masked blocks return at once)."""
+    masked blocks return at once). ``FP8``: Q/K/V are ``fp8_quant``'s e4m3 copies (every head
+    reads them in its order; V transposed, [D, n_pad] per head) with their scales."""
     tl.static_assert(BLOCK_N % (16 * SPLIT_N) == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
     SUB_N: tl.constexpr = BLOCK_N // SPLIT_N  # key tile: a plan block is walked in SPLIT_N sub-tiles
     m = tl.program_id(0)
@@ -325,8 +346,12 @@ def _block_sparse_fwd_kernel(
                                            block_shape=[BLOCK_M, HEAD_DIM])
         k_desc = tl.make_tensor_descriptor(k_head, shape=[N, HEAD_DIM], strides=[stride_km, 1],
                                            block_shape=[SUB_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_head, shape=[N, HEAD_DIM], strides=[stride_vm, 1],
-                                           block_shape=[SUB_N, HEAD_DIM])
+        if FP8:
+            v_desc = tl.make_tensor_descriptor(v_head, shape=[HEAD_DIM, n_pad], strides=[stride_vm, 1],
+                                               block_shape=[HEAD_DIM, SUB_N])
+        else:
+            v_desc = tl.make_tensor_descriptor(v_head, shape=[N, HEAD_DIM], strides=[stride_vm, 1],
+                                               block_shape=[SUB_N, HEAD_DIM])
         q = q_desc.load([m * BLOCK_M, 0])
     else:
         k_desc = k_head  # unused placeholders
@@ -334,6 +359,9 @@ def _block_sparse_fwd_kernel(
         q = tl.load(q_head + q_rows[:, None] * stride_qm + d[None, :], mask=(q_pos < N)[:, None], other=0.0)
 
     qk_scale = qk_scale * 1.44269504  # log2(e)
+    k_scale_row = KScale + bh.to(tl.int64) * (n_pad // BLOCK_N)
+    if FP8:
+        qk_scale = qk_scale * tl.load(QScale + bh.to(tl.int64) * (n_pad // BLOCK_M) + m)
 
     if LOOP == 3:
         # -- resume from pass 2: its normalised tile and log-sum-exp are the state (acc, l=1, m=lse) --
@@ -344,6 +372,8 @@ def _block_sparse_fwd_kernel(
         else:
             acc = tl.load(o_head + q_rows[:, None] * stride_om + d[None, :], mask=(q_pos < N)[:, None],
                           other=0.0).to(tl.float32)
+        if FP8:  # into the units of the fp8 products (448 / V's channel scales)
+            acc = acc * (448.0 / tl.load(VScale + bh.to(tl.int64) * HEAD_DIM + d))[None, :]
         m_i = tl.load(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
     else:
@@ -356,22 +386,22 @@ def _block_sparse_fwd_kernel(
     if LOOP == 1:  # explicit option (loop="masked"): element mask on every block
         acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
                                        idx_row, 0, num_blocks, q_pos, N, prefix, video_end, band, kv_valid, qk_scale,
-                                       stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS,
-                                       EVEN_N, UPCAST, False)
+                                       stride_km, stride_vm, k_scale_row, HEAD_DIM, SUB_N, SPLIT_N, True, USE_TMA,
+                                       HAS_BIAS, EVEN_N, UPCAST, False, FP8)
     else:
         if LOOP != 2:
             acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
                                            bias_row, idx_row, num_unmasked, num_blocks, q_pos, N, prefix, video_end,
-                                           band, kv_valid, qk_scale, stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N,
-                                           True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False)
+                                           band, kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, HEAD_DIM,
+                                           SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False, FP8)
         if LOOP != 3:
             # Last, so that nothing but the epilogue follows the loop that may be warp-specialised (pass 2 only:
             # the pruner keeps WARP_SPECIALIZE off elsewhere). It starts at block 0, like Triton's own kernels.
             # The ragged last key block is always masked, so EVEN_N holds here.
             acc, l_i, m_i = _attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
                                            bias_row, idx_row, 0, num_unmasked, q_pos, N, prefix, video_end, band,
-                                           kv_valid, qk_scale, stride_km, stride_vm, HEAD_DIM, SUB_N, SPLIT_N, False,
-                                           USE_TMA, HAS_BIAS, True, UPCAST, WARP_SPECIALIZE)
+                                           kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, HEAD_DIM, SUB_N,
+                                           SPLIT_N, False, USE_TMA, HAS_BIAS, True, UPCAST, WARP_SPECIALIZE, FP8)
 
     # -- epilogue: normalise, store rows at their original positions --
     if LOOP == 2:  # base-2 log-sum-exp of the rows for pass 3 (-inf where no key was seen)
@@ -385,6 +415,8 @@ def _block_sparse_fwd_kernel(
         else:
             tl.store(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos, lse)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key (all-masked padding) gives 0
+    if FP8:  # back from the units of the fp8 products
+        acc = acc * (tl.load(VScale + bh.to(tl.int64) * HEAD_DIM + tl.arange(0, HEAD_DIM)) / 448.0)[None, :]
     out = acc / l_i[:, None]
     # Made here, not before the loop, so that the specialised loop carries no output state.
     o_head, o_desc = _out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N, HEAD_DIM, BLOCK_M, USE_TMA)
@@ -470,6 +502,7 @@ def block_sparse_attention(
     key_bias: torch.Tensor | None = None,
     loads: str = "auto",
     loop: str = "auto",
+    precision: str = "bf16",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of every (batch, head) with its own RainFusion variant.
@@ -506,6 +539,11 @@ def block_sparse_attention(
         ``"masked"``: the element mask on every block, trusting no ``block_full`` flag; 1.5-1.9x
         slower on H100 (NOTES.md), kept to check the flags and to measure what skipping the mask
         is worth.
+    precision:
+        ``"bf16"`` (default): the products in q's dtype. ``"fp8"``: Q K^T and P V in float8 e4m3
+        on the tensor cores (Hopper; or Triton's interpreter) from per-block scaled copies
+        (``fp8_quant``: K smoothed by its mean, V scaled per channel, P times 448), the same
+        plans and output dtype; TMA loads only.
     out:
         Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.
 
@@ -542,6 +580,8 @@ def block_sparse_attention(
         raise ValueError(f"scale must be positive, got {scale!r}")
     if loop not in (*_LOOPS, "auto"):
         raise ValueError(f"loop must be one of {['auto', *_LOOPS]}, got {loop!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
 
     # Unit stride along D lets every row load be vectorised; copy only if a caller breaks it.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -551,6 +591,9 @@ def block_sparse_attention(
             raise ValueError("loads='tma' needs a Hopper GPU (or Triton's interpreter), Triton with tensor "
                              "descriptors and 16-byte aligned q/k/v/out rows")
         use_tma = False
+    if precision == "fp8" and not use_tma:
+        raise ValueError("precision='fp8' needs TMA loads: a Hopper GPU (or Triton's interpreter), Triton with "
+                         "tensor descriptors and 16-byte aligned q/k/v/out rows")
 
     if loop == "auto":  # two launches pay only where the first is warp-specialised, measured at d=128
         loop = "two_pass" if use_tma and key_bias is None and D == 128 and _supports_warp_specialize() else "split"
@@ -573,7 +616,14 @@ def block_sparse_attention(
 
     copy_block = 64
     copy_grid = (triton.cdiv(N, copy_block), B * H)
-    if use_tma:
+    fp8 = None
+    if precision == "fp8":  # every head reads e4m3 copies in its order: the quantization does the permuting
+        _ensure_tma_allocator()
+        fp8 = quantize_for_attention(q, k, v, extras["orders"], extras["q_order"], extras["kv_order"], voh,
+                                     table.block_m, table.block_n)
+        q, k, v = qp, kp, vp = fp8.q, fp8.k, fp8.v
+        op = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
+    elif use_tma:
         _ensure_tma_allocator()
         # Scratch with the strides of its source: the kernel addresses both with one set of strides.
         qp, kp, vp, op = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
@@ -595,8 +645,8 @@ def block_sparse_attention(
             kernel = _block_sparse_fwd_kernel.fn
             meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps,
                         num_stages=_FORCED_CONFIG.num_stages)
-        _launch(kernel, grid, meta, q, k, v, qp, kp, vp, out, op, bias, lse, extras, voh, stride_biasb,
-                table, scale, loop_pass, key_bias is not None, use_tma)
+        _launch(kernel, grid, meta, (q, k, v, qp, kp, vp, out, op, bias, lse), fp8, extras, voh, stride_biasb,
+                table, N, D, scale, loop_pass, key_bias is not None, use_tma)
     if use_tma:  # rows of the permuted-query heads back to their positions
         _permute_rows_kernel[copy_grid](out, op, extras["orders"], extras["q_order"], voh,
                                         out.stride(0), out.stride(1), out.stride(2), H, N,
@@ -604,13 +654,23 @@ def block_sparse_attention(
     return out
 
 
-def _launch(kernel, grid, meta, q, k, v, qp, kp, vp, out, op, bias, lse, extras, voh, stride_biasb,
-            table: PlanTable, scale: float | None, loop_pass: int, has_bias: bool, use_tma: bool) -> None:
-    """One launch of the attention kernel (one ``LOOP`` pass) over every (query block, batch x head)."""
-    B, H, N, D = q.shape
+def _launch(kernel, grid, meta, tensors: tuple, fp8: Fp8Copies | None, extras, voh, stride_biasb,
+            table: PlanTable, N: int, D: int, scale: float | None, loop_pass: int, has_bias: bool,
+            use_tma: bool) -> None:
+    """One launch of the attention kernel (one ``LOOP`` pass) over every (query block, batch x head).
+
+    ``tensors``: q, k, v, their scratch copies, out, its scratch, the bias and the LSE buffer; the
+    strides of q, k, v address both a tensor and its copy (with ``fp8``, both are the e4m3 copy).
+    """
+    q, k, v, qp, kp, vp, out, op, bias, lse = tensors
+    H = q.shape[1]
     P, Mq, Mk = table.kv_indices.shape
+    if fp8 is None:
+        scales, n_pad = (bias, bias, bias), N  # never read
+    else:
+        scales, n_pad = (fp8.q_scale, fp8.k_scale, fp8.v_scale), fp8.n_pad
     kernel[grid](
-        q, k, v, qp, kp, vp, out, op, bias, lse,
+        q, k, v, qp, kp, vp, out, op, bias, lse, *scales,
         extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
         extras["kv_num_blocks"], extras["num_masked"], extras["kv_indices"], voh,
         q.stride(0), q.stride(1), q.stride(2),
@@ -619,10 +679,10 @@ def _launch(kernel, grid, meta, q, k, v, qp, kp, vp, out, op, bias, lse, extras,
         out.stride(0), out.stride(1), out.stride(2),
         stride_biasb,
         H, N, table.layout.prefix, table.layout.prefix + table.layout.video_tokens, Mq, Mk,
-        float(scale if scale is not None else D ** -0.5),
+        float(scale if scale is not None else D ** -0.5), n_pad,
         N_BUCKET=triton.next_power_of_2(N),
         HEAD_DIM=D, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
         USE_TMA=use_tma, LOOP=loop_pass, HAS_BIAS=has_bias, EVEN_N=N % table.block_n == 0,
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16, FP8=fp8 is not None,
         **meta,
     )

@@ -100,12 +100,26 @@ def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, attn_mask: torch
     return None
 
 
-def choose_kernel(option: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[str, str]:
+def choose_kernel(
+    option: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, precision: str = "bf16"
+) -> tuple[str, str]:
     """``("triton" | "reference", "")``, or ``("", reason)`` when the call must stay dense SDPA.
 
     One policy for the compile-time pass and the run-time op: the O(N^2) PyTorch path is no option
-    at GPU sizes, so a CUDA call the kernel cannot run stays dense rather than going to it.
+    at GPU sizes, so a CUDA call the kernel cannot run stays dense rather than going to it. FP8
+    (``precision="fp8"``) runs on the Triton kernel with TMA loads only.
     """
+    kernel, reason = _kernel_for(option, q, k, attn_mask)
+    if kernel and precision == "fp8":
+        from rf_compile.kernels.block_sparse import fp8_runs
+
+        if kernel != "triton" or not fp8_runs(q.device):
+            return "", (f"precision='fp8' needs the Triton kernel on a Hopper GPU (TMA loads); this call has the "
+                        f"{kernel} kernel on {q.device.type}: use precision='bf16'")
+    return kernel, reason
+
+
+def _kernel_for(option: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[str, str]:
     if option == "reference":
         return "reference", ""
     reason = kernel_unsupported_reason(q, k, attn_mask)
@@ -126,16 +140,19 @@ def run_plan(
     scale: float | None,
     kernel: str,
     out: torch.Tensor | None = None,
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """Each (batch, head) under its plan (a row of ``table``): the Triton kernel or the PyTorch path.
 
-    ``kernel`` is ``"triton"`` or ``"reference"`` (``choose_kernel``); ``attn_mask`` a key-padding mask.
+    ``kernel`` is ``"triton"`` or ``"reference"`` (``choose_kernel``, which also vetted ``precision``);
+    ``attn_mask`` a key-padding mask.
     """
     if kernel == "triton":
         from rf_compile.kernels.block_sparse import block_sparse_attention
 
         bias = key_padding_bias(attn_mask, q.shape[0], k.shape[-2])
-        return block_sparse_attention(q, k, v, table, variant_of_head.int(), scale=scale, key_bias=bias, out=out)
+        return block_sparse_attention(q, k, v, table, variant_of_head.int(), scale=scale, key_bias=bias, out=out,
+                                      precision=precision)
     result = torch_sparse_attention(q, k, v, table, variant_of_head, attn_mask, scale)
     return result if out is None else out.copy_(result)
 
@@ -193,7 +210,7 @@ def sparse_attention(
     _check_inputs(q, k, v, layout)
     if config.mode == "dense":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    kernel, reason = choose_kernel(config.kernel, q, k, attn_mask)
+    kernel, reason = choose_kernel(config.kernel, q, k, attn_mask, config.precision)
     if not kernel:
         raise ValueError(f"sparse_attention cannot run this call: {reason}")
     if config.mode == "v2":
@@ -201,7 +218,7 @@ def sparse_attention(
     else:
         table = build_plan_table(layout, variants_for(config), q.device)
         variant_of_head = arm.classify_variants(q, k, layout, config, scale)
-    return run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel)
+    return run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, precision=config.precision)
 
 
 def v2_plan(
@@ -256,7 +273,7 @@ def attention(
         state.note_dense(layout)
         return _dense_call(q, k, v, attn_mask, query_mask, scale)
     _check_inputs(q, k, v, layout)
-    kernel, reason = choose_kernel(spec.config.kernel, q, k, attn_mask)
+    kernel, reason = choose_kernel(spec.config.kernel, q, k, attn_mask, spec.config.precision)
     if not kernel:
         state.note_dense(reason)
         return _dense_call(q, k, v, attn_mask, query_mask, scale)
@@ -281,7 +298,7 @@ def attention(
         shape.recall.copy_(torch.where(call.run_arm, new_recall, shape.recall))
         variant_of_head = torch.where(call.dense, len(shape.variants) - 1, shape.variant)
         _record(shape, call.dense, table)
-    out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out)
+    out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out, config.precision)
     return _zero_masked_rows(out, query_mask)
 
 

@@ -33,7 +33,7 @@ def assign_layouts(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         hints = hint_bindings(gm, ctx.symbols)
     snapshot: _Snapshot | None = None
     for site in candidates:
-        kernel, reason = choose_kernel(config.kernel, *_kernel_inputs(site))
+        kernel, reason = choose_kernel(config.kernel, *_kernel_inputs(site), config.precision)
         if not kernel:
             site.make_dense(reason)
             continue
