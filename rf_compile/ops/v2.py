@@ -89,10 +89,14 @@ def block_means(x: torch.Tensor, static: _Static, block: int) -> torch.Tensor:
     return torch.matmul(static.pooling.to(x.dtype), x).float()
 
 
+def keep_count(key_blocks: int, config: RainFusionConfig) -> int:
+    """Most key blocks selected per query block: ``ceil(key_blocks * (1 - sparsity))``, at least 1."""
+    return max(1, math.ceil(key_blocks * (1.0 - config.sparsity)))
+
+
 def select_blocks(scores: torch.Tensor, config: RainFusionConfig) -> torch.Tensor:
     """Bool [..., Mk]: key blocks chosen per query block from predicted probabilities [..., Mk]."""
-    Mk = scores.shape[-1]
-    keep_max = max(1, math.ceil(Mk * (1.0 - config.sparsity)))
+    keep_max = keep_count(scores.shape[-1], config)
     top = scores.topk(keep_max, dim=-1)
     if config.select == "mass":  # the smallest prefix of the top blocks covering ``mass``, at least one
         covered_before = top.values.cumsum(-1) - top.values
@@ -139,7 +143,6 @@ class _Static:
     always: torch.Tensor  # bool [M, M]: text/sink rows and columns, and the diagonal
     plan_order: torch.Tensor  # int32 [P] of ones: every plan reads order 1
     kv_valid: torch.Tensor  # int32 [P] of N
-    block_index: torch.Tensor  # [M]
 
 
 @functools.lru_cache(maxsize=32)
@@ -160,20 +163,45 @@ def _static(layout, tile, sinks, block, device: str, plans: int) -> _Static:
         always=always.to(device),
         plan_order=ones.to(device),
         kv_valid=(ones * N).to(device),
-        block_index=torch.arange(M, device=device),
     )
+
+
+def block_lists(
+    pooled_q: torch.Tensor,
+    pooled_k: torch.Tensor,
+    always: torch.Tensor,
+    scale: float,
+    config: RainFusionConfig,
+    dense: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block lists of v2 plans from block means: scores, softmax, selection, forced blocks.
+
+    Parameters
+    ----------
+    pooled_q, pooled_k: float32 [P, M, D]
+        Block means, one plan per (batch element, head).
+    always: bool [M, M]
+        Blocks every plan keeps; ``dense`` (bool scalar on the device): keep every block.
+
+    Returns
+    -------
+    kv_num_blocks int32 [P, M], kv_indices int32 [P, M, M], block_full bool [P, M, M]
+    """
+    M = always.shape[0]
+    scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
+    chosen = select_blocks(scores, config) | always
+    if dense is not None:
+        chosen = chosen | dense
+    kv_num_blocks, kv_indices = listed_blocks(chosen)
+    return kv_num_blocks, kv_indices, torch.arange(M, device=always.device) < kv_num_blocks[..., None]
 
 
 def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.Tensor | None) -> PlanTable:
     B, H, N, D = q.shape
-    scale = D**-0.5 if scale is None else scale
-    pooled_q, pooled_k = block_means(q, static, block), block_means(k, static, block)
-    scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    chosen = select_blocks(scores, config) | static.always
-    if dense is not None:
-        chosen = chosen | dense
     M = static.always.shape[0]
-    kv_num_blocks, kv_indices = listed_blocks(chosen.view(B * H, M, M))
+    scale = D**-0.5 if scale is None else scale
+    pooled_q, pooled_k = (block_means(x, static, block).reshape(B * H, M, D) for x in (q, k))
+    kv_num_blocks, kv_indices, block_full = block_lists(pooled_q, pooled_k, static.always, scale, config, dense)
     return PlanTable(
         layout=layout,
         variants=(),
@@ -184,7 +212,7 @@ def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.T
         kv_valid=static.kv_valid,
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,
-        block_full=static.block_index < kv_num_blocks[..., None],
+        block_full=block_full,
         block_m=block,
         block_n=block,
     )
