@@ -5,7 +5,10 @@
    (tiled within the frame), then slabs of ``tile[0]`` frames cut into whole tiles, then each
    slab's leftover rows and columns in raster order. Text stays where it was.
 2. Q and K are mean-pooled per block in that order; pooled scores (softmax over key blocks)
-   predict which key blocks each query block needs: top-k or cumulative mass.
+   predict which key blocks each query block needs: top-k or cumulative mass. On CUDA the scores,
+   the selection, the forced blocks and the block lists are one Triton kernel
+   (``kernels.block_select``); the PyTorch path (``select_blocks``, ``listed_blocks``) is its
+   reference and the CPU path.
 3. Text blocks and sink blocks are always attended (rows and columns), so is the diagonal.
 The result is a ``PlanTable`` with one plan per (batch element, head), run by the same
 block-sparse kernel as v1. Everything is computed on the device; the host never waits.
@@ -95,7 +98,10 @@ def keep_count(key_blocks: int, config: RainFusionConfig) -> int:
 
 
 def select_blocks(scores: torch.Tensor, config: RainFusionConfig) -> torch.Tensor:
-    """Bool [..., Mk]: key blocks chosen per query block from predicted probabilities [..., Mk]."""
+    """Bool [..., Mk]: key blocks chosen per query block from predicted probabilities [..., Mk].
+
+    The PyTorch path and the reference of ``kernels.block_select``, which does this and the lists in one pass.
+    """
     keep_max = keep_count(scores.shape[-1], config)
     top = scores.topk(keep_max, dim=-1)
     if config.select == "mass":  # the smallest prefix of the top blocks covering ``mass``, at least one
@@ -114,15 +120,18 @@ def predict_plan(
     scale: float | None = None,
     block: int = BLOCK_M,
     dense: torch.Tensor | None = None,
+    fused: bool | None = None,
 ) -> PlanTable:
     """One block plan per (batch element, head) from block means; variant id of head (b, h) is ``b * H + h``.
 
     ``block`` is the kernel block (query and key); tests use small ones on small layouts.
     ``dense`` (a bool scalar on the device) selects every block: a dense warm-up call, decided
-    on the device.
+    on the device. ``fused`` selects blocks with the Triton kernel ``kernels.block_select`` (scores,
+    softmax, selection, forced blocks and lists in one pass) instead of the PyTorch path; ``None``:
+    on CUDA. ``fused=True`` on CPU tensors needs Triton's interpreter (``TRITON_INTERPRET=1``).
     """
     static = warm_static(q, layout, config, block)
-    return _predict(q, k, layout, config, scale, static, block, dense)
+    return _predict(q, k, layout, config, scale, static, block, dense, q.is_cuda if fused is None else fused)
 
 
 def warm_static(q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, block: int = BLOCK_M) -> _Static:
@@ -173,6 +182,7 @@ def block_lists(
     scale: float,
     config: RainFusionConfig,
     dense: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block lists of v2 plans from block means: scores, softmax, selection, forced blocks.
 
@@ -182,12 +192,20 @@ def block_lists(
         Block means, one plan per (batch element, head).
     always: bool [M, M]
         Blocks every plan keeps; ``dense`` (bool scalar on the device): keep every block.
+    fused:
+        One Triton pass (``kernels.block_select``) instead of the PyTorch path (``select_blocks`` and
+        ``listed_blocks``, with [P, M, M] intermediates); the same lists where probabilities do not tie.
 
     Returns
     -------
     kv_num_blocks int32 [P, M], kv_indices int32 [P, M, M], block_full bool [P, M, M]
     """
     M = always.shape[0]
+    if fused:
+        from rf_compile.kernels.block_select import block_select
+
+        mass = config.mass if config.select == "mass" else None
+        return block_select(pooled_q, pooled_k, always, scale, keep_count(M, config), mass, dense)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
     chosen = select_blocks(scores, config) | always
     if dense is not None:
@@ -196,12 +214,12 @@ def block_lists(
     return kv_num_blocks, kv_indices, torch.arange(M, device=always.device) < kv_num_blocks[..., None]
 
 
-def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.Tensor | None) -> PlanTable:
+def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.Tensor | None, fused: bool) -> PlanTable:
     B, H, N, D = q.shape
     M = static.always.shape[0]
     scale = D**-0.5 if scale is None else scale
     pooled_q, pooled_k = (block_means(x, static, block).reshape(B * H, M, D) for x in (q, k))
-    kv_num_blocks, kv_indices, block_full = block_lists(pooled_q, pooled_k, static.always, scale, config, dense)
+    kv_num_blocks, kv_indices, block_full = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused)
     return PlanTable(
         layout=layout,
         variants=(),
