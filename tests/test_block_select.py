@@ -144,6 +144,21 @@ def test_tie_at_the_threshold_fills_by_index():
     assert idx[0, :, :4].tolist() == [[1, 2, 3, 10]] * M
 
 
+def test_rows_longer_than_the_kernel_take_the_torch_path(monkeypatch):
+    from rf_compile.kernels import block_select as kernel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the kernel ran on rows longer than MAX_BLOCKS")
+
+    M, D = 20, 16
+    pooled_q, pooled_k = (torch.randn(2, M, D, device=DEVICE) for _ in range(2))
+    always = forced_blocks(M, forced=1)
+    reference = v2.block_lists(pooled_q, pooled_k, always, 0.25, CONFIGS["topk"])
+    monkeypatch.setattr(kernel, "MAX_BLOCKS", M - 1)
+    monkeypatch.setattr(kernel, "block_select", refuse)
+    assert_same_lists(v2.block_lists(pooled_q, pooled_k, always, 0.25, CONFIGS["topk"], fused=True), reference)
+
+
 LAYOUTS = [
     VideoLayout(5, 6, 9, prefix=7, suffix=3),  # N = 280: text on both sides, ragged last block
     VideoLayout(4, 9, 10),  # N = 360

@@ -51,7 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_BLOCKS = 4096  # key blocks per row the register tile is sized for (N <= 524k tokens at 128-token blocks)
+# Key blocks per row (N <= 262k tokens at 128-token blocks): tl.dot stages the [16, M_PAD] fp32 key slice in
+# shared memory, 128 KB at 2048 (Hopper and A100 have 227 / 163 KB); ops.v2 takes the PyTorch path beyond.
+MAX_BLOCKS = 2048
 _TILE_VALUES = 16384  # BLOCK_Q * M_PAD: the probabilities a program holds (up to M_PAD = 1024 at 16 rows)
 _ONE_BITS = 0x3F800000  # float32 1.0 as int32: probabilities' bit patterns lie in [0, _ONE_BITS]
 _BISECT_STEPS = 30  # 2**30 > _ONE_BITS + 1

@@ -195,6 +195,7 @@ def block_lists(
     fused:
         One Triton pass (``kernels.block_select``) instead of the PyTorch path (``select_blocks`` and
         ``listed_blocks``, with [P, M, M] intermediates); the same lists where probabilities do not tie.
+        Rows of more than ``block_select.MAX_BLOCKS`` blocks take the PyTorch path.
 
     Returns
     -------
@@ -202,10 +203,11 @@ def block_lists(
     """
     M = always.shape[0]
     if fused:
-        from rf_compile.kernels.block_select import block_select
+        from rf_compile.kernels.block_select import MAX_BLOCKS, block_select
 
-        mass = config.mass if config.select == "mass" else None
-        return block_select(pooled_q, pooled_k, always, scale, keep_count(M, config), mass, dense)
+        if M <= MAX_BLOCKS:
+            mass = config.mass if config.select == "mass" else None
+            return block_select(pooled_q, pooled_k, always, scale, keep_count(M, config), mass, dense)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
     chosen = select_blocks(scores, config) | always
     if dense is not None:
