@@ -80,15 +80,20 @@ def pooling_matrix(
     return matrix.to(device)
 
 
-def block_means(x: torch.Tensor, static: _Static, block: int) -> torch.Tensor:
+def block_means(x: torch.Tensor, static: _Static, block: int, blocks_fastest: bool = False) -> torch.Tensor:
     """Mean of ``x`` [B, H, N, D] over the tokens of each block -> float32 [B, H, blocks, D].
 
     On CUDA a Triton kernel reads x once; elsewhere one matmul with the averaging matrix.
+    ``blocks_fastest``: on CUDA, the result is a view of [B, H, D, blocks] memory (the same values),
+    the layout ``kernels.block_select`` reads key means in.
     """
     if x.is_cuda:
         from rf_compile.kernels.block_mean import block_means as triton_block_means
 
-        return triton_block_means(x, static.orders[1], block)
+        B, H, N, D = x.shape
+        M = -(-N // block)
+        out = torch.empty(B, H, D, M, device=x.device).transpose(-1, -2) if blocks_fastest else None
+        return triton_block_means(x, static.orders[1], block, out)
     return torch.matmul(static.pooling.to(x.dtype), x).float()
 
 
@@ -220,7 +225,8 @@ def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.T
     B, H, N, D = q.shape
     M = static.always.shape[0]
     scale = D**-0.5 if scale is None else scale
-    pooled_q, pooled_k = (block_means(x, static, block).reshape(B * H, M, D) for x in (q, k))
+    pooled_q = block_means(q, static, block).reshape(B * H, M, D)
+    pooled_k = block_means(k, static, block, blocks_fastest=True).reshape(B * H, M, D)  # a view
     kv_num_blocks, kv_indices, block_full = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused)
     return PlanTable(
         layout=layout,
