@@ -106,11 +106,11 @@ def test_dense_flag_keeps_every_block(select):
 
 
 def test_strided_pooled_means():
-    """Pooled means as views (a [B, H, M, D] tensor transposed, or one slice of a stacked pair)."""
+    """Key means in [P, D, M] memory (as v2 writes them on CUDA), query means a slice of a stacked pair."""
     M, D = 19, 32
-    stacked = torch.randn(2, 3, M, 2, D, device=DEVICE)
-    pooled_q, pooled_k = stacked[..., 0, :].reshape(6, M, D), stacked[..., 1, :].transpose(0, 1).reshape(6, M, D)
-    pooled_q = pooled_q.transpose(1, 2).contiguous().transpose(1, 2)  # [P, M, D] with M the fast dimension
+    stacked = torch.randn(6, M, 2, D, device=DEVICE)
+    pooled_q = stacked[:, :, 0]
+    pooled_k = torch.randn(6, D, M, device=DEVICE).transpose(1, 2)
     always = forced_blocks(M, forced=3)
     assert_same_lists(*both_paths(pooled_q, pooled_k, always, 0.3, CONFIGS["topk"]))
 

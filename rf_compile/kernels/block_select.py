@@ -10,13 +10,20 @@ bool and int8 masks of that size, and sorts every row (int64 indices).
 
 Design
 ------
-Grid ``(cdiv(M, BLOCK_Q), plans)``: a program holds the fp32 probabilities of ``BLOCK_Q`` query blocks
-against all ``M_PAD`` (next power of two of M) key blocks in registers, ``BLOCK_Q * M_PAD <= 16384``
-values (32 per thread at 16 warps), never a [M, D] tile: scores are ``tl.dot`` of the [BLOCK_Q, BLOCK_D]
-pooled queries with [BLOCK_D, M_PAD] slices of the pooled keys, accumulated over the head dim in fp32
-(``input_precision="ieee"``, as the PyTorch path's fp32 matmul; TF32 would change the selection near
-ties). A tile of query blocks rather than one row: ``tl.dot`` needs 16 rows, and each program reads
-the plan's pooled keys (M x D x 4 bytes, from L2) once for ``BLOCK_Q`` rows.
+Grid ``(cdiv(M, BLOCK_Q), plans)``, ``BLOCK_Q`` = 16 query blocks at M_PAD = 512-1024 (M_PAD: M padded
+to a power of two, at least 32; ``launch_shape``). A program holds the fp32 probabilities of its rows
+against all key blocks as a [C, BLOCK_Q, 32] tile, key block ``c * 32 + lane``: Triton lays the last
+dim over a warp's lanes and the middle one over warps, so one warp owns one (or two) rows, each thread
+C = M_PAD / 32 values of it (32 at M = 591), every row reduction of the selection stays inside a warp
+(no shared memory, no barrier) and a per-row value is one register. Never an [M, D] tile: the scores
+are fp32 outer products over the head dim, one pooled-query value per row and one pooled-key row per
+step, the keys read along M (coalesced: v2 writes the key means as [D, M] memory) and shared by the
+warps through L1; the key load is shaped like the tile so that Triton keeps this layout (a [C, 1, 32]
+load put warps over key blocks, and every reduction went through shared memory). fp32 FMAs, not
+TF32, as the PyTorch path's fp32 matmul (TF32 changes selections near ties); ``tl.dot``'s FMA path
+was tried first and spilled ([16, M_PAD] operand slices per thread).
+Several rows per program share each pooled-key read (M x D x 4 bytes from L2): 16 rows cut that
+traffic to 0.9 GB at the size below.
 
 Selection is exact on the probabilities without sorting. The bits of a non-negative float32 order
 like its value, so a bisection over int32 bit patterns (30 steps cover [0, bits(1.0)]) finds
@@ -37,12 +44,13 @@ position ``before`` and a dropped one to ``count + (j - before)`` (it holds 0), 
 [0, M): one scattered store writes the whole row, as ``listed_blocks`` would.
 
 Cost (Wan2.1-14B 720p: N = 75,600, M = 591 -> M_PAD = 1024, 40 heads, CFG batch 2 -> 80 plans, 2,960
-programs of 16 query blocks): the scores are 80 x 591 x 1024 x 128 = 6.2 G fp32 FMA (padding included),
-the bisections 30 (top-k) or 60 (mass) steps of a compare and a row sum over 47k rows x 1024 values
-(~6-12 G simple ops), ~0.9 GB of pooled-key reads from L2 and 140 MB of writes (the int32 index lists
-and the full flags, as any plan of this format): ~0.3-0.5 ms on an H200, plus the block means (reading
-q and k once, 3.1 GB: ~0.7 ms). Dense attention there is 4 x 80 x 75,600^2 x 128 = 234 TFLOP, ~0.35 s:
-prediction ~0.3% of it. Estimates, not measurements (``benchmarks/attention.py`` records ``predict_share``).
+programs of 16 warps): the scores are 80 x 591 x 1024 x 128 = 6.2 G fp32 FMA (padding included) with a
+pooled-key load from L1 per FMA, ~0.5-0.8 ms if L1-bound; the bisections 30 (top-k) or 60 (mass) steps
+of a compare and an in-warp row sum over 47k rows x 1024 values (~6-12 G simple ops, ~0.2-0.4 ms); 140
+MB of writes (the int32 lists and full flags, as any plan in this format). Plus the block means, which
+read q and k once (3.1 GB, ~0.7 ms). Dense attention there is 4 x 80 x 75,600^2 x 128 = 234 TFLOP,
+~0.35 s: prediction ~0.5% of it. Estimates, not measurements (``benchmarks/attention.py`` records
+``predict_share``).
 """
 
 from __future__ import annotations
@@ -51,12 +59,26 @@ import torch
 import triton
 import triton.language as tl
 
-# Key blocks per row (N <= 262k tokens at 128-token blocks): tl.dot stages the [16, M_PAD] fp32 key slice in
-# shared memory, 128 KB at 2048 (Hopper and A100 have 227 / 163 KB); ops.v2 takes the PyTorch path beyond.
+# Key blocks per row (N <= 262k tokens at 128-token blocks): a thread holds M_PAD / 32 probabilities of its
+# row, 64 at 2048 (255 registers, no spills); ops.v2 takes the PyTorch path beyond.
 MAX_BLOCKS = 2048
-_TILE_VALUES = 16384  # BLOCK_Q * M_PAD: the probabilities a program holds (up to M_PAD = 1024 at 16 rows)
+_LANES = 32  # key blocks c * _LANES + lane: the last tile dim, over a warp's lanes
 _ONE_BITS = 0x3F800000  # float32 1.0 as int32: probabilities' bit patterns lie in [0, _ONE_BITS]
 _BISECT_STEPS = 30  # 2**30 > _ONE_BITS + 1
+
+
+@triton.jit
+def _row_sum(x):
+    """Sum over the key blocks of a [C, BLOCK_Q, LANES] tile -> [1, BLOCK_Q, 1] (in-thread, then in-warp)."""
+    return tl.sum(tl.sum(x, axis=2, keep_dims=True), axis=0, keep_dims=True)
+
+
+@triton.jit
+def _row_cumsum(x):
+    """Inclusive prefix sum over the key blocks (column ``c * LANES + lane``) of a [C, BLOCK_Q, LANES] tile."""
+    inner = tl.cumsum(x, axis=2)
+    chunk = tl.sum(x, axis=2, keep_dims=True)
+    return inner + tl.cumsum(chunk, axis=0) - chunk
 
 
 @triton.jit
@@ -65,85 +87,100 @@ def _block_select_kernel(
     stride_qp, stride_qm, stride_qd,
     stride_kp, stride_km, stride_kd,
     M, keep, mass, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, M_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, M_PAD: tl.constexpr, LANES: tl.constexpr,
     MASS: tl.constexpr, HAS_DENSE: tl.constexpr, ONE_BITS: tl.constexpr, STEPS: tl.constexpr,
 ):  # fmt: skip
-    pid_q = tl.program_id(0)
+    # A tile is [C, BLOCK_Q, LANES] with key block c * LANES + lane: Triton lays the last dim over a warp's
+    # lanes and the middle one over warps, so a query block's row lives in one warp (in-warp reductions,
+    # one register per row value) and each thread holds C = M_PAD / LANES of its key blocks.
+    C: tl.constexpr = M_PAD // LANES
+    row0 = tl.program_id(0) * BLOCK_Q
     plan = tl.program_id(1).to(tl.int64)
-    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    cols = tl.arange(0, M_PAD)
-    live_row = rows < M
+    local = tl.arange(0, BLOCK_Q)[None, :, None]  # in-tile offsets stay int32, bases are int64 scalars
+    cols = tl.arange(0, C)[:, None, None] * LANES + tl.arange(0, LANES)[None, None, :]  # [C, 1, LANES]
+    live_row = row0 + local < M
     live_col = cols < M
-    live = live_row[:, None] & live_col[None, :]
+    live = live_row & live_col
 
-    # -- scores: pooled queries x pooled keys, fp32, over head-dim slices --
-    q_base = PooledQ + plan * stride_qp + rows[:, None].to(tl.int64) * stride_qm
-    k_base = PooledK + plan * stride_kp + cols[None, :].to(tl.int64) * stride_km
-    acc = tl.zeros([BLOCK_Q, M_PAD], tl.float32)
-    for d0 in tl.static_range(0, HEAD_DIM, BLOCK_D):
-        dq = d0 + tl.arange(0, BLOCK_D)
-        q = tl.load(q_base + dq[None, :] * stride_qd, mask=live_row[:, None] & (dq[None, :] < HEAD_DIM), other=0.0)
-        k = tl.load(k_base + dq[:, None] * stride_kd, mask=(dq[:, None] < HEAD_DIM) & live_col[None, :], other=0.0)
-        acc = tl.dot(q, k, acc, input_precision="ieee")
+    # -- scores: fp32 outer products over the head dim, one pooled-key row per step (coalesced along M
+    # when the keys are [D, M] in memory); tl.dot's FMA path held [16, M_PAD] operand slices and spilled --
+    q_ptrs = PooledQ + plan * stride_qp + row0.to(tl.int64) * stride_qm + local * stride_qm
+    k_ptrs = PooledK + plan * stride_kp + cols * stride_km
+    acc = tl.zeros([C, BLOCK_Q, LANES], tl.float32)
+    for d in range(HEAD_DIM):
+        q = tl.load(q_ptrs + d * stride_qd, mask=live_row, other=0.0)
+        k = tl.load(k_ptrs + d * stride_kd, mask=live, other=0.0)  # [C, BLOCK_Q, LANES]: the tile's layout
+        acc += q * k
 
     # -- softmax over key blocks (qk_scale includes log2(e): exp2) --
-    s = tl.where(live_col[None, :], acc * qk_scale, float("-inf"))
-    p = tl.exp2(s - tl.max(s, 1)[:, None])
-    p = p / tl.sum(p, 1)[:, None]
-    bits = tl.where(live_col[None, :], p.to(tl.int32, bitcast=True), -1)  # padding never counts
+    s = tl.where(live_col, acc * qk_scale, float("-inf"))
+    p = tl.exp2(s - tl.max(tl.max(s, axis=2, keep_dims=True), axis=0, keep_dims=True))
+    p = p / _row_sum(p)
+    bits = p.to(tl.int32, bitcast=True)  # padding columns: p = 0, never counted (live_col below)
 
     # -- how many blocks to keep --
-    count = tl.full([BLOCK_Q], 0, tl.int32) + keep
+    count = tl.full([1, BLOCK_Q, 1], 0, tl.int32) + keep
     if MASS:
         # Lowest t with sum(p[bits > t]) < mass (true at ONE_BITS; lo = -1 is never tested).
-        lo = tl.full([BLOCK_Q], -1, tl.int32)
-        hi = tl.full([BLOCK_Q], ONE_BITS, tl.int32)
+        lo = tl.full([1, BLOCK_Q, 1], -1, tl.int32)
+        hi = tl.full([1, BLOCK_Q, 1], ONE_BITS, tl.int32)
         for _ in range(STEPS):
             mid = lo + (hi - lo) // 2
-            above = tl.sum(tl.where(bits > mid[:, None], p, 0.0), 1)
-            covered = above < mass
+            covered = _row_sum(tl.where(bits > mid, p, 0.0)) < mass  # padding adds 0
             hi = tl.where(covered, mid, hi)
             lo = tl.where(covered, lo, mid)
-        above = tl.sum(tl.where(bits > hi[:, None], p, 0.0), 1)
-        n_above = tl.sum((bits > hi[:, None]).to(tl.int32), 1)
-        n_tied = tl.sum((bits == hi[:, None]).to(tl.int32), 1)
+        above = _row_sum(tl.where(bits > hi, p, 0.0))
+        n_above = _row_sum(((bits > hi) & live_col).to(tl.int32))
+        n_tied = _row_sum(((bits == hi) & live_col).to(tl.int32))
         value = hi.to(tl.float32, bitcast=True)
         # The j-th of the tie group (j from 0) is kept while above + j * value < mass.
         n_fit = tl.where(value > 0, tl.ceil((mass - above) / tl.maximum(value, 1e-38)), float("inf"))
         n_tie_kept = tl.minimum(n_fit, n_tied.to(tl.float32)).to(tl.int32)  # clamped before the cast
-        count = tl.minimum(count, n_above + n_tie_kept)
-        count = tl.maximum(count, 1)
+        count = tl.maximum(tl.minimum(count, n_above + n_tie_kept), 1)
 
     # -- the count-th largest value: largest t with #(bits >= t) >= count --
-    lo = tl.full([BLOCK_Q], 0, tl.int32)
-    hi = tl.full([BLOCK_Q], ONE_BITS + 1, tl.int32)
+    lo = tl.full([1, BLOCK_Q, 1], 0, tl.int32)
+    hi = tl.full([1, BLOCK_Q, 1], ONE_BITS + 1, tl.int32)
     for _ in range(STEPS):
         mid = lo + (hi - lo) // 2
-        enough = tl.sum((bits >= mid[:, None]).to(tl.int32), 1) >= count
+        enough = _row_sum(((bits >= mid) & live_col).to(tl.int32)) >= count
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
-    above = bits > lo[:, None]
-    tied = bits == lo[:, None]
-    need = count - tl.sum(above.to(tl.int32), 1)
-    tie_rank = tl.cumsum(tied.to(tl.int32), 1) - 1  # lowest key-block index first among ties
-    chosen = above | (tied & (tie_rank < need[:, None]))
+    above = (bits > lo) & live_col
+    tied = (bits == lo) & live_col
+    need = count - _row_sum(above.to(tl.int32))
+    tie_rank = _row_cumsum(tied.to(tl.int32)) - 1  # lowest key-block index first among ties
+    chosen = above | (tied & (tie_rank < need))
 
     # -- forced blocks and the dense flag --
-    always_ptrs = Always + rows[:, None].to(tl.int64) * M + cols[None, :]
-    chosen = chosen | (tl.load(always_ptrs, mask=live, other=0) != 0)
+    tile = local * M + cols  # int32 offsets inside the tile's rows
+    chosen = chosen | (tl.load(Always + row0.to(tl.int64) * M + tile, mask=live, other=0) != 0)
     if HAS_DENSE:
         chosen = chosen | (tl.load(Dense) != 0)
-    chosen = chosen & live_col[None, :]
+    chosen = chosen & live_col
 
     # -- lists: kept blocks ascending, then zeros; one scattered store of a permutation of [0, M) --
     kept = chosen.to(tl.int32)
-    before = tl.cumsum(kept, 1) - kept
-    total = tl.sum(kept, 1)
-    position = tl.where(chosen, before, total[:, None] + cols[None, :] - before)
-    out_row = (plan * M + rows[:, None].to(tl.int64)) * M
-    tl.store(Indices + out_row + position, tl.where(chosen, cols[None, :], 0), mask=live)
-    tl.store(Full + out_row + cols[None, :], (cols[None, :] < total[:, None]).to(tl.uint8), mask=live)
-    tl.store(NumBlocks + plan * M + rows, total, mask=live_row)
+    before = _row_cumsum(kept) - kept
+    total = _row_sum(kept)
+    position = tl.where(chosen, before, total + cols - before)
+    base = (plan * M + row0) * M
+    tl.store(Indices + base + local * M + position, tl.where(chosen, cols, 0), mask=live)
+    tl.store(Full + base + tile, (cols < total).to(tl.uint8), mask=live)
+    tl.store(NumBlocks + plan * M + row0 + local, total, mask=live_row)
+
+
+def launch_shape(M: int) -> tuple[int, int, int]:
+    """(M_PAD, BLOCK_Q, num_warps) for rows of ``M`` key blocks.
+
+    A warp holds one query-block row (two when M_PAD <= 256) at up to 32 values per thread, 64 at M_PAD = 2048
+    (8 warps of up to 255 registers): no spills for sm_90 (``benchmarks/kernel_resources.py --kernel block_select``).
+    """
+    m_pad = max(_LANES, triton.next_power_of_2(M))
+    per_thread = m_pad // _LANES  # key blocks of one row a thread holds
+    warps, rows_per_warp = (8, 1) if per_thread >= 64 else (16, 1 if per_thread >= 16 else 2)
+    block_q = min(warps * rows_per_warp, triton.next_power_of_2(M))
+    return m_pad, block_q, min(warps, block_q)
 
 
 def block_select(
@@ -161,7 +198,8 @@ def block_select(
     Parameters
     ----------
     pooled_q, pooled_k: float32 [P, M, D]
-        Block means of queries and keys, one plan per (batch element, head); any strides.
+        Block means of queries and keys, one plan per (batch element, head); any strides. Key means in
+        [P, D, M] memory (M fastest) are read coalesced.
     always: bool [M, M]
         Blocks every plan keeps (text and sink rows and columns, the diagonal); contiguous.
     scale:
@@ -175,7 +213,7 @@ def block_select(
         Optional bool scalar on the device: when True every block is kept (dense warm-up). Never read
         on the host.
     num_warps:
-        Override of the launch's warps (default: 32 tile values per thread, 4 to 16 warps).
+        Override of the launch's warps (default: ``launch_shape``).
 
     Returns
     -------
@@ -194,10 +232,7 @@ def block_select(
     assert 1 <= keep <= M, f"keep must be in [1, {M}], got {keep}"
     assert M <= MAX_BLOCKS, f"{M} key blocks: the kernel holds at most {MAX_BLOCKS} per row"
     assert dense is None or dense.numel() == 1, "dense must be a bool scalar"
-    m_pad = max(16, triton.next_power_of_2(M))
-    block_q = max(16, min(64, _TILE_VALUES // m_pad, triton.next_power_of_2(M)))
-    if num_warps is None:  # not measured yet: 32 fp32 values of the [BLOCK_Q, M_PAD] tile per thread
-        num_warps = min(16, max(4, block_q * m_pad // 1024))
+    m_pad, block_q, warps = launch_shape(M)
     device = pooled_q.device
     kv_num_blocks = torch.empty(P, M, dtype=torch.int32, device=device)
     kv_indices = torch.empty(P, M, M, dtype=torch.int32, device=device)
@@ -208,8 +243,8 @@ def block_select(
         pooled_q, pooled_k, always_u8, dense_u8, kv_num_blocks, kv_indices, block_full.view(torch.uint8),
         *pooled_q.stride(), *pooled_k.stride(),
         M, keep, 0.0 if mass is None else float(mass), scale * 1.44269504,  # log2(e): the kernel uses exp2
-        HEAD_DIM=D, BLOCK_D=16, BLOCK_Q=block_q, M_PAD=m_pad,
+        HEAD_DIM=D, BLOCK_Q=block_q, M_PAD=m_pad, LANES=_LANES,
         MASS=mass is not None, HAS_DENSE=dense is not None, ONE_BITS=_ONE_BITS, STEPS=_BISECT_STEPS,
-        num_warps=num_warps,
+        num_warps=warps if num_warps is None else num_warps,
     )  # fmt: skip
     return kv_num_blocks, kv_indices, block_full
