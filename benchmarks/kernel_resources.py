@@ -87,11 +87,13 @@ def cubin_usage(kernel) -> tuple[int, int]:
     return int(regs), int(stack)
 
 
-def select_resources(blocks: int, mass: bool, head_dim: int, target: GPUTarget) -> dict:
+def select_resources(blocks: int, mass: bool, head_dim: int, target: GPUTarget, lane_dim: int | None = None) -> dict:
     """Compile the block selection as its launcher would for rows of ``blocks`` key blocks."""
     fn = block_select._block_select_kernel
     m_pad, block_q, warps = block_select.launch_shape(blocks)
+    lane_dim = block_select._lane_dim() if lane_dim is None else lane_dim
     constants = dict(HEAD_DIM=head_dim, BLOCK_Q=block_q, M_PAD=m_pad, LANES=block_select._LANES, MASS=mass,
+                     LANE_DIM=lane_dim, CHUNK_DIM=2 - lane_dim,
                      HAS_DENSE=True, ONE_BITS=block_select._ONE_BITS, STEPS=block_select._BISECT_STEPS,
                      stride_qd=1, stride_km=1)  # fmt: skip  (query means [P, M, D], key means [P, D, M])
     types = {"PooledQ": "*fp32", "PooledK": "*fp32", "NumBlocks": "*i32", "Indices": "*i32", "mass": "fp32",
@@ -100,23 +102,26 @@ def select_resources(blocks: int, mass: bool, head_dim: int, target: GPUTarget) 
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target,
                             options={"num_warps": warps})  # fmt: skip
     regs, stack = cubin_usage(kernel)
-    return {"blocks": blocks, "m_pad": m_pad, "block_q": block_q, "num_warps": warps,
+    return {"blocks": blocks, "m_pad": m_pad, "block_q": block_q, "num_warps": warps, "lane_dim": lane_dim,
             "select": "mass" if mass else "topk", "registers": regs, "stack_bytes": stack,
             "shared_bytes": kernel.metadata.shared}  # fmt: skip
 
 
 def main_select(args, target: GPUTarget) -> None:
     records = []
-    for blocks in args.blocks:
-        for mass in (False, True):
-            records.append(select_resources(blocks, mass, 128, target))
-            print(records[-1], flush=True)
+    for lane_dim in (block_select._lane_dim(), 2 - block_select._lane_dim()):  # the launcher's, then the other
+        for blocks in args.blocks:
+            for mass in (False, True):
+                records.append(select_resources(blocks, mass, 128, target, lane_dim))
+                print(records[-1], flush=True)
     env = environment()
-    columns = ["blocks", "m_pad", "block_q", "num_warps", "select", "registers", "stack_bytes", "shared_bytes"]
+    columns = ["lane_dim", "blocks", "m_pad", "block_q", "num_warps", "select", "registers", "stack_bytes",
+               "shared_bytes"]
     markdown = (
         f"# v2 block selection kernel resources for sm_90 (compiled offline, triton {triton.__version__})\n\n"
-        f"Command: `{env['command']}`\n\nHead dim 128, the launcher's shape per row length; `stack_bytes` > 0: "
-        "registers spilled to local memory.\n\n"
+        f"Command: `{env['command']}`\n\nHead dim 128, the launcher's shape per row length, with the launcher's "
+        "tile dim of the lanes (first rows) and the other one; `stack_bytes` > 0: registers spilled to local "
+        "memory.\n\n"
         f"{markdown_table(records, columns)}\n"
     )
     write_results(args.out, args.stem, env, records, markdown)

@@ -12,16 +12,18 @@ Design
 ------
 Grid ``(cdiv(M, BLOCK_Q), plans)``, ``BLOCK_Q`` = 16 query blocks at M_PAD = 512-1024 (M_PAD: M padded
 to a power of two, at least 32; ``launch_shape``). A program holds the fp32 probabilities of its rows
-against all key blocks as a [C, BLOCK_Q, 32] tile, key block ``c * 32 + lane``: Triton lays the last
-dim over a warp's lanes and the middle one over warps, so one warp owns one (or two) rows, each thread
-C = M_PAD / 32 values of it (32 at M = 591), every row reduction of the selection stays inside a warp
-(no shared memory, no barrier) and a per-row value is one register. Never an [M, D] tile: the scores
-are fp32 outer products over the head dim, one pooled-query value per row and one pooled-key row per
-step, the keys read along M (coalesced: v2 writes the key means as [D, M] memory) and shared by the
-warps through L1; the key load is shaped like the tile so that Triton keeps this layout (a [C, 1, 32]
-load put warps over key blocks, and every reduction went through shared memory). fp32 FMAs, not
-TF32, as the PyTorch path's fp32 matmul (TF32 changes selections near ties); ``tl.dot``'s FMA path
-was tried first and spilled ([16, M_PAD] operand slices per thread).
+against all key blocks as a 3-D tile: rows on dim 1, key block ``chunk * 32 + lane`` over the other two
+dims. Triton lays it out with the lanes over a warp's lanes and the rows over warps (which dim holds
+the lanes depends on the Triton version: ``_lane_dim``), so one warp owns one (or two) rows, each
+thread C = M_PAD / 32 values of it (32 at M = 591), every row reduction of the selection stays inside
+a warp (no shared memory, no barrier) and a per-row value is one register. Never an [M, D] tile: the
+scores are fp32 outer products over the head dim, one pooled-query value per row and one pooled-key
+row per step, the keys read along M (coalesced: v2 writes the key means as [D, M] memory) and shared
+by the warps through L1; the key load is shaped like the tile so that it sets the tile's layout (a
+load of one row's shape put warps over key blocks, and every reduction went through shared memory).
+fp32 FMAs, not TF32, as the PyTorch path's fp32 matmul (TF32 changes selections near ties);
+``tl.dot``'s FMA path was tried first and spilled ([16, M_PAD] operand slices per thread). Resources
+for sm_90 at Triton 3.6 and 3.7: ``benchmarks/results/cpu/block_select_resources_triton3.*.md``.
 Several rows per program share each pooled-key read (M x D x 4 bytes from L2): 16 rows cut that
 traffic to 0.9 GB at the size below.
 
@@ -68,17 +70,28 @@ _BISECT_STEPS = 30  # 2**30 > _ONE_BITS + 1
 
 
 @triton.jit
-def _row_sum(x):
-    """Sum over the key blocks of a [C, BLOCK_Q, LANES] tile -> [1, BLOCK_Q, 1] (in-thread, then in-warp)."""
-    return tl.sum(tl.sum(x, axis=2, keep_dims=True), axis=0, keep_dims=True)
+def _on(x, DIM: tl.constexpr):
+    """A 1-D tensor as a 3-D one along ``DIM``."""
+    if DIM == 0:
+        y = x[:, None, None]
+    elif DIM == 1:
+        y = x[None, :, None]
+    else:
+        y = x[None, None, :]
+    return y
 
 
 @triton.jit
-def _row_cumsum(x):
-    """Inclusive prefix sum over the key blocks (column ``c * LANES + lane``) of a [C, BLOCK_Q, LANES] tile."""
-    inner = tl.cumsum(x, axis=2)
-    chunk = tl.sum(x, axis=2, keep_dims=True)
-    return inner + tl.cumsum(chunk, axis=0) - chunk
+def _row_sum(x, LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr):
+    """Sum over the key blocks of a tile -> [1, BLOCK_Q, 1] (in-thread over chunks, in-warp over lanes)."""
+    return tl.sum(tl.sum(x, axis=LANE_DIM, keep_dims=True), axis=CHUNK_DIM, keep_dims=True)
+
+
+@triton.jit
+def _row_cumsum(x, LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr):
+    """Inclusive prefix sum of a tile over the key blocks (block ``chunk * LANES + lane``)."""
+    chunk = tl.sum(x, axis=LANE_DIM, keep_dims=True)
+    return tl.cumsum(x, axis=LANE_DIM) + tl.cumsum(chunk, axis=CHUNK_DIM) - chunk
 
 
 @triton.jit
@@ -88,16 +101,17 @@ def _block_select_kernel(
     stride_kp, stride_km, stride_kd,
     M, keep, mass, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, M_PAD: tl.constexpr, LANES: tl.constexpr,
+    LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr,
     MASS: tl.constexpr, HAS_DENSE: tl.constexpr, ONE_BITS: tl.constexpr, STEPS: tl.constexpr,
 ):  # fmt: skip
-    # A tile is [C, BLOCK_Q, LANES] with key block c * LANES + lane: Triton lays the last dim over a warp's
-    # lanes and the middle one over warps, so a query block's row lives in one warp (in-warp reductions,
-    # one register per row value) and each thread holds C = M_PAD / LANES of its key blocks.
+    # A tile is 3-D: query-block rows on dim 1, key block ``chunk * LANES + lane`` on the other two (see
+    # ``_tile_dims``), laid out with lanes over a warp and rows over warps: a row lives in one warp
+    # (in-warp reductions, one register per row value) and each thread holds M_PAD / LANES of its blocks.
     C: tl.constexpr = M_PAD // LANES
     row0 = tl.program_id(0) * BLOCK_Q
     plan = tl.program_id(1).to(tl.int64)
     local = tl.arange(0, BLOCK_Q)[None, :, None]  # in-tile offsets stay int32, bases are int64 scalars
-    cols = tl.arange(0, C)[:, None, None] * LANES + tl.arange(0, LANES)[None, None, :]  # [C, 1, LANES]
+    cols = _on(tl.arange(0, C), CHUNK_DIM) * LANES + _on(tl.arange(0, LANES), LANE_DIM)
     live_row = row0 + local < M
     live_col = cols < M
     live = live_row & live_col
@@ -106,16 +120,16 @@ def _block_select_kernel(
     # when the keys are [D, M] in memory); tl.dot's FMA path held [16, M_PAD] operand slices and spilled --
     q_ptrs = PooledQ + plan * stride_qp + row0.to(tl.int64) * stride_qm + local * stride_qm
     k_ptrs = PooledK + plan * stride_kp + cols * stride_km
-    acc = tl.zeros([C, BLOCK_Q, LANES], tl.float32)
+    acc = tl.zeros(live.shape, tl.float32)
     for d in range(HEAD_DIM):
         q = tl.load(q_ptrs + d * stride_qd, mask=live_row, other=0.0)
-        k = tl.load(k_ptrs + d * stride_kd, mask=live, other=0.0)  # [C, BLOCK_Q, LANES]: the tile's layout
+        k = tl.load(k_ptrs + d * stride_kd, mask=live, other=0.0)  # tile-shaped: the load sets the tile's layout
         acc += q * k
 
     # -- softmax over key blocks (qk_scale includes log2(e): exp2) --
     s = tl.where(live_col, acc * qk_scale, float("-inf"))
-    p = tl.exp2(s - tl.max(tl.max(s, axis=2, keep_dims=True), axis=0, keep_dims=True))
-    p = p / _row_sum(p)
+    p = tl.exp2(s - tl.max(tl.max(s, axis=LANE_DIM, keep_dims=True), axis=CHUNK_DIM, keep_dims=True))
+    p = p / _row_sum(p, LANE_DIM, CHUNK_DIM)
     bits = p.to(tl.int32, bitcast=True)  # padding columns: p = 0, never counted (live_col below)
 
     # -- how many blocks to keep --
@@ -126,12 +140,12 @@ def _block_select_kernel(
         hi = tl.full([1, BLOCK_Q, 1], ONE_BITS, tl.int32)
         for _ in range(STEPS):
             mid = lo + (hi - lo) // 2
-            covered = _row_sum(tl.where(bits > mid, p, 0.0)) < mass  # padding adds 0
+            covered = _row_sum(tl.where(bits > mid, p, 0.0), LANE_DIM, CHUNK_DIM) < mass  # padding adds 0
             hi = tl.where(covered, mid, hi)
             lo = tl.where(covered, lo, mid)
-        above = _row_sum(tl.where(bits > hi, p, 0.0))
-        n_above = _row_sum(((bits > hi) & live_col).to(tl.int32))
-        n_tied = _row_sum(((bits == hi) & live_col).to(tl.int32))
+        above = _row_sum(tl.where(bits > hi, p, 0.0), LANE_DIM, CHUNK_DIM)
+        n_above = _row_sum(((bits > hi) & live_col).to(tl.int32), LANE_DIM, CHUNK_DIM)
+        n_tied = _row_sum(((bits == hi) & live_col).to(tl.int32), LANE_DIM, CHUNK_DIM)
         value = hi.to(tl.float32, bitcast=True)
         # The j-th of the tie group (j from 0) is kept while above + j * value < mass.
         n_fit = tl.where(value > 0, tl.ceil((mass - above) / tl.maximum(value, 1e-38)), float("inf"))
@@ -143,13 +157,13 @@ def _block_select_kernel(
     hi = tl.full([1, BLOCK_Q, 1], ONE_BITS + 1, tl.int32)
     for _ in range(STEPS):
         mid = lo + (hi - lo) // 2
-        enough = _row_sum(((bits >= mid) & live_col).to(tl.int32)) >= count
+        enough = _row_sum(((bits >= mid) & live_col).to(tl.int32), LANE_DIM, CHUNK_DIM) >= count
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
     above = (bits > lo) & live_col
     tied = (bits == lo) & live_col
-    need = count - _row_sum(above.to(tl.int32))
-    tie_rank = _row_cumsum(tied.to(tl.int32)) - 1  # lowest key-block index first among ties
+    need = count - _row_sum(above.to(tl.int32), LANE_DIM, CHUNK_DIM)
+    tie_rank = _row_cumsum(tied.to(tl.int32), LANE_DIM, CHUNK_DIM) - 1  # lowest key-block index first among ties
     chosen = above | (tied & (tie_rank < need))
 
     # -- forced blocks and the dense flag --
@@ -161,13 +175,26 @@ def _block_select_kernel(
 
     # -- lists: kept blocks ascending, then zeros; one scattered store of a permutation of [0, M) --
     kept = chosen.to(tl.int32)
-    before = _row_cumsum(kept) - kept
-    total = _row_sum(kept)
+    before = _row_cumsum(kept, LANE_DIM, CHUNK_DIM) - kept
+    total = _row_sum(kept, LANE_DIM, CHUNK_DIM)
     position = tl.where(chosen, before, total + cols - before)
     base = (plan * M + row0) * M
     tl.store(Indices + base + local * M + position, tl.where(chosen, cols, 0), mask=live)
     tl.store(Full + base + tile, (cols < total).to(tl.uint8), mask=live)
     tl.store(NumBlocks + plan * M + row0 + local, total, mask=live_row)
+
+
+def _lane_dim() -> int:
+    """The tile dim of the lanes (the other non-row dim holds a thread's chunks), per Triton version.
+
+    The tile's layout comes from its loads, whose dim order Triton sorts by the pointers' contiguity:
+    lanes (contiguous key blocks) first, then the rows and chunk dims, which tie. Triton 3.7 breaks the
+    tie from the last dim down, 3.6 and older from dim 0 up, and the first dim after the lanes gets the
+    warps: rows must win, so the lanes go last on 3.7 and first before it. Either works; the other puts
+    warps over key blocks (cross-warp reductions, 16 copies of each row value, spills).
+    """
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return 2 if (major, minor) >= (3, 7) else 0
 
 
 def launch_shape(M: int) -> tuple[int, int, int]:
@@ -233,6 +260,7 @@ def block_select(
     assert M <= MAX_BLOCKS, f"{M} key blocks: the kernel holds at most {MAX_BLOCKS} per row"
     assert dense is None or dense.numel() == 1, "dense must be a bool scalar"
     m_pad, block_q, warps = launch_shape(M)
+    lane_dim = _lane_dim()
     device = pooled_q.device
     kv_num_blocks = torch.empty(P, M, dtype=torch.int32, device=device)
     kv_indices = torch.empty(P, M, M, dtype=torch.int32, device=device)
@@ -243,7 +271,7 @@ def block_select(
         pooled_q, pooled_k, always_u8, dense_u8, kv_num_blocks, kv_indices, block_full.view(torch.uint8),
         *pooled_q.stride(), *pooled_k.stride(),
         M, keep, 0.0 if mass is None else float(mass), scale * 1.44269504,  # log2(e): the kernel uses exp2
-        HEAD_DIM=D, BLOCK_Q=block_q, M_PAD=m_pad, LANES=_LANES,
+        HEAD_DIM=D, BLOCK_Q=block_q, M_PAD=m_pad, LANES=_LANES, LANE_DIM=lane_dim, CHUNK_DIM=2 - lane_dim,
         MASS=mass is not None, HAS_DENSE=dense is not None, ONE_BITS=_ONE_BITS, STEPS=_BISECT_STEPS,
         num_warps=warps if num_warps is None else num_warps,
     )  # fmt: skip
