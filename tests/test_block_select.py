@@ -198,7 +198,8 @@ def test_gpu_fused_lists_at_wan_720p(select):
     static = v2.warm_static(torch.empty(2, 40, 0, device="cuda"), layout, config)
     M = static.always.shape[0]
     assert M == 591
-    pooled_q, pooled_k = (torch.randn(80, M, 128, device="cuda") * 2 for _ in range(2))
+    pooled_q = torch.randn(80, M, 128, device="cuda") * 2
+    pooled_k = torch.randn(80, 128, M, device="cuda").transpose(1, 2)  # [D, M] memory, as predict_plan's
     scale = 128**-0.5
     fused, reference = both_paths(pooled_q, pooled_k, static.always, scale, config)
     ambiguous = ambiguous_rows(pooled_q, pooled_k, scale, config)
