@@ -64,7 +64,7 @@ import triton.language as tl
 # Key blocks per row (N <= 262k tokens at 128-token blocks): a thread holds M_PAD / 32 probabilities of its
 # row, 64 at 2048 (255 registers, no spills); ops.v2 takes the PyTorch path beyond.
 MAX_BLOCKS = 2048
-_LANES = 32  # key blocks c * _LANES + lane: the last tile dim, over a warp's lanes
+_LANES = 32  # key block chunk * _LANES + lane: the lane dim of the tile goes over a warp's lanes
 _ONE_BITS = 0x3F800000  # float32 1.0 as int32: probabilities' bit patterns lie in [0, _ONE_BITS]
 _BISECT_STEPS = 30  # 2**30 > _ONE_BITS + 1
 
@@ -105,7 +105,7 @@ def _block_select_kernel(
     MASS: tl.constexpr, HAS_DENSE: tl.constexpr, ONE_BITS: tl.constexpr, STEPS: tl.constexpr,
 ):  # fmt: skip
     # A tile is 3-D: query-block rows on dim 1, key block ``chunk * LANES + lane`` on the other two (see
-    # ``_tile_dims``), laid out with lanes over a warp and rows over warps: a row lives in one warp
+    # ``_lane_dim``), laid out with lanes over a warp and rows over warps: a row lives in one warp
     # (in-warp reductions, one register per row value) and each thread holds M_PAD / LANES of its blocks.
     C: tl.constexpr = M_PAD // LANES
     row0 = tl.program_id(0) * BLOCK_Q
