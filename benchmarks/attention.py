@@ -50,7 +50,9 @@ SHAPES = {
     "CogVideoX-5B": (48, 64, VideoLayout(13, 30, 45, prefix=226)),  # N = 17776
     "HunyuanVideo": (24, 128, VideoLayout(32, 30, 40, suffix=256)),  # N = 38656
     "Wan2.1-14B": (40, 128, VideoLayout(21, 30, 52)),  # N = 32760
+    "Wan2.1-14B-720p": (40, 128, VideoLayout(21, 45, 80)),  # N = 75600 (M = 591 blocks); not run by default
 }
+DEFAULT_SHAPES = ("CogVideoX-5B", "HunyuanVideo", "Wan2.1-14B")
 PATTERNS = ("spatial", "temporal", "textural", "mix", "density0.5", "density0.3", "density0.2")
 V2_SPARSITIES = (0.7, 0.8, 0.9)  # RainFusion 2.0 key-block sparsity (density ~0.3 / 0.2 / 0.1 + forced blocks)
 V1 = variants_for(RainFusionConfig())
@@ -234,8 +236,15 @@ def bench_shape(model, heads, D, layout, args, records, log):
 
 
 def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
-    """RainFusion 2.0: block-mean prediction + the same kernel, timed together and apart."""
+    """RainFusion 2.0: block-mean prediction + the same kernel, timed together and apart.
+
+    The prediction is timed as the op runs it (block means + the fused selection kernel), in wall
+    time (``predict_ms``) and replayed from a CUDA graph (``predict_gpu_ms``, its share of the best
+    dense time: ``predict_share``), and the PyTorch selection path it replaced from a CUDA graph
+    (``predict_torch_gpu_ms``).
+    """
     from rf_compile.kernels import block_sparse
+    from rf_compile.ops import v2
     from rf_compile.ops.attention import v2_plan
     from rf_compile.plan import element_mask
 
@@ -254,6 +263,7 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
         err = rel_err(out[:, :, rows], ref)
         predict = do_bench(lambda config=config: v2_plan(q, k, layout, config, None), rep_ms=args.rep_ms)
         predict_gpu_ms = do_bench_graph(lambda config=config: v2_plan(q, k, layout, config, None))
+        predict_torch_gpu_ms = do_bench_graph(lambda config=config: v2.predict_plan(q, k, layout, config, fused=False))
         kernel = do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh.int()),
                           rep_ms=args.rep_ms)
 
@@ -264,10 +274,13 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
         t = do_bench(total, rep_ms=args.rep_ms)
         records.append(dict(base, method="rainfusion", pattern=f"v2 s={sparsity}", variant="v2 predict+kernel",
                             density=density, best_dense_ms=best_dense, predict_ms=predict["ms"],
-                            predict_gpu_ms=predict_gpu_ms,
-                            kernel_ms=kernel["ms"], rel_err=err, efficiency=best_dense * density / kernel["ms"], **t))
+                            predict_gpu_ms=predict_gpu_ms, predict_share=predict_gpu_ms / best_dense,
+                            predict_torch_gpu_ms=predict_torch_gpu_ms, kernel_ms=kernel["ms"], rel_err=err,
+                            efficiency=best_dense * density / kernel["ms"], **t))
         log(f"{model} v2 s={sparsity} d={density:.3f}: total {t['ms']:.3f} ms (predict {predict['ms']:.3f}, "
-            f"kernel {kernel['ms']:.3f}) {best_dense / t['ms']:.2f}x dense, err {err:.1e}")
+            f"kernel {kernel['ms']:.3f}) {best_dense / t['ms']:.2f}x dense, err {err:.1e}; prediction on the "
+            f"device {predict_gpu_ms:.3f} ms = {100 * predict_gpu_ms / best_dense:.2f}% of dense "
+            f"(PyTorch selection {predict_torch_gpu_ms:.3f} ms)")
 
 
 def bench_fp8(bf16_fn, bf16_out, bf16_ms: float, rows, ref, common: dict, name: str, args, log) -> dict:
@@ -326,12 +339,14 @@ def summarize(records: list[dict]) -> str:
                 efficiency=best_dense * best["density"] / best["ms"], speedup_vs_dense=best_dense / best["ms"],
                 flex_ms=flex_ms, speedup_vs_flex=flex_ms / best["ms"], rel_err=best.get("rel_err", math.nan),
                 predict_ms=best.get("predict_ms", math.nan), predict_gpu_ms=best.get("predict_gpu_ms", math.nan),
+                predict_share=best.get("predict_share", math.nan),
+                predict_torch_gpu_ms=best.get("predict_torch_gpu_ms", math.nan),
                 **{f"{v}_ms": min((r["ms"] for r in ours if r["variant"] == v), default=math.nan)
                    for v in (f"{a}/{b}" for a, b in VARIANTS)},
             ))
     cols = ["model", "pattern", "density", "best_dense_ms", "ours_ms", "efficiency", "speedup_vs_dense", "flex_ms",
             "speedup_vs_flex", "ours_variant", *(f"{a}/{b}_ms" for a, b in VARIANTS), "predict_ms", "predict_gpu_ms",
-            "rel_err"]
+            "predict_share", "predict_torch_gpu_ms", "rel_err"]
     dense_rows = [dict(model=r["model"], method=r["method"], ms=r["ms"]) for r in records if r["pattern"] == "dense"]
     fp8_rows = [r for r in records if r.get("dtype") == "fp8"]
     fp8 = ("\n\nFP8 (`precision=\"fp8\"`) against bf16, same plan and loop:\n\n" + markdown_table(
@@ -343,7 +358,7 @@ def summarize(records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     parser.add_argument("--patterns", nargs="*", default=list(PATTERNS), choices=list(PATTERNS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--rep-ms", type=float, default=200)

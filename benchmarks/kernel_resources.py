@@ -10,6 +10,9 @@ loads, under each kernel pass (``split``: masked blocks first, then the unmasked
 Triton version matters: the device runs the one in the environment.
 
     python benchmarks/kernel_resources.py --out benchmarks/results/cpu
+
+``--kernel block_select`` does the same for v2's fused block selection, at the launch shape its
+launcher picks per number of key blocks (``block_select.launch_shape``), top-k and mass rules.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.utils import config_name, environment, markdown_table, write_results  # noqa: E402
-from rf_compile.kernels import block_sparse  # noqa: E402
+from rf_compile.kernels import block_select, block_sparse  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "QP", "KP", "VP", "Out", "OP"}  # bf16 tensors; the other capitalised arguments are int32
 SCALARS = {"H", "N"}
@@ -78,6 +81,58 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
     }  # fmt: skip
 
 
+def cubin_usage(kernel) -> tuple[int, int]:
+    """(registers per thread, stack bytes) of a compiled kernel, read from its cubin."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        Path(cubin).write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout  # fmt: skip
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    return int(regs), int(stack)
+
+
+def select_resources(blocks: int, mass: bool, head_dim: int, target: GPUTarget, lane_dim: int | None = None) -> dict:
+    """Compile the block selection as its launcher would for rows of ``blocks`` key blocks."""
+    fn = block_select._block_select_kernel
+    m_pad, block_q, warps = block_select.launch_shape(blocks)
+    lane_dim = block_select._lane_dim() if lane_dim is None else lane_dim
+    constants = dict(HEAD_DIM=head_dim, BLOCK_Q=block_q, M_PAD=m_pad, LANES=block_select._LANES, MASS=mass,
+                     LANE_DIM=lane_dim, CHUNK_DIM=2 - lane_dim,
+                     HAS_DENSE=True, ONE_BITS=block_select._ONE_BITS, STEPS=block_select._BISECT_STEPS,
+                     stride_qd=1, stride_km=1)  # fmt: skip  (query means [P, M, D], key means [P, D, M])
+    types = {"PooledQ": "*fp32", "PooledK": "*fp32", "NumBlocks": "*i32", "Indices": "*i32", "mass": "fp32",
+             "qk_scale": "fp32", "Always": "*u8", "Dense": "*u8", "Full": "*u8"}  # fmt: skip
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target,
+                            options={"num_warps": warps})  # fmt: skip
+    regs, stack = cubin_usage(kernel)
+    return {"blocks": blocks, "m_pad": m_pad, "block_q": block_q, "num_warps": warps, "lane_dim": lane_dim,
+            "select": "mass" if mass else "topk", "registers": regs, "stack_bytes": stack,
+            "shared_bytes": kernel.metadata.shared}  # fmt: skip
+
+
+def main_select(args, target: GPUTarget) -> None:
+    records = []
+    for lane_dim in (block_select._lane_dim(), 2 - block_select._lane_dim()):  # the launcher's, then the other
+        for blocks in args.blocks:
+            for mass in (False, True):
+                records.append(select_resources(blocks, mass, 128, target, lane_dim))
+                print(records[-1], flush=True)
+    env = environment()
+    columns = ["lane_dim", "blocks", "m_pad", "block_q", "num_warps", "select", "registers", "stack_bytes",
+               "shared_bytes"]
+    markdown = (
+        f"# v2 block selection kernel resources for sm_90 (compiled offline, triton {triton.__version__})\n\n"
+        f"Command: `{env['command']}`\n\nHead dim 128, the launcher's shape per row length, with the launcher's "
+        "tile dim of the lanes (first rows) and the other one; `stack_bytes` > 0: registers spilled to local "
+        "memory.\n\n"
+        f"{markdown_table(records, columns)}\n"
+    )
+    write_results(args.out, args.stem, env, records, markdown)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head-dims", nargs="+", type=int, default=[128, 64], choices=[64, 128])
@@ -86,10 +141,15 @@ def main() -> None:
     parser.add_argument("--max-configs", type=int, default=None, help="only the first N kept configurations")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--stem", default="kernel_resources")
+    parser.add_argument("--kernel", default="block_sparse", choices=["block_sparse", "block_select"])
+    parser.add_argument("--blocks", nargs="+", type=int, default=[591, 256, 300, 1024, 2048, 37],
+                        help="block_select: key blocks per row (591: Wan2.1 720p at 128-token blocks)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernel_resources.py compiles for sm_90: unset TRITON_INTERPRET")
     target = GPUTarget("cuda", 90, 32)
+    if args.kernel == "block_select":
+        return main_select(args, target)
     records = []
     for head_dim in args.head_dims:
         for loop in args.loops:

@@ -66,6 +66,10 @@ def test_block_means_equal_reference(layout):
     torch.testing.assert_close(torch.matmul(pooling.double(), x), expected)
     x = torch.randn(2, 3, layout.seq_len, 24).transpose(1, 2).contiguous().transpose(1, 2)  # diffusers strides
     torch.testing.assert_close(triton_block_means(x, order, 16).double(), reference_block_means(x, order, 16))
+    blocks = -(-layout.seq_len // 16)
+    out = torch.empty(2, 3, 24, blocks).transpose(-1, -2)  # [D, M] memory, as v2 writes key means
+    assert triton_block_means(x, order, 16, out) is out
+    torch.testing.assert_close(out.double(), reference_block_means(x, order, 16))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)

@@ -5,7 +5,10 @@
    (tiled within the frame), then slabs of ``tile[0]`` frames cut into whole tiles, then each
    slab's leftover rows and columns in raster order. Text stays where it was.
 2. Q and K are mean-pooled per block in that order; pooled scores (softmax over key blocks)
-   predict which key blocks each query block needs: top-k or cumulative mass.
+   predict which key blocks each query block needs: top-k or cumulative mass. On CUDA the scores,
+   the selection, the forced blocks and the block lists are one Triton kernel
+   (``kernels.block_select``); the PyTorch path (``select_blocks``, ``listed_blocks``) is its
+   reference and the CPU path.
 3. Text blocks and sink blocks are always attended (rows and columns), so is the diagonal.
 The result is a ``PlanTable`` with one plan per (batch element, head), run by the same
 block-sparse kernel as v1. Everything is computed on the device; the host never waits.
@@ -77,22 +80,34 @@ def pooling_matrix(
     return matrix.to(device)
 
 
-def block_means(x: torch.Tensor, static: _Static, block: int) -> torch.Tensor:
+def block_means(x: torch.Tensor, static: _Static, block: int, blocks_fastest: bool = False) -> torch.Tensor:
     """Mean of ``x`` [B, H, N, D] over the tokens of each block -> float32 [B, H, blocks, D].
 
     On CUDA a Triton kernel reads x once; elsewhere one matmul with the averaging matrix.
+    ``blocks_fastest``: on CUDA, the result is a view of [B, H, D, blocks] memory (the same values),
+    the layout ``kernels.block_select`` reads key means in.
     """
     if x.is_cuda:
         from rf_compile.kernels.block_mean import block_means as triton_block_means
 
-        return triton_block_means(x, static.orders[1], block)
+        B, H, N, D = x.shape
+        M = -(-N // block)
+        out = torch.empty(B, H, D, M, device=x.device).transpose(-1, -2) if blocks_fastest else None
+        return triton_block_means(x, static.orders[1], block, out)
     return torch.matmul(static.pooling.to(x.dtype), x).float()
 
 
+def keep_count(key_blocks: int, config: RainFusionConfig) -> int:
+    """Most key blocks selected per query block: ``ceil(key_blocks * (1 - sparsity))``, at least 1."""
+    return max(1, math.ceil(key_blocks * (1.0 - config.sparsity)))
+
+
 def select_blocks(scores: torch.Tensor, config: RainFusionConfig) -> torch.Tensor:
-    """Bool [..., Mk]: key blocks chosen per query block from predicted probabilities [..., Mk]."""
-    Mk = scores.shape[-1]
-    keep_max = max(1, math.ceil(Mk * (1.0 - config.sparsity)))
+    """Bool [..., Mk]: key blocks chosen per query block from predicted probabilities [..., Mk].
+
+    The PyTorch path and the reference of ``kernels.block_select``, which does this and the lists in one pass.
+    """
+    keep_max = keep_count(scores.shape[-1], config)
     top = scores.topk(keep_max, dim=-1)
     if config.select == "mass":  # the smallest prefix of the top blocks covering ``mass``, at least one
         covered_before = top.values.cumsum(-1) - top.values
@@ -110,15 +125,18 @@ def predict_plan(
     scale: float | None = None,
     block: int = BLOCK_M,
     dense: torch.Tensor | None = None,
+    fused: bool | None = None,
 ) -> PlanTable:
     """One block plan per (batch element, head) from block means; variant id of head (b, h) is ``b * H + h``.
 
     ``block`` is the kernel block (query and key); tests use small ones on small layouts.
     ``dense`` (a bool scalar on the device) selects every block: a dense warm-up call, decided
-    on the device.
+    on the device. ``fused`` selects blocks with the Triton kernel ``kernels.block_select`` (scores,
+    softmax, selection, forced blocks and lists in one pass) instead of the PyTorch path; ``None``:
+    on CUDA. ``fused=True`` on CPU tensors needs Triton's interpreter (``TRITON_INTERPRET=1``).
     """
     static = warm_static(q, layout, config, block)
-    return _predict(q, k, layout, config, scale, static, block, dense)
+    return _predict(q, k, layout, config, scale, static, block, dense, q.is_cuda if fused is None else fused)
 
 
 def warm_static(q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, block: int = BLOCK_M) -> _Static:
@@ -139,7 +157,6 @@ class _Static:
     always: torch.Tensor  # bool [M, M]: text/sink rows and columns, and the diagonal
     plan_order: torch.Tensor  # int32 [P] of ones: every plan reads order 1
     kv_valid: torch.Tensor  # int32 [P] of N
-    block_index: torch.Tensor  # [M]
 
 
 @functools.lru_cache(maxsize=32)
@@ -160,20 +177,57 @@ def _static(layout, tile, sinks, block, device: str, plans: int) -> _Static:
         always=always.to(device),
         plan_order=ones.to(device),
         kv_valid=(ones * N).to(device),
-        block_index=torch.arange(M, device=device),
     )
 
 
-def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.Tensor | None) -> PlanTable:
-    B, H, N, D = q.shape
-    scale = D**-0.5 if scale is None else scale
-    pooled_q, pooled_k = block_means(q, static, block), block_means(k, static, block)
+def block_lists(
+    pooled_q: torch.Tensor,
+    pooled_k: torch.Tensor,
+    always: torch.Tensor,
+    scale: float,
+    config: RainFusionConfig,
+    dense: torch.Tensor | None = None,
+    fused: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block lists of v2 plans from block means: scores, softmax, selection, forced blocks.
+
+    Parameters
+    ----------
+    pooled_q, pooled_k: float32 [P, M, D]
+        Block means, one plan per (batch element, head).
+    always: bool [M, M]
+        Blocks every plan keeps; ``dense`` (bool scalar on the device): keep every block.
+    fused:
+        One Triton pass (``kernels.block_select``) instead of the PyTorch path (``select_blocks`` and
+        ``listed_blocks``, with [P, M, M] intermediates); the same lists where probabilities do not tie.
+        Rows of more than ``block_select.MAX_BLOCKS`` blocks take the PyTorch path.
+
+    Returns
+    -------
+    kv_num_blocks int32 [P, M], kv_indices int32 [P, M, M], block_full bool [P, M, M]
+    """
+    M = always.shape[0]
+    if fused:
+        from rf_compile.kernels.block_select import MAX_BLOCKS, block_select
+
+        if M <= MAX_BLOCKS:
+            mass = config.mass if config.select == "mass" else None
+            return block_select(pooled_q, pooled_k, always, scale, keep_count(M, config), mass, dense)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    chosen = select_blocks(scores, config) | static.always
+    chosen = select_blocks(scores, config) | always
     if dense is not None:
         chosen = chosen | dense
+    kv_num_blocks, kv_indices = listed_blocks(chosen)
+    return kv_num_blocks, kv_indices, torch.arange(M, device=always.device) < kv_num_blocks[..., None]
+
+
+def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.Tensor | None, fused: bool) -> PlanTable:
+    B, H, N, D = q.shape
     M = static.always.shape[0]
-    kv_num_blocks, kv_indices = listed_blocks(chosen.view(B * H, M, M))
+    scale = D**-0.5 if scale is None else scale
+    pooled_q = block_means(q, static, block).reshape(B * H, M, D)
+    pooled_k = block_means(k, static, block, blocks_fastest=True).reshape(B * H, M, D)  # a view
+    kv_num_blocks, kv_indices, block_full = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused)
     return PlanTable(
         layout=layout,
         variants=(),
@@ -184,7 +238,7 @@ def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.T
         kv_valid=static.kv_valid,
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,
-        block_full=static.block_index < kv_num_blocks[..., None],
+        block_full=block_full,
         block_m=block,
         block_n=block,
     )
