@@ -25,7 +25,8 @@ pipeline: w = ceil(0.1 * num_steps) warm-up steps are dense (5 of 50).
 6. a profiled step at the next timestep: the attention share of a step (``--no-profile`` skips it).
 
 Between timed steps the latent moves by an Euler step to the next timed timestep; ``rel_err`` compares the
-final latent with inductor's (or with the run's first variant's when inductor did not run).
+final latent with inductor's (or, when inductor did not run, with the run's first variant's; ``rel_err_vs``
+names it, and its own ``rel_err`` is empty).
 
 The whole video is extrapolated, not run: ``video_s = w * dense_ms + (num_steps - w) * ms_per_step`` for
 rainfusion's sparse modes, ``num_steps * ms_per_step`` for the others. Speed-ups: of a step
@@ -404,7 +405,8 @@ def write(records: list[dict], args, env: dict, out_dir: Path, dtype: torch.dtyp
         "others); dense_ms: the warm-up step.\n\n**video_s is extrapolated, not measured**: warmup_steps x "
         "dense_ms + (num_steps - warmup_steps) x ms_per_step for rainfusion's sparse modes, num_steps x "
         "ms_per_step for the others. speedup_*: of a step; video_speedup_*: of a video. rel_err: final latent "
-        f"vs inductor (or the run's first variant).\n\n{schedules}\n\n{table}\n"
+        "vs inductor's (or, without inductor in the run, the run's first variant's: rel_err_vs)."
+        f"\n\n{schedules}\n\n{table}\n"
         + (f"\nSkipped (time budget): {', '.join(skipped)}\n" if skipped else "")
     )
     write_results(out_dir, args.name, env, records, markdown)
@@ -445,12 +447,14 @@ def parse_args() -> argparse.Namespace:
 
 def set_rel_errs(records: list[dict], finals: dict[str, dict[str, torch.Tensor]]) -> None:
     """``rel_err`` of each record's final latent against inductor's in its mode (eager: the first mode's), or
-    against the first variant run in that mode when inductor did not run."""
+    against the first variant run in that mode when inductor did not run (``rel_err_vs``); NaN for that one."""
     for record in records:
         by_variant = finals[record["final"]]
-        base = by_variant.get("inductor", next(iter(by_variant.values())))
-        latent = by_variant[record["variant"]]
-        record["rel_err"] = ((latent - base).norm() / base.norm()).item()
+        reference = "inductor" if "inductor" in by_variant else next(iter(by_variant))
+        latent, base = by_variant[record["variant"]], by_variant[reference]
+        same = record["variant"] == reference
+        record["rel_err"] = float("nan") if same else ((latent - base).norm() / base.norm()).item()
+        record["rel_err_vs"] = reference
 
 
 def main() -> None:

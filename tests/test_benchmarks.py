@@ -80,6 +80,7 @@ def test_e2e_runs_the_pipelines_steps_and_extrapolates_the_video(tmp_path):
     # first sparse call, the timed steps, the profiled one): the device's step clock counted the skipped steps.
     assert (v1["sites"], v1["dense_calls"], v1["sparse_calls"]) == (2, 2 * 2, 2 * (1 + steps + 1))
     assert v1["graph_breaks"] == v1["recompiles"] == 0 and 0 < v1["rel_err"] < 1
+    assert v1["rel_err_vs"] == eager["rel_err_vs"] == "eager" and math.isnan(eager["rel_err"])  # no inductor here
     assert "extrapolated" in (tmp_path / "e2e.md").read_text()
 
 
