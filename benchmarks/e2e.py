@@ -467,7 +467,7 @@ def main() -> None:
     old = []
     if args.append and (out_dir / f"{args.name}.json").exists():
         old = json.loads((out_dir / f"{args.name}.json").read_text())["records"]
-    deadline = _START + args.budget_minutes * 60 if args.budget_minutes else math.inf
+    deadline = math.inf if args.budget_minutes is None else _START + args.budget_minutes * 60
     names = [name for name in VARIANTS if name in args.variants]  # inductor before the variants it is the base of
     new: list[dict] = []
     finals: dict[str, dict[str, torch.Tensor]] = {}  # "<model> <mode>" -> variant -> final latent (host)
