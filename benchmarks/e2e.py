@@ -250,7 +250,7 @@ def _attention_share(model, preset, latent: torch.Tensor, t: torch.Tensor) -> fl
     events = prof.key_averages()
     total = sum(getattr(e, attr) for e in events)
     attention = sum(getattr(e, attr) for e in events if any(n in e.key.lower() for n in ATTENTION_KERNELS))
-    return attention / total if total else float("nan")
+    return attention / total if total else math.nan
 
 
 def _site_calls(model: torch.nn.Module) -> dict[str, float]:
@@ -261,7 +261,7 @@ def _site_calls(model: torch.nn.Module) -> dict[str, float]:
         "sites": len(sites),
         "dense_calls": sum(s["dense_calls"] for s in sites),
         "sparse_calls": sum(s["sparse_calls"] for s in sites),
-        "sparsity": statistics.mean(sparsity) if sparsity else float("nan"),
+        "sparsity": statistics.mean(sparsity) if sparsity else math.nan,
     }
 
 
@@ -312,7 +312,7 @@ def run_variant(
             t_next = schedule[timed[i + 1]].item() if i + 1 < len(timed) else 0.0
             latent = latent + (t_next - schedule[index].item()) / 1000.0 * out  # Euler, to the next timed step
         recompiles = counters["frames"]["ok"] - frames_after_compile
-        share = _attention_share(model, preset, latent, schedule[timed[-1] + 1]) if profile else float("nan")
+        share = _attention_share(model, preset, latent, schedule[timed[-1] + 1]) if profile else math.nan
         calls = _site_calls(preset.model) if spec is not None and spec["backend"] == "rainfusion" else {}
     ms_per_step = statistics.median(times[1:] if sparse else times)
     return {
@@ -326,7 +326,7 @@ def run_variant(
         "warmup_steps": warmup,
         "video_s": video_seconds(ms_per_step, times[0], num_steps, warmup, sparse),
         "compile_s": compile_ms / 1e3 if spec is not None else 0.0,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan"),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else math.nan,
         "attention_share": share,
         "graph_breaks": sum(counters["graph_break"].values()),
         "graphs": counters["stats"]["unique_graphs"],
@@ -349,8 +349,8 @@ def add_speedups(records: list[dict]) -> None:
     for record in records:
         inductor_mode = "default" if record["mode"] == "eager" else record["mode"]
         for label, base in (("eager", find(record, "eager")), ("inductor", find(record, "inductor", inductor_mode))):
-            step = base["ms_per_step"] / record["ms_per_step"] if base else float("nan")
-            video = base.get("video_s", math.nan) / record.get("video_s", math.nan) if base else float("nan")
+            step = base["ms_per_step"] / record["ms_per_step"] if base else math.nan
+            video = base.get("video_s", math.nan) / record.get("video_s", math.nan) if base else math.nan
             record[f"speedup_vs_{label}"], record[f"video_speedup_vs_{label}"] = step, video
 
 
@@ -453,7 +453,7 @@ def set_rel_errs(records: list[dict], finals: dict[str, dict[str, torch.Tensor]]
         reference = "inductor" if "inductor" in by_variant else next(iter(by_variant))
         latent, base = by_variant[record["variant"]], by_variant[reference]
         same = record["variant"] == reference
-        record["rel_err"] = float("nan") if same else ((latent - base).norm() / base.norm()).item()
+        record["rel_err"] = math.nan if same else ((latent - base).norm() / base.norm()).item()
         record["rel_err_vs"] = reference
 
 
