@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -154,6 +155,11 @@ class RainFusionConfig:
         for name in ("report", "strict"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def warmup_steps(self) -> int:
+        """Dense steps at the start of each video: ``ceil(dense_warmup * num_steps)``."""
+        return math.ceil(self.dense_warmup * self.num_steps)
 
     @property
     def head_bandwidths(self) -> tuple[float, ...]:

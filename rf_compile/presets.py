@@ -210,22 +210,27 @@ def _hunyuanvideo(b: _Build) -> tuple[type, dict, tuple, dict, VideoLayout, int,
 # -- Wan ---------------------------------------------------------------------------------------
 
 
-def _wan(b: _Build) -> tuple[type, dict, tuple, dict, VideoLayout, int, int, str]:
+# Wan2.1-T2V sizes: (attention heads, ffn dim, blocks); both run 832x480 at 81 frames.
+_WAN_SIZES = {"14B": (40, 13824, 40), "1.3B": (12, 8960, 30)}
+
+
+def _wan(b: _Build, version: str) -> tuple[type, dict, tuple, dict, VideoLayout, int, int, str]:
     from diffusers import WanTransformer3DModel
 
-    # Wan2.1-T2V-14B at 832x480, 81 frames.
+    # Wan2.1-T2V-14B / -1.3B at 832x480, 81 frames.
+    heads, ffn, blocks = _WAN_SIZES[version]
     frames, height, width = b.grid((3, 8, 12), (21, 60, 104))
     text = b.pick(9, 512)
-    layers = b.layers or b.pick(2, 40)
+    layers = b.layers or b.pick(2, blocks)
     config = dict(
         patch_size=(1, 2, 2),
-        num_attention_heads=b.pick(2, 40),
+        num_attention_heads=b.pick(2, heads),
         attention_head_dim=b.pick(16, 128),
         in_channels=b.pick(4, 16),
         out_channels=b.pick(4, 16),
         text_dim=b.pick(16, 4096),
         freq_dim=b.pick(16, 256),
-        ffn_dim=b.pick(32, 13824),
+        ffn_dim=b.pick(32, ffn),
         num_layers=layers,
         rope_max_seq_len=b.pick(64, 1024),
     )
@@ -322,7 +327,8 @@ PRESETS: dict[str, Callable[[_Build], tuple]] = {
     "cogvideox": lambda b: _cogvideox(b, "1.0"),
     "cogvideox1.5": lambda b: _cogvideox(b, "1.5"),
     "hunyuanvideo": _hunyuanvideo,
-    "wan": _wan,
+    "wan": lambda b: _wan(b, "14B"),
+    "wan1.3b": lambda b: _wan(b, "1.3B"),
     "ltx": _ltx,
     "mochi": _mochi,
 }

@@ -1,7 +1,9 @@
 """The benchmark scripts still run (CPU smoke runs; their GPU numbers come from the device)."""
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -9,13 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _env() -> dict[str, str]:
+    """This checkout first on the path: a script run from benchmarks/ would import an installed rf_compile."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, cwd=BENCHMARKS, timeout=600
-    )
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True, text=True, cwd=BENCHMARKS, timeout=600, env=_env(),
+    )  # fmt: skip
 
 
 def test_fidelity_small_run_writes_its_records(tmp_path):
@@ -28,18 +38,87 @@ def test_fidelity_small_run_writes_its_records(tmp_path):
     assert (tmp_path / "fidelity.png").stat().st_size > 0
 
 
-def test_e2e_tiny_run_writes_its_records(tmp_path):
+def test_e2e_runs_the_pipelines_steps_and_extrapolates_the_video(tmp_path):
+    """Tiny Wan2.1-1.3B through the full-config path: the timed steps sit at the pipeline scheduler's timesteps,
+    rainfusion's sites count the skipped warm-up steps as the pipeline would, and the whole-video figures follow
+    from the measured steps."""
+    num_steps, steps = 30, 2
     result = run(
-        "e2e.py", "--size", "tiny", "--models", "wan", "--layers", "1", "--steps", "2",
-        "--variants", "eager", "rf_dense", "--out", str(tmp_path),
+        "e2e.py", "--size", "tiny", "--config", "full", "--models", "wan1.3b", "--variants", "eager", "rf_v1",
+        "--steps", str(steps), "--num-steps", str(num_steps), "--out", str(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    records = json.loads((tmp_path / "e2e.json").read_text())["records"]
-    assert [r["variant"] for r in records] == ["eager", "rf_dense"]
-    keys = {"model", "variant", "mode", "layers", "ms_per_step", "compile_s", "peak_gib", "attention_share",
-            "graph_breaks", "recompiles", "rel_err"}  # fmt: skip
-    assert all(keys <= set(r) for r in records)
-    assert records[1]["rel_err"] < 1e-4 and records[1]["graph_breaks"] == 0
+    eager, v1 = json.loads((tmp_path / "e2e.json").read_text())["records"]
+    keys = {"model", "layers", "variant", "mode", "ms_per_step", "dense_ms", "video_s", "timesteps", "num_steps",
+            "warmup_steps", "speedup_vs_eager", "speedup_vs_inductor", "video_speedup_vs_eager",
+            "video_speedup_vs_inductor", "compile_s", "peak_gib", "attention_share", "graph_breaks", "recompiles",
+            "rel_err"}  # fmt: skip
+    assert keys <= set(eager) and keys | {"sites", "dense_calls", "sparse_calls", "sparsity"} <= set(v1)
+    assert [(r["model"], r["layers"], r["variant"], r["mode"]) for r in (eager, v1)] == [
+        ("Wan2.1-1.3B", 2, "eager", "eager"), ("Wan2.1-1.3B", 2, "rf_v1", "default")]  # fmt: skip
+
+    # WanPipeline's schedule, built here: UniPC on flow sigmas at shift 3.0; the first 10% of the steps dense.
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    scheduler.set_timesteps(num_steps)
+    timesteps, warmup = scheduler.timesteps.tolist(), math.ceil(0.1 * num_steps)
+    for record in (eager, v1):
+        assert record["timesteps"] == [timesteps[0], *timesteps[warmup + 1 : warmup + 1 + steps]]
+        assert (record["num_steps"], record["warmup_steps"]) == (num_steps, warmup)
+        assert len(record["ms_steps"]) == 1 + steps and record["dense_ms"] == record["ms_steps"][0]
+    # A video: eager's every step at its step time; v1's warm-up at its dense step, the rest at its sparse step.
+    assert eager["ms_per_step"] == statistics.median(eager["ms_steps"])
+    assert eager["video_s"] == pytest.approx(num_steps * eager["ms_per_step"] / 1e3)
+    assert v1["ms_per_step"] == statistics.median(v1["ms_steps"][1:])
+    dense, sparse = warmup * v1["dense_ms"], (num_steps - warmup) * v1["ms_per_step"]
+    assert v1["video_s"] == pytest.approx((dense + sparse) / 1e3)
+    assert v1["speedup_vs_eager"] == pytest.approx(eager["ms_per_step"] / v1["ms_per_step"])
+    assert v1["video_speedup_vs_eager"] == pytest.approx(eager["video_s"] / v1["video_s"])
+    assert math.isnan(v1["speedup_vs_inductor"])  # no inductor in this run
+    # Each site was dense at t[0] (the compiling call, the timed step) and sparse from t[warmup] on (the untimed
+    # first sparse call, the timed steps, the profiled one): the device's step clock counted the skipped steps.
+    assert (v1["sites"], v1["dense_calls"], v1["sparse_calls"]) == (2, 2 * 2, 2 * (1 + steps + 1))
+    assert v1["graph_breaks"] == v1["recompiles"] == 0 and 0 < v1["rel_err"] < 1
+    assert v1["rel_err_vs"] == eager["rel_err_vs"] == "eager" and math.isnan(eager["rel_err"])  # no inductor here
+    assert "extrapolated" in (tmp_path / "e2e.md").read_text()
+
+
+def test_e2e_speedups_pair_records_of_one_model_depth_sequence_compilation_and_mode():
+    sys.path.insert(0, str(BENCHMARKS))
+    from e2e import add_speedups
+
+    def record(variant, mode, ms, video, **group):
+        return {"model": "M", "layers": 4, "seq_len": 100, "regional": False, "variant": variant, "mode": mode,
+                "ms_per_step": ms, "video_s": video, **group}  # fmt: skip
+
+    records = [
+        record("eager", "eager", 12.0, 6.0),
+        record("inductor", "default", 10.0, 5.0),
+        record("inductor", "reduce-overhead", 8.0, 4.0),
+        record("rf_v1", "reduce-overhead", 4.0, 2.5),
+        record("rf_v1", "default", 5.0, 3.0, regional=True),  # no inductor record with regional compilation
+    ]
+    add_speedups(records)
+    eager, inductor, _, v1, regional = records
+    assert (eager["speedup_vs_inductor"], eager["video_speedup_vs_inductor"]) == (10 / 12, 5 / 6)
+    assert (inductor["speedup_vs_eager"], inductor["speedup_vs_inductor"]) == (12 / 10, 1.0)
+    assert (v1["speedup_vs_inductor"], v1["video_speedup_vs_inductor"]) == (8 / 4, 4 / 2.5)  # its own mode
+    assert (v1["speedup_vs_eager"], v1["video_speedup_vs_eager"]) == (12 / 4, 6 / 2.5)
+    assert all(math.isnan(regional[k]) for k in ("speedup_vs_eager", "video_speedup_vs_inductor"))
+
+
+def test_e2e_out_of_budget_skips_with_a_note(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCHMARKS))
+    import e2e
+
+    argv = ["e2e.py", "--size", "tiny", "--budget-minutes", "1e-9", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    e2e.main()
+    assert json.loads((tmp_path / "e2e.json").read_text())["records"] == []
+    assert "Skipped (time budget): CogVideoX-5B (every variant), HunyuanVideo (every variant), Wan2.1-14B" in (
+        tmp_path / "e2e.md"
+    ).read_text()
 
 
 @pytest.mark.parametrize("script", ["attention.py", "arm.py"])
@@ -115,7 +194,7 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     unmasked pass of loop="two_pass" is really warp-specialised (partitions add warps) and does not
     spill. A descriptor made from a pointer chosen by an ``if`` once turned the specialisation off
     without a word, leaving the attribute in the IR."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for the kernels
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}  # conftest sets it for the kernels
     command = [sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "128", "--loops", "unmasked",
                "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=BENCHMARKS, timeout=600, env=env)

@@ -194,7 +194,7 @@ def test_parse_options():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["nope"], "unknown preset 'nope'; presets: cogvideox, cogvideox1.5, hunyuanvideo, wan, ltx, mochi"),
+        (["nope"], "unknown preset 'nope'; presets: cogvideox, cogvideox1.5, hunyuanvideo, wan, wan1.3b, ltx, mochi"),
         (["no_such_package.models:make"], "cannot import 'no_such_package.models:make': No module named"),
         ([f"{__name__}:missing"], f"cannot import '{__name__}:missing': module"),
         ([f"{__name__}:wrong_factory"], "must return (model: nn.Module, args: tuple, kwargs: dict), got Linear"),

@@ -12,6 +12,13 @@ def test_defaults_follow_the_paper():
     assert rest == {}
 
 
+@pytest.mark.parametrize(
+    ("dense_warmup", "num_steps", "dense_steps"), [(0.1, 50, 5), (0.1, 7, 1), (0.25, 30, 8), (0.0, 50, 0)]
+)
+def test_warmup_steps_round_up(dense_warmup, num_steps, dense_steps):
+    assert RainFusionConfig(dense_warmup=dense_warmup, num_steps=num_steps).warmup_steps == dense_steps
+
+
 def test_our_keys_are_taken_and_inductor_keys_left():
     config, rest = RainFusionConfig.from_options(
         {

@@ -16,7 +16,7 @@ from rf_compile.backend import compiled_graphs, reports_since
 from rf_compile.presets import PRESETS, build_preset
 
 OPTIONS = {"min_video_tokens": 0}
-MODELS = sorted(PRESETS)
+MODELS = sorted(set(PRESETS) - {"wan1.3b"})  # its tiny size is the "wan" tiny model: no second compile
 
 
 def _output(result) -> torch.Tensor:

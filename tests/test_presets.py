@@ -68,12 +68,14 @@ def test_mochi_notes_the_dynamo_setting():
     assert "capture_dynamic_output_shape_ops" in build_preset("mochi").notes
 
 
-# Published sizes: CogVideoX-5B 5.6B, HunyuanVideo 12.8B, Wan2.1-14B 14.3B, LTX-Video 1.9B, Mochi 1 10.0B.
+# Published sizes: CogVideoX-5B 5.6B, HunyuanVideo 12.8B, Wan2.1-14B 14.3B, Wan2.1-1.3B 1.42B (named for 1.3B),
+# LTX-Video 1.9B, Mochi 1 10.0B.
 FULL = {
     "cogvideox": (5.5e9, 5.7e9, VideoLayout(13, 30, 45, prefix=226), 42, 0),
     "cogvideox1.5": (5.5e9, 5.7e9, VideoLayout(11, 48, 85, prefix=226), 42, 0),
     "hunyuanvideo": (12.7e9, 12.9e9, VideoLayout(32, 30, 40, suffix=256), 60, 2),
     "wan": (14.2e9, 14.4e9, VideoLayout(21, 30, 52), 40, 40),
+    "wan1.3b": (1.40e9, 1.44e9, VideoLayout(21, 30, 52), 30, 30),
     "ltx": (1.8e9, 2.0e9, VideoLayout(21, 16, 22), 28, 28),
     "mochi": (9.9e9, 10.1e9, VideoLayout(28, 30, 53, suffix=256), 48, 1),
 }

@@ -90,7 +90,7 @@ def parse_sweep(items: list[str], modes: list[str]) -> dict[str, dict]:
 
 def sparse_step(step: int, config: RainFusionConfig) -> bool:
     """Whether the backend computes denoising step ``step`` (0-based) sparsely: its dense warm-up rule."""
-    return step >= math.ceil(config.dense_warmup * config.num_steps)
+    return step >= config.warmup_steps
 
 
 class TrajectoryProbe:

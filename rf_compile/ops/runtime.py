@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import sys
 import threading
 import weakref
@@ -252,8 +251,7 @@ class SiteState:
 
     @property
     def warmup_steps(self) -> int:
-        config = self.spec.config
-        return math.ceil(config.dense_warmup * config.num_steps)
+        return self.spec.config.warmup_steps
 
     def begin(
         self,
