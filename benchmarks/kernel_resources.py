@@ -105,7 +105,15 @@ def select_resources(blocks: int, mass: bool, head_dim: int, target: GPUTarget, 
     types = {"PooledQ": "*fp32", "PooledK": "*fp32", "NumBlocks": "*i32", "Indices": "*i32", "mass": "fp32",
              "qk_scale": "fp32", "Always": "*u8", "Dense": "*u8", "Full": "*u8"}  # fmt: skip
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target,
+    # Specialised as at run time: 16-byte aligned pointers, and the integers a launch at this size passes
+    # marked divisible by 16 where they are, unless the kernel opts out (``do_not_specialize``: M = 256
+    # once crashed Triton 3.6 there).
+    values = dict(stride_qp=blocks * head_dim, stride_qm=head_dim, stride_kp=head_dim * blocks, stride_kd=blocks,
+                  M=blocks, keep=max(1, blocks // 5))  # fmt: skip
+    opted_out = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name][0] == "*" or (name in values and name not in opted_out and values[name] % 16 == 0)}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs), target=target,
                             options={"num_warps": warps})  # fmt: skip
     regs, stack = cubin_usage(kernel)
     return {"blocks": blocks, "m_pad": m_pad, "block_q": block_q, "num_warps": warps, "lane_dim": lane_dim,

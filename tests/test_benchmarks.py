@@ -205,3 +205,15 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     for record in records:
         assert record["head_dim"] == 128 and 0 < record["registers"] <= 255 and record["shared_bytes"] > 0
         assert record["warp_specialized"] == ("/ws1/" in record["config"])
+
+
+def test_block_select_compiles_for_sm90_as_launched(tmp_path):
+    """The fused v2 selection compiles for sm_90 at 256 key blocks (Wan 480p) with the divisibility
+    hints a launch there gets: with M = 256 specialised, Triton 3.6 crashed lowering its row scans."""
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--kernel", "block_select", "--blocks", "256",
+               "--out", str(tmp_path), "--stem", "select"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=BENCHMARKS, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads((tmp_path / "select.json").read_text())["records"]
+    assert {r["select"] for r in records} == {"topk", "mass"} and all(r["blocks"] == 256 for r in records)

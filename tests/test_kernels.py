@@ -432,7 +432,7 @@ def dequantized_inputs(q, k, v, table, voh):
             k_scale = copies.k_scale[bh].double().repeat_interleave(table.block_n)[:N, None]
             rebuilt[0][b, h, q_rows] = copies.q[b, h, :N].double() * q_scale
             rebuilt[1][b, h, kv_rows] = copies.k[b, h, :N].double() * k_scale
-            rebuilt[2][b, h, kv_rows] = copies.v[b, h, :, :N].double().T * copies.v_scale[bh].double()
+            rebuilt[2][b, h, kv_rows] = copies.v[b, h, :, :N].double().T * float(copies.v_scale[bh])
     return rebuilt
 
 
@@ -486,8 +486,9 @@ def test_fp8_rejects_what_it_cannot_run():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loop", ["split", "two_pass"])
 @pytest.mark.parametrize("pattern", ["spatial", "mix"])
-def test_gpu_fp8_at_full_size(pattern):
+def test_gpu_fp8_at_full_size(pattern, loop):
     """Wan2.1-1.3B's 480p layout, d=128: FP8 against float64 rows (the GPU rounds to nearest)."""
     layout = VideoLayout(21, 30, 52)
     table = build_plan_table(layout, V1, "cuda")
@@ -495,7 +496,7 @@ def test_gpu_fp8_at_full_size(pattern):
     ids = {"spatial": [0] * H, "mix": [0, 1, 0, 1, 2]}[pattern]
     voh = torch.tensor([ids], dtype=torch.int32, device="cuda")
     q, k, v = make_qkv(1, H, layout.seq_len, 128, torch.bfloat16, device="cuda", bnhd=True)
-    out = block_sparse_attention(q, k, v, table, voh, precision="fp8")
+    out = block_sparse_attention(q, k, v, table, voh, loop=loop, precision="fp8")
     rows = torch.randperm(layout.seq_len, device="cuda")[:512]
     masks = torch.stack([paper.pattern_mask(layout, var.pattern, var.bandwidth, var.stride, "cuda", rows)
                          for var in V1])[voh[0].long()]  # fmt: skip

@@ -94,7 +94,9 @@ def _row_cumsum(x, LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr):
     return tl.cumsum(x, axis=LANE_DIM) + tl.cumsum(chunk, axis=CHUNK_DIM) - chunk
 
 
-@triton.jit
+# Sizes and strides not specialised on divisibility by 16: with that hint (M = 256, say) Triton 3.6
+# lowers the row scans for sm_90 with a layout its ScanOpToLLVM asserts on (crashed on the H200).
+@triton.jit(do_not_specialize=["M", "keep", "stride_qp", "stride_qm", "stride_kp", "stride_kd"])
 def _block_select_kernel(
     PooledQ, PooledK, Always, Dense, NumBlocks, Indices, Full,
     stride_qp, stride_qm, stride_qd,

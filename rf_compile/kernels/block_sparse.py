@@ -372,8 +372,8 @@ def _block_sparse_fwd_kernel(
         else:
             acc = tl.load(o_head + q_rows[:, None] * stride_om + d[None, :], mask=(q_pos < N)[:, None],
                           other=0.0).to(tl.float32)
-        if FP8:  # into the units of the fp8 products (448 / V's channel scales)
-            acc = acc * (448.0 / tl.load(VScale + bh.to(tl.int64) * HEAD_DIM + d))[None, :]
+        if FP8:  # into the units of the fp8 products (448 / V's scale)
+            acc = acc * (448.0 / tl.load(VScale + bh))
         m_i = tl.load(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
     else:
@@ -415,8 +415,8 @@ def _block_sparse_fwd_kernel(
         else:
             tl.store(Lse + bh.to(tl.int64) * num_q_blocks * BLOCK_M + q_pos, lse)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # a row with no visible key (all-masked padding) gives 0
-    if FP8:  # back from the units of the fp8 products
-        acc = acc * (tl.load(VScale + bh.to(tl.int64) * HEAD_DIM + tl.arange(0, HEAD_DIM)) / 448.0)[None, :]
+    if FP8:  # back from the units of the fp8 products (a scalar: no vector may cross the specialised loop)
+        acc = acc * (tl.load(VScale + bh) / 448.0)
     out = acc / l_i[:, None]
     # Made here, not before the loop, so that the specialised loop carries no output state.
     o_head, o_desc = _out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N, HEAD_DIM, BLOCK_M, USE_TMA)
@@ -542,7 +542,7 @@ def block_sparse_attention(
     precision:
         ``"bf16"`` (default): the products in q's dtype. ``"fp8"``: Q K^T and P V in float8 e4m3
         on the tensor cores (Hopper; or Triton's interpreter) from per-block scaled copies
-        (``fp8_quant``: K smoothed by its mean, V scaled per channel, P times 448), the same
+        (``fp8_quant``: K smoothed by its mean, V scaled per head, P times 448), the same
         plans and output dtype; TMA loads only.
     out:
         Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.

@@ -7,9 +7,11 @@ does in a separate copy is fused in) and writes them scaled into e4m3:
   maximum over 448 (e4m3's largest finite value). K is first smoothed by its mean over the
   head's tokens: every score of a query row moves by the same ``q . mean``, which the softmax
   cancels, and K's large shared offset (common in video DiTs) no longer eats the scale.
-- V: one scale per channel (its absolute maximum over the head's tokens over 448, computed by the
-  caller), stored transposed, [B, H, D, N_pad], because Hopper's FP8 tensor-core product wants
-  its second operand with the reduced dimension contiguous.
+- V: one scale per head (its absolute maximum over 448, computed by the caller), stored
+  transposed, [B, H, D, N_pad], because Hopper's FP8 tensor-core product wants its second operand
+  with the reduced dimension contiguous. Not per channel: the kernel would need a channel vector
+  after its warp-specialised loop, and Triton 3.6 hands vectors that cross that loop to the wrong
+  rows (benchmarks/results/nvidia-h200/NOTES.md, entry 5); a scalar crosses safely.
 
 Outputs are padded to ``N_pad`` (a multiple of ``block``) with zero rows, so every tile is whole.
 """
@@ -35,7 +37,7 @@ def _quantize_rows_kernel(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SMOOTH: tl.constexpr, TRANSPOSE: tl.constexpr,
 ):  # fmt: skip
     """Block ``blk`` of head ``bh`` in its order: Q/K rows with a block scale, or V rows (TRANSPOSE)
-    with the caller's per-channel scale."""
+    with the caller's per-head scale."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -50,8 +52,7 @@ def _quantize_rows_kernel(
     if SMOOTH:
         x = tl.where(live[:, None], x - tl.load(Shift + bh.to(tl.int64) * HEAD_DIM + d)[None, :], 0.0)
     if TRANSPOSE:
-        inv = 1.0 / tl.load(Scale + bh.to(tl.int64) * HEAD_DIM + d)  # per channel, caller-made (> 0)
-        x8 = (x * inv[None, :]).to(tl.float8e4nv)
+        x8 = (x / tl.load(Scale + bh)).to(tl.float8e4nv)  # per head, caller-made (> 0)
         out = X8 + bh.to(tl.int64) * HEAD_DIM * N_pad + d[None, :].to(tl.int64) * N_pad + pos[:, None]
         tl.store(out, x8)
     else:
@@ -66,7 +67,7 @@ class Fp8Copies:
     """The e4m3 tensors and scales one attention call reads (all in each head's token order).
 
     ``q``/``k``: [B, H, N_pad, D] e4m3; ``v``: [B, H, D, N_pad] e4m3; ``q_scale`` [B*H, N_pad/block_m],
-    ``k_scale`` [B*H, N_pad/block_n] and ``v_scale`` [B*H, D], fp32: x ~ x8 * scale (K less its mean).
+    ``k_scale`` [B*H, N_pad/block_n] and ``v_scale`` [B*H], fp32: x ~ x8 * scale (K less its mean).
     """
 
     q: torch.Tensor
@@ -107,7 +108,7 @@ def quantize_for_attention(
     q_scale = torch.empty(B * H, n_pad // block_m, dtype=torch.float32, device=device)
     k_scale = torch.empty(B * H, n_pad // block_n, dtype=torch.float32, device=device)
     k_mean = k.float().mean(dim=2).contiguous()  # [B, H, D]; the order does not change a mean
-    v_scale = (v.abs().amax(dim=2).float().clamp_min(1e-30) / FP8_MAX).reshape(B * H, D).contiguous()
+    v_scale = (v.abs().amax(dim=(2, 3)).float().clamp_min(1e-30) / FP8_MAX).reshape(B * H).contiguous()
     voh = variant_of_head.contiguous()
     for x, x8, scale, which, blk, smooth, transpose in (
         (q, q8, q_scale, q_order, block_m, False, False),
