@@ -451,7 +451,7 @@ def test_fp8_copies_round_trip():
         assert rel < 0.09, f"{name}: relative error {rel:.3f} of its e4m3 copy"
 
 
-@pytest.mark.parametrize("loop", ["split", "two_pass"])
+@pytest.mark.parametrize("loop", ["split", "masked"])
 def test_fp8_attention(loop):
     """FP8 products against float64 attention: of the dequantized inputs (what is left is P's e4m3
     rounding), and of the exact inputs, with a key-padding bias and mixed variants."""
@@ -483,20 +483,22 @@ def test_fp8_rejects_what_it_cannot_run():
         block_sparse_attention(q, q, q, table, voh, precision="fp4")
     with pytest.raises(ValueError, match="precision='fp8' needs TMA loads"):
         block_sparse_attention(q, q, q, table, voh, loads="gather", precision="fp8")
+    with pytest.raises(ValueError, match="precision='fp8' runs with loop 'split', 'masked' or 'auto'"):
+        block_sparse_attention(q, q, q, table, voh, loads="tma", loop="two_pass", precision="fp8")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("loop", ["split", "two_pass"])
 @pytest.mark.parametrize("pattern", ["spatial", "mix"])
-def test_gpu_fp8_at_full_size(pattern, loop):
-    """Wan2.1-1.3B's 480p layout, d=128: FP8 against float64 rows (the GPU rounds to nearest)."""
+def test_gpu_fp8_at_full_size(pattern):
+    """Wan2.1-1.3B's 480p layout, d=128: FP8 (loop="auto", i.e. "split") against float64 rows (the
+    GPU rounds to nearest)."""
     layout = VideoLayout(21, 30, 52)
     table = build_plan_table(layout, V1, "cuda")
     H = 5
     ids = {"spatial": [0] * H, "mix": [0, 1, 0, 1, 2]}[pattern]
     voh = torch.tensor([ids], dtype=torch.int32, device="cuda")
     q, k, v = make_qkv(1, H, layout.seq_len, 128, torch.bfloat16, device="cuda", bnhd=True)
-    out = block_sparse_attention(q, k, v, table, voh, loop=loop, precision="fp8")
+    out = block_sparse_attention(q, k, v, table, voh, precision="fp8")
     rows = torch.randperm(layout.seq_len, device="cuda")[:512]
     masks = torch.stack([paper.pattern_mask(layout, var.pattern, var.bandwidth, var.stride, "cuda", rows)
                          for var in V1])[voh[0].long()]  # fmt: skip
