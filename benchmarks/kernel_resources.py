@@ -64,17 +64,11 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
                      **config.kwargs)  # fmt: skip
     kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, constants), constexprs=constants), target=target,
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as folder:
-        cubin = os.path.join(folder, "kernel.cubin")
-        Path(cubin).write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", cubin], capture_output=True, text=True,
-                               check=True).stdout  # fmt: skip
-    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    regs, stack = cubin_usage(kernel)
     return {
         "head_dim": head_dim, "loop": loop,
         "config": config_name(config),
-        "registers": int(regs), "stack_bytes": int(stack), "shared_bytes": kernel.metadata.shared,
+        "registers": regs, "stack_bytes": stack, "shared_bytes": kernel.metadata.shared,
         # Specialised for real when partitions added warps: the loop's attribute stays in the TTGIR even
         # where the pass gave up (it did for a descriptor made from an scf.if-yielded pointer).
         "warps": kernel.metadata.num_warps, "warp_specialized": kernel.metadata.num_warps > config.num_warps,
