@@ -534,7 +534,7 @@ def block_sparse_attention(
         specialisation pass, NOTES.md); it stores each tile and its log-sum-exp, and a second
         launch adds the masked blocks of the query blocks that have any. ``"auto"`` (default):
         ``"two_pass"`` where warp specialisation runs and pays (TMA loads on Hopper, head dim 128,
-        no ``key_bias``; H200: 7-16% faster than "split" at d=128, 5-20% slower at d=64, where the
+        no ``key_bias``; H200: 5-15% faster than "split" at d=128, 5-20% slower at d=64, where the
         autotuner keeps 8 warps; not with ``precision="fp8"``), else ``"split"``.
         ``"masked"``: the element mask on every block, trusting no ``block_full`` flag; 1.5-1.9x
         slower on H100 (NOTES.md), kept to check the flags and to measure what skipping the mask
