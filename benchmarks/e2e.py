@@ -11,10 +11,11 @@ where the pipeline uses it) at the timesteps of their pipelines' schedulers. Two
   HunyuanVideo (20 dual- + 40 single-stream, 1280x720, 129 frames: 118,800 video + 256 text tokens,
   batch 1 with embedded guidance).
 
-Variants, in one run on one GPU: eager (diffusers' SDPA), inductor, rainfusion ``mode="dense"``, v1, v1+ and
-v2 (80% block sparsity). Each runs a few steps of its model's real schedule (the diffusers scheduler with the
-published shift, ``num_steps`` = 50), chosen so that rainfusion decides dense or sparse exactly as in the
-pipeline: w = ceil(0.1 * num_steps) warm-up steps are dense (5 of 50).
+Variants, in one run on one GPU: eager (diffusers' SDPA), inductor, rainfusion ``mode="dense"``, v1, v1+,
+v2 (80% block sparsity) and v2 with FP8 products (``precision="fp8"``). Each runs a few steps of its model's
+real schedule (the diffusers scheduler with the published shift, ``num_steps`` = 50), chosen so that
+rainfusion decides dense or sparse exactly as in the pipeline: w = ceil(0.1 * num_steps) warm-up steps are
+dense (5 of 50).
 
 1. a call at t[0] that compiles (``compile_s``; under CUDA graphs one more untimed call, which records them);
 2. one timed dense step at t[0] (``dense_ms``);
@@ -42,7 +43,8 @@ Options:
 ``--config quick|full``   the configuration above (default quick)
 ``--models KEY ...``      ``wan`` (Wan2.1-14B), ``wan1.3b``, ``cogvideox``, ``hunyuanvideo``; default: the
                           config's three models
-``--variants NAME ...``   eager inductor rf_dense rf_v1 rf_v1plus rf_v2 (default all; run in this order)
+``--variants NAME ...``   eager inductor rf_dense rf_v1 rf_v1plus rf_v2 rf_v2_fp8 (default all; run in this order;
+                          rf_v2_fp8: v2 with ``precision="fp8"``, Hopper only: its sites stay dense elsewhere)
 ``--layers N``            quick only: blocks per model (default 4)
 ``--steps K``             timed sparse-phase steps per variant (default 2)
 ``--num-steps N``         the pipeline's steps: its schedule, the warm-up and the extrapolation (default 50)
@@ -161,6 +163,7 @@ VARIANTS = {
     "rf_v1": {"backend": "rainfusion", "options": {"mode": "v1"}},
     "rf_v1plus": {"backend": "rainfusion", "options": {"mode": "v1+"}},
     "rf_v2": {"backend": "rainfusion", "options": {"mode": "v2"}},
+    "rf_v2_fp8": {"backend": "rainfusion", "options": {"mode": "v2", "precision": "fp8"}},
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
