@@ -56,6 +56,12 @@ class RainFusionConfig:
     sample_stride:
         omega of the ARM's global sampling (every omega-th video token). ``None`` uses the
         number of frames, so both samples hold about one frame of tokens.
+    arm_query_rows:
+        Most query rows per ARM sample. A longer sample of S tokens averages the in-band softmax
+        mass over every r-th query row, r = ceil(S / arm_query_rows), against all S keys (each
+        row's softmax stays exact; the mean is estimated at 1/r of the cost). 512 keeps every row
+        up to S = 512 (the trained fidelity models' 384, the tiny presets) and takes 390-450 rows
+        at CogVideoX, HunyuanVideo and Wan (S = 1200-1560). ``None`` takes every row.
     dense_warmup:
         Share of the denoising steps kept dense, in [0, 1): the first
         ``ceil(dense_warmup * num_steps)`` steps of each video. Steps are counted on the device
@@ -106,6 +112,7 @@ class RainFusionConfig:
     stride: int = 2
     alpha: float = 0.8
     sample_stride: int | None = None
+    arm_query_rows: int | None = 512
     dense_warmup: float = 0.1
     num_steps: int = 50
     arm_every: int = 1
@@ -147,6 +154,8 @@ class RainFusionConfig:
         _check_int("stride", self.stride, minimum=2)
         if self.sample_stride is not None:
             _check_int("sample_stride", self.sample_stride, minimum=1)
+        if self.arm_query_rows is not None:
+            _check_int("arm_query_rows", self.arm_query_rows, minimum=1)
         _check_int("num_steps", self.num_steps, minimum=1)
         _check_int("arm_every", self.arm_every, minimum=1)
         _check_int("min_video_tokens", self.min_video_tokens, minimum=0)

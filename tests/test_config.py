@@ -46,6 +46,8 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"dense_warmup": 1.0}, r"'dense_warmup' must be a fraction in \[0, 1\)"),
         ({"sample_stride": 0}, "'sample_stride' must be an int >= 1"),
         ({"arm_every": 0}, "'arm_every' must be an int >= 1"),
+        ({"arm_query_rows": 0}, "'arm_query_rows' must be an int >= 1"),
+        ({"arm_query_rows": 256.0}, "'arm_query_rows' must be an int >= 1"),
         ({"kernel": "cuda"}, "'kernel' must be one of"),
         ({"precision": "int8"}, r"'precision' must be one of \['bf16', 'fp8'\]"),
         ({"report": "yes"}, "'report' must be True or False"),

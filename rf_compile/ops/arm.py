@@ -3,10 +3,14 @@
 Algorithm 1 of the paper, vectorised over batch, heads and bandwidths: the local sample (the
 first frame's tokens) estimates the recall of the temporal mask, the global sample (every
 omega-th video token) the recall of the spatial mask. Everything stays on the device: the
-decision is a tensor of variant ids, never read back by the host.
+decision is a tensor of variant ids, never read back by the host. On CUDA two Triton launches
+compute both samples' recalls and the decision (``kernels.arm``); elsewhere PyTorch does. Samples
+longer than ``arm_query_rows`` average over every r-th query row (all keys), in both paths.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -19,23 +23,65 @@ def _use_triton(q: torch.Tensor) -> bool:
     return q.is_cuda
 
 
-def _sampled_recall(
-    q: torch.Tensor, k: torch.Tensor, step: int, halfwidths: list[int], scale: float, enabled: torch.Tensor | None
-) -> torch.Tensor:
-    """Recall [B, H, nb] of bands ``|pos_i - pos_j| <= halfwidth`` over samples ``step`` positions apart.
+class Sample(NamedTuple):
+    """One ARM sample of q/k: ``count`` tokens ``stride`` apart from ``start`` along the sequence,
+    ``position_step`` apart in the pattern's token order; every ``row_stride``-th is a query row."""
 
-    On CUDA a Triton kernel computes it without writing the S x S scores; elsewhere PyTorch does.
+    start: int
+    stride: int
+    count: int
+    position_step: int
+    row_stride: int
+
+
+def row_stride(count: int, query_rows: int | None) -> int:
+    """Every how many sampled tokens a query row is taken: ``ceil(count / query_rows)``; 1 for ``None``.
+
+    The recall is a mean over query rows of each row's in-band softmax mass, so every r-th row
+    estimates it at 1/r of the cost; the keys, and so each row's softmax, stay whole.
     """
-    if _use_triton(q):
-        from rf_compile.kernels.arm import band_recall
+    return 1 if query_rows is None else -(-count // query_rows)
 
-        return band_recall(q, k, step, halfwidths, scale, enabled)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
-    probs = torch.softmax(scores, dim=-1)
-    position = torch.arange(q.shape[-2], device=q.device) * step
-    distance = (position[:, None] - position[None, :]).abs()
-    inside = torch.stack([distance <= width for width in halfwidths]).to(probs.dtype)  # [nb, S, S]
-    return torch.einsum("bhqk,nqk->bhn", probs, inside) / q.shape[-2]
+
+def _samples(
+    q: torch.Tensor, k: torch.Tensor, layout: VideoLayout, sample_stride: int | None, query_rows: int | None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[Sample, Sample]]:
+    """q and k holding the local (temporal) and the global (spatial) sample, and where each lies in them.
+
+    The inputs themselves, where both samples are strided slices; for rank shards a gather of both.
+    """
+    P, F = layout.prefix, layout.frames
+    omega = sample_stride or F
+    # Local: frame 0, whose tokens sit F apart in spatial-major order. Global: every omega-th video
+    # token, omega apart in frame-major order.
+    local, global_ = range(P, P + layout.frame_tokens), range(P, P + layout.video_tokens, omega)
+    counts, steps = (len(local), len(global_)), (F, omega)
+    if layout.shards == 1:
+        starts, strides = (P, P), (1, omega)
+    else:
+        canonical = torch.cat([torch.arange(r.start, r.stop, r.step, device=q.device) for r in (local, global_)])
+        index = layout.placed(canonical)
+        q, k = q.index_select(-2, index), k.index_select(-2, index)
+        starts, strides = (0, counts[0]), (1, 1)
+    local_sample, global_sample = (
+        Sample(start, stride, count, step, row_stride(count, query_rows))
+        for start, stride, count, step in zip(starts, strides, counts, steps, strict=True)
+    )
+    return q, k, (local_sample, global_sample)
+
+
+def _sampled_recall(
+    q: torch.Tensor, k: torch.Tensor, sample: Sample, halfwidths: list[int], scale: float
+) -> torch.Tensor:
+    """Recall [B, H, nb] of the bands ``|pos_i - pos_j| <= halfwidth`` in one sample, in PyTorch (S x S fp32 scores)."""
+    start, stride, count, step, r = sample
+    tokens = slice(start, start + (count - 1) * stride + 1, stride)
+    queries, keys = q[..., tokens, :][..., ::r, :], k[..., tokens, :]
+    probs = torch.softmax(torch.matmul(queries, keys.transpose(-1, -2)).float().mul_(scale), dim=-1)
+    position = torch.arange(count, device=q.device) * step
+    distance = (position[::r, None] - position[None, :]).abs()
+    inside = torch.stack([distance <= width for width in halfwidths]).to(probs.dtype)  # [nb, rows, S]
+    return torch.einsum("bhqk,nqk->bhn", probs, inside) / queries.shape[-2]
 
 
 def arm_recalls(
@@ -46,6 +92,7 @@ def arm_recalls(
     sample_stride: int | None = None,
     scale: float | None = None,
     enabled: torch.Tensor | None = None,
+    query_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimated recall of the temporal and spatial masks, float32 [B, H, len(bandwidths)] each.
 
@@ -58,28 +105,19 @@ def arm_recalls(
     enabled:
         Optional bool scalar on the device: the CUDA kernel skips its work where it is False (the
         results are then meaningless and the caller keeps its last decision). PyTorch ignores it.
+    query_rows:
+        Most query rows per sample (``RainFusionConfig.arm_query_rows``); ``None`` takes every row.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    P, F = layout.prefix, layout.frames
-    omega = sample_stride or F
     halfwidths = [band_halfwidth(layout, b) for b in bandwidths]
-    # Local sample: frame 0. In spatial-major order its tokens sit F apart.
-    local = slice(P, P + layout.frame_tokens)
-    recall_t = _sampled_recall(_tokens(q, layout, local), _tokens(k, layout, local), F, halfwidths, scale, enabled)
-    # Global sample: every omega-th video token, omega apart in frame-major order.
-    global_ = slice(P, P + layout.video_tokens, omega)
-    recall_s = _sampled_recall(
-        _tokens(q, layout, global_), _tokens(k, layout, global_), omega, halfwidths, scale, enabled
-    )
+    q, k, samples = _samples(q, k, layout, sample_stride, query_rows)
+    if _use_triton(q):
+        from rf_compile.kernels.arm import band_recall
+
+        recalls = band_recall(q, k, samples, halfwidths, scale, threshold=1.0, enabled=enabled).recalls
+        return recalls[:, :, 0], recalls[:, :, 1]
+    recall_t, recall_s = (_sampled_recall(q, k, sample, halfwidths, scale) for sample in samples)
     return recall_t, recall_s
-
-
-def _tokens(x: torch.Tensor, layout: VideoLayout, canonical: slice) -> torch.Tensor:
-    """``x[..., canonical, :]`` in the canonical token order: a view, or a gather for rank shards."""
-    if layout.shards == 1:
-        return x[..., canonical, :]
-    index = layout.placed(torch.arange(canonical.start, canonical.stop, canonical.step or 1, device=x.device))
-    return x.index_select(-2, index)
 
 
 def choose_variants(recall_temporal: torch.Tensor, recall_spatial: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -114,7 +152,17 @@ def decide(
 
     The recall is float32 [B, H], NaN for textural heads (the ARM estimates no textural recall).
     """
-    recall_t, recall_s = arm_recalls(q, k, layout, config.head_bandwidths, config.sample_stride, scale, enabled)
+    if _use_triton(q):  # recalls and choice in the kernels: two launches in all
+        from rf_compile.kernels.arm import band_recall
+
+        halfwidths = [band_halfwidth(layout, b) for b in config.head_bandwidths]
+        qs, ks, samples = _samples(q, k, layout, config.sample_stride, config.arm_query_rows)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        _, variants, recall = band_recall(qs, ks, samples, halfwidths, scale, config.threshold, enabled)
+        return variants, recall
+    recall_t, recall_s = arm_recalls(
+        q, k, layout, config.head_bandwidths, config.sample_stride, scale, query_rows=config.arm_query_rows
+    )
     variants = choose_variants(recall_t, recall_s, config.threshold)
     recalls = torch.cat([recall_s, recall_t, torch.full_like(recall_t[..., :1], float("nan"))], dim=-1)
     return variants, recalls.gather(-1, variants[..., None]).squeeze(-1)
