@@ -51,6 +51,8 @@ SHAPES = {
     "HunyuanVideo": (24, 128, VideoLayout(32, 30, 40, suffix=256)),  # N = 38656
     "Wan2.1-14B": (40, 128, VideoLayout(21, 30, 52)),  # N = 32760
     "Wan2.1-14B-720p": (40, 128, VideoLayout(21, 45, 80)),  # N = 75600 (M = 591 blocks); not run by default
+    # The published 1280x720, 129 frames (the e2e full config): N = 119056 (M = 931); not run by default
+    "HunyuanVideo-720p": (24, 128, VideoLayout(33, 45, 80, suffix=256)),
 }
 DEFAULT_SHAPES = ("CogVideoX-5B", "HunyuanVideo", "Wan2.1-14B")
 PATTERNS = ("spatial", "temporal", "textural", "mix", "density0.5", "density0.3", "density0.2")
