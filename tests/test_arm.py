@@ -136,11 +136,10 @@ def test_subsampled_rows_decide_as_every_row_at_real_size(layout, head_dim):
     for mode in ("v1", "v1+"):
         sampled = RainFusionConfig(mode=mode)  # 384 rows: every 4th (CogVideoX) or 5th (Wan)
         every = RainFusionConfig(mode=mode, arm_query_rows=None)
-        variant, recall = arm.decide(q, k, layout, sampled)
-        assert torch.equal(variant, arm.decide(q, k, layout, every)[0])
+        assert torch.equal(arm.decide(q, k, layout, sampled)[0], arm.decide(q, k, layout, every)[0])
         assert arm.classify_heads(q, k, layout, sampled)[0, :3].tolist() == planted[:3]
-    # An estimate: its error is ~ (spread of the rows' in-band mass) / sqrt(rows); 0.018 at most at 512
-    # rows, on the temporal head's spatial recall (rows in band 0.33 or 1).
+    # An estimate: its error is ~ (spread of the rows' in-band mass) / sqrt(rows); 0.026 at most here
+    # (CogVideoX, 338 rows).
     for a, b in zip(arm.arm_recalls(q, k, layout, (0.125, 0.25, 0.5), query_rows=384),
                     arm.arm_recalls(q, k, layout, (0.125, 0.25, 0.5))):  # fmt: skip
         torch.testing.assert_close(a, b, atol=0.03, rtol=0)
