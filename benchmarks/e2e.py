@@ -460,11 +460,13 @@ def set_rel_errs(records: list[dict], finals: dict[str, dict[str, torch.Tensor]]
         record["rel_err_vs"] = reference
 
 
+# Compile times without cache hits between variants; a patch, so that a caller in the same process (the
+# tests) gets its caches back when main returns.
+@torch._inductor.config.patch(force_disable_caches=True)
 def main() -> None:
     args = parse_args()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    torch._inductor.config.force_disable_caches = True  # compile times without cache hits between variants
     env = {**environment(), "config": args.config, "budget_minutes": args.budget_minutes, "skipped": []}
     out_dir = args.out or Path(__file__).parent / "results" / gpu_slug(env.get("gpu", "cpu"))
     old = []

@@ -115,6 +115,7 @@ def test_e2e_out_of_budget_skips_with_a_note(tmp_path, monkeypatch):
     argv = ["e2e.py", "--size", "tiny", "--budget-minutes", "1e-9", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     e2e.main()
+    assert not torch._inductor.config.force_disable_caches  # its cache switch does not outlive the run
     assert json.loads((tmp_path / "e2e.json").read_text())["records"] == []
     assert "Skipped (time budget): CogVideoX-5B (every variant), HunyuanVideo (every variant), Wan2.1-14B" in (
         tmp_path / "e2e.md"

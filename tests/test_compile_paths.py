@@ -100,7 +100,8 @@ def test_every_preset_stays_sparse_through_resolution_changes(name):
         assert set(entry["by_layout"]) == {layout.describe() for _, _, layout in calls}, site
         assert all(e["sparse_calls"] == 1 and e["dense_calls"] == 0 for e in entry["by_layout"].values()), site
         assert entry["dense_shapes"] == {}, site
-    for (args, kwargs, _), out in zip(calls, outputs, strict=True):
+    # The first resolution ran a static graph already: the later ones, on the symbolic graph, are checked.
+    for (args, kwargs, _), out in zip(calls[1:], outputs[1:], strict=True):
         torch._dynamo.reset()
         static = torch.compile(model, backend="rainfusion", options=OPTIONS, dynamic=False)
         with torch.no_grad(), torch._dynamo.config.patch(**flags):
