@@ -70,6 +70,22 @@ def _samples(
     return q, k, (local_sample, global_sample)
 
 
+def _call_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    bandwidths: tuple[float, ...],
+    sample_stride: int | None,
+    query_rows: int | None,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[Sample, Sample], list[int], float]:
+    """What both paths of one ARM call start from: the samples' q and k, where the samples lie, the
+    band half-widths in tokens and the softmax scale (SDPA's default when None)."""
+    halfwidths = [band_halfwidth(layout, b) for b in bandwidths]
+    q_s, k_s, samples = _samples(q, k, layout, sample_stride, query_rows)
+    return q_s, k_s, samples, halfwidths, q.shape[-1] ** -0.5 if scale is None else scale
+
+
 def _sampled_recall(
     q: torch.Tensor, k: torch.Tensor, sample: Sample, halfwidths: list[int], scale: float
 ) -> torch.Tensor:
@@ -108,9 +124,7 @@ def arm_recalls(
     query_rows:
         Most query rows per sample (``RainFusionConfig.arm_query_rows``); ``None`` takes every row.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    halfwidths = [band_halfwidth(layout, b) for b in bandwidths]
-    q, k, samples = _samples(q, k, layout, sample_stride, query_rows)
+    q, k, samples, halfwidths, scale = _call_inputs(q, k, layout, bandwidths, sample_stride, query_rows, scale)
     if _use_triton(q):
         from rf_compile.kernels.arm import band_recall
 
@@ -155,9 +169,9 @@ def decide(
     if _use_triton(q):  # recalls and choice in the kernels: two launches in all
         from rf_compile.kernels.arm import band_recall
 
-        halfwidths = [band_halfwidth(layout, b) for b in config.head_bandwidths]
-        qs, ks, samples = _samples(q, k, layout, config.sample_stride, config.arm_query_rows)
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        qs, ks, samples, halfwidths, scale = _call_inputs(
+            q, k, layout, config.head_bandwidths, config.sample_stride, config.arm_query_rows, scale
+        )
         _, variants, recall = band_recall(qs, ks, samples, halfwidths, scale, config.threshold, enabled)
         return variants, recall
     recall_t, recall_s = arm_recalls(
