@@ -27,6 +27,7 @@ SELECTIONS = ("topk", "mass")
 KERNELS = ("auto", "triton", "reference")
 PRECISIONS = ("bf16", "fp8")  # the attention products: the inputs' dtype, or float8 e4m3 (Hopper)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEFAULT_NUM_STEPS = 50  # steps of a video when neither option num_steps nor a calling pipeline gives them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ class RainFusionConfig:
         ``ceil(dense_warmup * num_steps)`` steps of each video. Steps are counted on the device
         from the ``timestep`` values (a new value is a new step, a larger one a new video).
     num_steps:
-        Steps of the sampling loop, which the warm-up share is taken of.
+        Steps of the sampling loop, which the warm-up share is taken of. ``None`` (default): the
+        calling diffusers pipeline's own count, per video (``ops/runtime/step_count``), else 50.
     arm_every:
         Re-run the ARM every k-th sparse call of a site and reuse its decision in between.
     sparsity:
@@ -116,7 +118,7 @@ class RainFusionConfig:
     sample_stride: int | None = None
     arm_query_rows: int | None = 384
     dense_warmup: float = 0.1
-    num_steps: int = 50
+    num_steps: int | None = None
     arm_every: int = 1
     sparsity: float = 0.8
     select: str = "topk"
@@ -158,7 +160,8 @@ class RainFusionConfig:
             _check_int("sample_stride", self.sample_stride, minimum=1)
         if self.arm_query_rows is not None:
             _check_int("arm_query_rows", self.arm_query_rows, minimum=1)
-        _check_int("num_steps", self.num_steps, minimum=1)
+        if self.num_steps is not None:
+            _check_int("num_steps", self.num_steps, minimum=1)
         _check_int("arm_every", self.arm_every, minimum=1)
         _check_int("min_video_tokens", self.min_video_tokens, minimum=0)
         if not isinstance(self.dense_warmup, (int, float)) or not 0.0 <= self.dense_warmup < 1.0:
@@ -169,8 +172,9 @@ class RainFusionConfig:
 
     @property
     def warmup_steps(self) -> int:
-        """Dense steps at the start of each video: ``ceil(dense_warmup * num_steps)``."""
-        return math.ceil(self.dense_warmup * self.num_steps)
+        """Dense steps at the start of each video: ``ceil(dense_warmup * num_steps)`` (``None``: 50;
+        a pipeline's own count is applied at run time, on the device)."""
+        return math.ceil(self.dense_warmup * (self.num_steps or DEFAULT_NUM_STEPS))
 
     @property
     def head_bandwidths(self) -> tuple[float, ...]:

@@ -2,8 +2,10 @@
 
 For CogVideoX, HunyuanVideo and Wan (tiny random configs, no downloads): compile with
 ``backend="rainfusion"``, print the site table, run a few denoising-like steps with a progress
-bar, print the chosen head patterns, and check ``mode="dense"`` against eager. On a CUDA
-machine it also times one real-size attention call (CogVideoX-5B shape), dense vs RainFusion.
+bar, print the chosen head patterns, and check ``mode="dense"`` against eager. Then a diffusers
+``WanPipeline`` end to end: two videos at two resolutions and step counts, each warmed up on its own
+step count. On a CUDA machine it also times one real-size attention call (CogVideoX-5B shape),
+dense vs RainFusion.
 """
 
 from __future__ import annotations
@@ -67,6 +69,49 @@ def demo_model(name: str, steps: int) -> None:
     print(f"sparse (v1) vs eager dense, last step: relative L2 error = {rel:.3f}")
 
 
+def tiny_wan_pipeline(tokenizer=None, text_encoder=None, transformer=None):
+    """A ``WanPipeline`` around ``transformer`` (default: the tiny ``wan`` preset) and a tiny
+    ``AutoencoderKLWan`` (4x temporal, 8x spatial; random weights). Without a tokenizer and text
+    encoder, call it with ``prompt_embeds`` and ``negative_prompt_embeds``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    transformer = (transformer or build_preset("wan", "tiny").model).eval()
+    channels = transformer.config.in_channels
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=4, z_dim=channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * channels, latents_std=[1.0] * channels,
+    ).eval()  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def demo_pipeline(videos: tuple[tuple[int, int, int, int], ...] = ((9, 128, 192, 20), (5, 96, 160, 10))) -> None:
+    """``pipe.transformer = torch.compile(pipe.transformer, backend="rainfusion")`` and ``pipe(...)`` per
+    (frames, height, width, steps): no ``num_steps`` option, each video's warm-up takes its own count."""
+    print("\n=== WanPipeline (tiny transformer and VAE, random prompt embeddings, CFG as two calls) ===")
+    pipe = tiny_wan_pipeline()
+    model = pipe.transformer
+    pipe.transformer = torch.compile(model, backend="rainfusion", options={"min_video_tokens": 0})
+    text = build_preset("wan", "tiny").kwargs["encoder_hidden_states"]
+    rf_compile.reset()
+    for frames, height, width, steps in videos:
+        with torch.no_grad():
+            video = pipe(
+                prompt_embeds=text, negative_prompt_embeds=torch.zeros_like(text), num_inference_steps=steps,
+                height=height, width=width, num_frames=frames, output_type="pt",
+            ).frames  # fmt: skip
+        site = next(iter(rf_compile.stats(model).values()))
+        layout, entry = list(site["by_layout"].items())[-1]
+        print(f"{frames}x{height}x{width} px, {steps} steps -> video {tuple(video.shape)}; tokens {layout}: "
+              f"{entry['dense_calls']} dense + {entry['sparse_calls']} sparse calls per site; "
+              f"warm-up {site['warmup_steps']} steps ({site['num_steps_from']})")  # fmt: skip
+
+
 def time_real_attention() -> None:
     """One CogVideoX-5B attention call (48 heads x 64, 13x30x45 + 226 text), dense SDPA vs RainFusion."""
     import triton.testing
@@ -91,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name in args.models:
         demo_model(name, args.steps)
+    demo_pipeline()
     if torch.cuda.is_available():
         time_real_attention()
 

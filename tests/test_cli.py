@@ -115,6 +115,7 @@ def test_run_adds_statistics_and_plot(capsys, tmp_path):
     # Timesteps 999 then 0: the first call is dense warm-up, the second sparse.
     rows = [line for line in out.splitlines() if line.startswith("transformer_blocks.")]
     assert len(rows) == 2 and all(row.rstrip().endswith(" 1/2") for row in rows)
+    assert "dense warm-up: the first 1 step(s) of each video (option num_steps: 2 steps)" in out  # --run 2
     assert "denoising steps" in err  # the progress bar
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

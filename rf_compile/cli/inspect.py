@@ -368,6 +368,9 @@ def format_text(result: Inspection) -> str:
     models = sorted({entry["model"] for entry in (result.stats or {}).values() if entry.get("model")})
     if models:
         lines.append(f"statistics of model instance {', '.join(models)} (rf_compile.stats() names it so)")
+    counts = sorted({(e["warmup_steps"], e["num_steps_from"]) for e in (result.stats or {}).values() if e.get("calls")})
+    for warmup, source in counts:
+        lines.append(f"dense warm-up: the first {warmup} step(s) of each video ({source})")
     if result.steps and isinstance(result.target.kwargs.get("timestep"), torch.Tensor):
         lines.append(f"after {result.steps} step(s), timesteps {', '.join(f'{t:g}' for t in timesteps(result.steps))}")
     elif result.steps:

@@ -7,7 +7,11 @@ replays exactly the decisions eager execution makes:
 - the *step clock* (one per device) turns the model's ``timestep`` input into a step index: a new
   value is a new step, a value above the last starts a new video;
 - a call is dense while that step is below ``ceil(dense_warmup * num_steps)``; "dense" is one more
-  plan variant, selected on the device;
+  plan variant, selected on the device. ``num_steps`` is option ``num_steps`` if given, else the
+  calling diffusers pipeline's own step count: a forward pre-hook on the model finds the pipeline's
+  ``timesteps`` on the call stack (host, once per model call, cheap) and, for a new video only,
+  counts them where they live and writes the threshold into a device tensor in place; captured CUDA
+  graphs read that tensor, so each video's replays use its own count. No pipeline: 50;
 - the ARM re-runs every ``arm_every``-th sparse call; in between its last decision is reused;
 - statistics accumulate in device counters; only ``stats()`` reads them (a host sync, off the hot path).
 
@@ -23,7 +27,8 @@ Modules, one job each (each imports only those above it):
 - ``sites``: compile-time site specs and their registry (what the rewrite pass registers);
 - ``shapes``: device state of one site for one (layout, batch size), and one call's decisions;
 - ``summaries``: device counters -> the host-side statistics of a site;
-- ``call_stack``: the modules and arguments on the Python call stack (the calling model);
+- ``call_stack``: the callers on the Python call stack (the calling model, its arguments, the pipeline);
+- ``step_count``: the current video's step count (pipeline, option or default) and warm-up thresholds;
 - ``models``: per model instance: its sites, their warm-up and the clock hook;
 - ``stats``: the public ``stats()`` and ``reset()``.
 """

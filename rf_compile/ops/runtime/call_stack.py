@@ -1,6 +1,7 @@
-"""The calling model, from the Python call stack: its modules, their arguments, a parameter's owner.
+"""The callers on the Python call stack: the calling model, its arguments, a parameter's owner, the pipeline.
 
-Host-side only, and only on first calls (a new model, shape or site): never on the hot path.
+Host-side only and off the op's hot path: the model lookups run on first calls (a new model, shape or
+site), the pipeline lookup once per model call (a forward pre-hook, a walk over a few frames).
 """
 
 from __future__ import annotations
@@ -41,3 +42,19 @@ def owning_module(owner: torch.Tensor) -> tuple[torch.nn.Module | None, str]:
             if parameter is owner:
                 return module, name
     return None, ""
+
+
+def calling_pipeline() -> tuple[object, object] | None:
+    """The innermost caller running a denoising loop, and its ``timesteps``: a method of an object that
+    is not a module, has a ``scheduler`` and holds a local ``timesteps`` (a diffusers pipeline's
+    ``__call__``, or any loop written the same way)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if "timesteps" in code.co_varnames + code.co_cellvars and "self" in code.co_varnames:
+            names = frame.f_locals
+            owner, timesteps = names.get("self"), names.get("timesteps")
+            if timesteps is not None and hasattr(owner, "scheduler") and not isinstance(owner, torch.nn.Module):
+                return owner, timesteps
+        frame = frame.f_back
+    return None

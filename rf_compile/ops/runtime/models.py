@@ -17,6 +17,7 @@ from rf_compile.ops.runtime.call_stack import calling_frame_arguments, owning_mo
 from rf_compile.ops.runtime.clock import step_clock
 from rf_compile.ops.runtime.shapes import DENSE, CallPlan, ShapeState
 from rf_compile.ops.runtime.sites import SiteSpec
+from rf_compile.ops.runtime.step_count import StepCount
 from rf_compile.ops.runtime.summaries import summarize
 from rf_compile.persistent import persistent
 from rf_compile.plan import Variant
@@ -32,10 +33,6 @@ class SiteState:
     counter: torch.Tensor | None = None  # int64 scalar: calls, for graphs with no timestep
     shapes: dict[tuple[VideoLayout, int], ShapeState] = dataclasses.field(default_factory=dict)
     dense_reasons: dict[str, int] = dataclasses.field(default_factory=dict)  # shapes that stayed dense
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.spec.config.warmup_steps
 
     def begin(
         self,
@@ -56,7 +53,7 @@ class SiteState:
             made = (lambda: prepare(variants)) if prepare is not None else None
             shape = self.shapes[(layout, B)] = ShapeState.new(layout, B, H, variants, q.device, made)
         step = self._step(q.device, timestep)
-        dense = step < self.warmup_steps
+        dense = step < self.model.step_count.warmup(self.spec.config, q.device)
         shape.calls += 1
         shape.dense_calls += dense.long()
         sparse_index = shape.calls - shape.dense_calls - 1  # of this call, when it is sparse
@@ -94,6 +91,7 @@ class SiteState:
             "site": self.name,
             "layout": ", ".join(by_layout) or (self.spec.layout.describe() if self.spec.layout else ""),
             "layout_source": self.spec.layout_source,
+            **self.model.step_count.describe(self.spec.config),
             **total,
             "dense_shapes": dict(self.dense_reasons),
             "by_layout": by_layout,
@@ -110,6 +108,7 @@ class ModelState:
     sites: dict[tuple[str, RainFusionConfig], SiteState] = dataclasses.field(default_factory=dict)
     ticks_clock: bool = False  # a hook on the model ticks the step clock from its timestep argument
     clock_checked: bool = False
+    step_count: StepCount = dataclasses.field(default_factory=StepCount)  # of the video now, for the warm-up
 
     def site(self, spec: SiteSpec, prefix: str) -> SiteState:
         name = prefix + spec.name
@@ -157,6 +156,7 @@ def site_state(spec: SiteSpec, owner: torch.Tensor | None) -> SiteState:
             model = _BY_MODULE.get(module)
             if model is None:
                 model = _BY_MODULE[module] = ModelState(_new_name(type(module).__name__), weakref.ref(module))
+                model.step_count.watch(module)  # the calling pipeline's step count, from now on
         found = _BY_OWNER[owner] = (model, qualified.removeprefix("_orig_mod."))
     model, qualified = found
     prefix = qualified[: -len(spec.owner_path)] if spec.owner_path and qualified.endswith(spec.owner_path) else ""

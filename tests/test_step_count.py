@@ -1,0 +1,120 @@
+"""The dense warm-up's step count: the calling pipeline's own (per video), option ``num_steps``, or 50.
+
+A small module calls the op eagerly from a pipeline-like loop (an object with a ``scheduler`` and a
+local ``timesteps``, as diffusers' pipelines are written); the compiled diffusers pipelines are in
+``test_pipelines``.
+"""
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from rf_compile import RainFusionConfig, VideoLayout
+from rf_compile.ops.attention import attention
+from rf_compile.ops.runtime.models import site_state
+from rf_compile.ops.runtime.sites import get_spec, register_site
+from rf_compile.ops.runtime.stats import reset, stats
+from rf_compile.ops.runtime.step_count import _count_runs
+
+LAYOUT = VideoLayout(2, 4, 4)
+
+
+class Attention(torch.nn.Module):
+    """One rewritten site, as a compiled model runs it: the op with one of the model's parameters."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key, self.weight = key, torch.nn.Parameter(torch.zeros(1))
+        self.q = torch.randn(1, 2, LAYOUT.seq_len, 8)
+
+    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
+        q = self.q
+        return attention(q, q, q, None, None, timestep, self.weight, None, self.key, [])
+
+
+class Pipeline:
+    """Written like a diffusers pipeline: the loop's ``timesteps`` are a local of ``__call__``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.scheduler = model, FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+    def __call__(self, num_inference_steps: int) -> None:
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        for t in timesteps:
+            for _ in range(2):  # classifier-free guidance as two calls: one step
+                self.model(t.expand(1))
+
+
+def _model(name: str, **options) -> tuple[Attention, str]:
+    key = register_site(name, LAYOUT, RainFusionConfig(dense_warmup=0.5, **options))
+    return Attention(key), key
+
+
+def _video_dense_calls(key: str, run) -> int:
+    before = stats()
+    run()
+    (entry,) = [e for name, e in stats().items() if name.endswith(key)]
+    (previous,) = [e for name, e in before.items() if name.endswith(key)] or [{"dense_calls": 0}]
+    return entry["dense_calls"] - previous["dense_calls"]
+
+
+def test_warmup_follows_each_videos_pipeline_step_count():
+    reset()
+    model, key = _model("step_count.pipeline")
+    pipe = Pipeline(model)
+    for steps in (4, 2, 7):  # per video: ceil(0.5 * steps) dense steps, two calls each
+        assert _video_dense_calls(key, lambda steps=steps: pipe(steps)) == 2 * math.ceil(0.5 * steps)
+    (entry,) = stats(model).values()
+    assert entry["num_steps_from"] == "pipeline Pipeline timesteps: 7 steps"
+    assert (entry["num_steps"], entry["warmup_steps"]) == (7, 4)
+
+
+def test_threshold_is_one_device_tensor_updated_in_place():
+    """CUDA graphs replay reads of the same tensor: a new video must change its value, not replace it."""
+    reset()
+    model, key = _model("step_count.in_place")
+    pipe = Pipeline(model)
+    pipe(4)
+    state = site_state(get_spec(key), model.weight)
+    threshold = state.model.step_count.warmup(state.spec.config, torch.device("cpu"))
+    assert isinstance(threshold, torch.Tensor) and int(threshold) == 2
+    pipe(10)
+    assert state.model.step_count.warmup(state.spec.config, torch.device("cpu")) is threshold
+    assert int(threshold) == 5
+
+
+def test_outside_a_pipeline_the_count_is_the_default():
+    reset()
+    model, key = _model("step_count.default")
+    Pipeline(model)(2)
+    # Then the model alone: a new video (its first timestep is above the last), with 50 steps again.
+    dense = _video_dense_calls(key, lambda: [model(torch.tensor([999.0 - i])) for i in range(30)])
+    assert dense == math.ceil(0.5 * 50)
+    (entry,) = stats(model).values()
+    assert entry["num_steps_from"] == "default: 50 steps"
+
+
+def test_option_num_steps_overrides_the_pipeline():
+    reset()
+    model, key = _model("step_count.option", num_steps=10)
+    pipe = Pipeline(model)
+    # 8 steps: ceil(0.5 * 10) = 5 dense steps from the option, not ceil(0.5 * 8) = 4 from the pipeline
+    assert _video_dense_calls(key, lambda: pipe(8)) == 2 * 5
+    (entry,) = stats(model).values()
+    assert entry["num_steps_from"] == "option num_steps: 10 steps"
+
+
+@pytest.mark.parametrize(
+    ("timesteps", "steps"),
+    [
+        (torch.tensor([999.0, 800.0, 800.0, 500.0, 500.0, 0.0]), 4),  # a 2nd-order scheduler repeats timesteps
+        ([999, 666, 333], 3),
+        (torch.tensor([]), 0),
+    ],
+    ids=["repeats", "list", "empty"],
+)
+def test_steps_are_counted_as_the_step_clock_counts_them(timesteps, steps):
+    assert _count_runs(timesteps) == steps
