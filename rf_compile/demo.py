@@ -109,7 +109,7 @@ def demo_pipeline(videos: tuple[tuple[int, int, int, int], ...] = ((9, 128, 192,
         layout, entry = list(site["by_layout"].items())[-1]
         print(f"{frames}x{height}x{width} px, {steps} steps -> video {tuple(video.shape)}; tokens {layout}: "
               f"{entry['dense_calls']} dense + {entry['sparse_calls']} sparse calls per site; "
-              f"warm-up {site['warmup_steps']} steps ({site['num_steps_from']})")  # fmt: skip
+              f"warm-up {site['warmup_steps']} step(s) ({site['num_steps_from']})")  # fmt: skip
 
 
 def time_real_attention() -> None:
