@@ -33,6 +33,7 @@ class StepCount:
         self._count: int | torch.Tensor = DEFAULT_NUM_STEPS  # a device tensor when counted there
         self._timesteps: object = None  # the pipeline's timesteps the count was taken from
         self._thresholds: dict[tuple[torch.device, float], torch.Tensor] = {}
+        self._buffers: dict[torch.device, torch.Tensor] = {}  # where a count made on a device is kept
 
     def watch(self, module: torch.nn.Module) -> None:
         """Follow the pipelines that call ``module``: in this call, and by a pre-hook in every later one."""
@@ -61,8 +62,8 @@ class StepCount:
         key = (device, float(config.dense_warmup))
         threshold = self._thresholds.get(key)
         if threshold is None:
-            make = lambda: _fill(torch.zeros((), dtype=torch.int64, device=device), self._threshold(*key))
-            threshold = self._thresholds[key] = persistent(make, device)
+            threshold = self._thresholds[key] = _persistent_scalar(device)
+            _fill(threshold, self._threshold(*key))  # on this stream: after the count it reads
         return threshold
 
     def describe(self, config: RainFusionConfig) -> dict:
@@ -76,6 +77,11 @@ class StepCount:
         return {"num_steps": steps, "warmup_steps": warmup, "num_steps_from": f"{source}: {steps} steps"}
 
     def _set(self, count: int | torch.Tensor) -> None:
+        if isinstance(count, torch.Tensor):  # kept outside CUDA-graph pools (the first count is taken in a call)
+            buffer = self._buffers.get(count.device)
+            if buffer is None:
+                buffer = self._buffers[count.device] = _persistent_scalar(count.device)
+            count = buffer.copy_(count)
         self._count = count
         for key, threshold in self._thresholds.items():
             _fill(threshold, self._threshold(*key))
@@ -86,6 +92,10 @@ class StepCount:
         if isinstance(self._count, int):
             return math.ceil(share * self._count)
         return torch.ceil(self._count.to(device).double() * share).long()
+
+
+def _persistent_scalar(device: torch.device) -> torch.Tensor:
+    return persistent(lambda: torch.zeros((), dtype=torch.int64, device=device), device)
 
 
 def _fill(tensor: torch.Tensor, value: int | torch.Tensor) -> torch.Tensor:
