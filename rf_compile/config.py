@@ -24,6 +24,8 @@ class OptionError(ValueError):
     """A ``rainfusion`` option with an unknown key or a value outside what it accepts."""
 
 SELECTIONS = ("topk", "mass")
+ORDERS = ("tiles", "tokens")  # v2 blocks: 3-D tiles of the video (RainFusion 2.0) or the model's token order
+NONLOCAL = ("checkerboard", "blocks")  # v1 heads the ARM finds neither spatial nor temporal
 KERNELS = ("auto", "triton", "reference")
 PRECISIONS = ("bf16", "fp8")  # the attention products: the inputs' dtype, or float8 e4m3 (Hopper)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -73,13 +75,33 @@ class RainFusionConfig:
     arm_every:
         Re-run the ARM every k-th sparse call of a site and reuse its decision in between.
     sparsity:
-        v2 target fraction of key blocks skipped per query block, in [0, 1).
+        v2 fraction of key blocks skipped per query block, in [0, 1). The forced blocks (text and
+        sink-frame columns, the diagonal) count inside the budget: a query block keeps at most
+        ``ceil(kv_blocks * (1 - sparsity))`` key blocks, forced ones first; only the rows that are
+        forced whole (text and sink-frame query blocks) attend densely.
     select:
         v2 block selection: ``"topk"`` keeps ``ceil(kv_blocks * (1 - sparsity))`` key blocks per
-        query block (as the public implementations); ``"mass"`` keeps blocks by descending
-        predicted score until ``mass`` of it is covered, never more than ``"topk"`` would.
+        query block (forced ones included); ``"mass"`` keeps blocks by descending predicted score
+        (forced ones first) until ``mass`` of it is covered, never more than ``"topk"`` would.
     mass:
         v2 predicted softmax mass to cover with ``select="mass"``, in (0, 1].
+    order:
+        v2 token order that the 128-token blocks are cut from: ``"tiles"``, compact 3-D tiles of the
+        video (RainFusion 2.0's spatio-temporal permutation, ``tile``), or ``"tokens"``, the model's own
+        (frame-major) order, read in place.
+    textural:
+        What v1 / v1+ compute for heads the ARM finds neither spatial nor temporal: ``"checkerboard"``
+        (the paper's textural pattern, every ``stride``-th key) or ``"blocks"`` (v2's block prediction
+        in ``order``, keeping the same share of key blocks as the checkerboard, ``1 / stride``).
+    dense_layers:
+        The first N video self-attention sites of a model (in the order they are first called) stay
+        dense, as Sparse VideoGen and Radial Attention keep their first layers dense.
+    dense_last_steps:
+        The last N denoising steps of each video (of ``num_steps``) are dense.
+    measure_error:
+        Also compute dense attention on every sparse call and record the relative L2 error of the
+        sparse output per head (``attn_rel_err`` in ``stats()``); doubles the attention cost, for
+        evaluation and calibration.
     tile:
         v2 tile (frames, height, width) of one kernel block of 128 tokens; ``None`` picks
         2x8x8 for video and 1x8x16 for images.
@@ -121,6 +143,11 @@ class RainFusionConfig:
     sparsity: float = 0.8
     select: str = "topk"
     mass: float = 0.9
+    order: str = "tiles"
+    textural: str = "checkerboard"
+    dense_layers: int = 0
+    dense_last_steps: int = 0
+    measure_error: bool = False
     tile: tuple[int, int, int] | None = None
     sink_frames: int | None = None
     layout: VideoLayout | None = None
@@ -138,6 +165,10 @@ class RainFusionConfig:
         if self.compile_mode is not None:
             _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("select", self.select, SELECTIONS)
+        _check_choice("order", self.order, ORDERS)
+        _check_choice("textural", self.textural, NONLOCAL)
+        _check_int("dense_layers", self.dense_layers, minimum=0)
+        _check_int("dense_last_steps", self.dense_last_steps, minimum=0)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise OptionError(f"option 'sparsity' must be a fraction in [0, 1), got {self.sparsity!r}")
         _check_fraction("mass", self.mass)
@@ -163,7 +194,12 @@ class RainFusionConfig:
         _check_int("min_video_tokens", self.min_video_tokens, minimum=0)
         if not isinstance(self.dense_warmup, (int, float)) or not 0.0 <= self.dense_warmup < 1.0:
             raise OptionError(f"option 'dense_warmup' must be a fraction in [0, 1), got {self.dense_warmup!r}")
-        for name in ("report", "strict"):
+        if self.warmup_steps + self.dense_last_steps > self.num_steps:
+            raise OptionError(
+                f"options 'dense_warmup' ({self.warmup_steps} steps) and 'dense_last_steps' ({self.dense_last_steps}) "
+                f"add up to more than 'num_steps' ({self.num_steps}); accepted: their sum <= num_steps"
+            )
+        for name in ("report", "strict", "measure_error"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
 

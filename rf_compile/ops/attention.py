@@ -10,6 +10,9 @@ themselves.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +22,7 @@ from rf_compile.ops import arm, v2
 from rf_compile.ops.runtime.models import attach_clock, site_state
 from rf_compile.ops.runtime.sites import get_spec
 from rf_compile.ops.torch_attention import torch_sparse_attention
-from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable, build_plan_table, variants_for
+from rf_compile.plan import KERNEL_HEAD_DIMS, Pattern, PlanTable, Variant, build_plan_table, concat_plans, variants_for
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -219,7 +222,36 @@ def sparse_attention(
     else:
         table = build_plan_table(layout, variants_for(config), q.device)
         variant_of_head = arm.classify_variants(q, k, layout, config, scale)
+        if config.textural == "blocks":
+            table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head)
     return run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, precision=config.precision)
+
+
+@functools.lru_cache(maxsize=16)
+def nonlocal_config(config: RainFusionConfig) -> RainFusionConfig:
+    """The v2 settings of v1's block-predicted non-local heads: the checkerboard's share of key blocks."""
+    return dataclasses.replace(config, mode="v2", sparsity=1.0 - 1.0 / config.stride)
+
+
+def nonlocal_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    config: RainFusionConfig,
+    scale: float | None,
+    static: PlanTable,
+    variant_of_head: torch.Tensor,
+) -> tuple[PlanTable, torch.Tensor]:
+    """v1 with ``textural="blocks"``: heads the ARM sent to the checkerboard run a predicted block plan.
+
+    Every (batch element, head) gets a v2 plan at the checkerboard's share of key blocks, appended to
+    the static plans; the textural heads' variant ids are redirected to theirs (on the device).
+    """
+    B, H = q.shape[:2]
+    predicted = v2.predict_plan(q, k, layout, nonlocal_config(config), scale)
+    textural = static.variants.index(Variant(Pattern.TEXTURAL, stride=config.stride))
+    own = static.num_plans + torch.arange(B * H, device=q.device).view(B, H)
+    return concat_plans(static, predicted), torch.where(variant_of_head == textural, own, variant_of_head)
 
 
 def v2_plan(
@@ -285,9 +317,9 @@ def attention(
     call = state.begin(layout, q, timestep, lambda variants: _prepare(q, layout, config, variants, kernel))
     shape = call.shape
     out = output_like(q)
+    sparse = (~call.dense).double()
     if config.mode == "v2":
         table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense)
-        sparse = (~call.dense).double()
         density = table.density().view(q.shape[:2]).double()
         shape.block_density_sums.add_(density.sum(0) * sparse)
         shape.kept.add_(density.sum() * sparse)
@@ -297,10 +329,16 @@ def attention(
         new_variant, new_recall = arm.decide(q, k, layout, config, scale, enabled=call.run_arm)
         shape.variant.copy_(torch.where(call.run_arm, new_variant, shape.variant))
         shape.recall.copy_(torch.where(call.run_arm, new_recall, shape.recall))
-        variant_of_head = torch.where(call.dense, len(shape.variants) - 1, shape.variant)
-        _record(shape, call.dense, table)
+        variant_of_head = shape.variant
+        if config.textural == "blocks":
+            table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head)
+        _record(shape, sparse, table, variant_of_head)
+        variant_of_head = torch.where(call.dense, len(shape.variants) - 1, variant_of_head)
     out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out, config.precision)
-    return _zero_masked_rows(out, query_mask)
+    out = _zero_masked_rows(out, query_mask)
+    if config.measure_error:
+        _record_error(shape, sparse, out, _dense_call(q, k, v, attn_mask, query_mask, scale))
+    return out
 
 
 def _prepare(
@@ -320,19 +358,31 @@ def _prepare(
     return table
 
 
-def _record(shape, dense: torch.Tensor, table: PlanTable) -> None:
-    """Accumulate pattern counts, estimated recalls and the kept fraction per head (sparse calls only)."""
+def _record(shape, sparse: torch.Tensor, table: PlanTable, plan_of_head: torch.Tensor) -> None:
+    """Accumulate pattern counts, estimated recalls, the kept fraction and the block density per head
+    (``sparse``: 1.0 on sparse calls, 0.0 on dense ones; ``plan_of_head``: each head's row of ``table``)."""
     B, H = shape.variant.shape
     P, device = len(shape.variants), shape.variant.device
-    sparse = (~dense).long()
     # Counts per (head, variant) without one_hot, whose range check would sync with the device.
     cells = (torch.arange(H, device=device) * P + shape.variant).flatten()
-    shape.variant_counts.view(-1).index_add_(0, cells, sparse.expand_as(cells))
+    shape.variant_counts.view(-1).index_add_(0, cells, sparse.long().expand_as(cells))
     known = ~shape.recall.isnan()
     shape.recall_sums[:, 0] += torch.where(known, shape.recall, 0).double().sum(0) * sparse
     shape.recall_sums[:, 1] += known.double().sum(0) * sparse
-    shape.kept.add_(table.score_density[shape.variant].double().sum() * sparse)
-    shape.sparse_heads.add_(sparse.double() * (B * H))
+    blocks = table.density()[plan_of_head].double()  # [B, H]
+    static = shape.prepared  # v1's plans; rows past them are predicted (their scores are their blocks)
+    scores = static.score_density[plan_of_head.clamp(max=static.num_plans - 1)].double()
+    shape.kept.add_(torch.where(plan_of_head < static.num_plans, scores, blocks).sum() * sparse)
+    shape.block_density_sums.add_(blocks.sum(0) * sparse)
+    shape.sparse_heads.add_(sparse * (B * H))
+
+
+def _record_error(shape, sparse: torch.Tensor, out: torch.Tensor, reference: torch.Tensor) -> None:
+    """Accumulate the relative L2 error of each (batch element, head)'s output against dense attention."""
+    difference = (out.float() - reference.float()).flatten(2).norm(dim=-1)
+    error = difference / reference.float().flatten(2).norm(dim=-1).clamp_min(1e-30)  # [B, H]
+    shape.error_sums[:, 0] += error.double().sum(0) * sparse
+    shape.error_sums[:, 1] += error.shape[0] * sparse
 
 
 @attention.register_fake

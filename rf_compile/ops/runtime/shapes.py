@@ -30,7 +30,8 @@ class ShapeState:
     variant_counts: torch.Tensor  # int64 [H, P]
     recall_sums: torch.Tensor  # float64 [H, 2]: sum and count of estimated recalls
     kept: torch.Tensor  # float64 scalar: sum over sparse (batch, head) calls of the kept fraction
-    block_density_sums: torch.Tensor  # float64 [H]: v2 kept block fraction per head
+    block_density_sums: torch.Tensor  # float64 [H]: sum over sparse calls of the kept block fraction per head
+    error_sums: torch.Tensor  # float64 [H, 2]: sum and count of measured relative errors (``measure_error``)
     sparse_heads: torch.Tensor  # float64 scalar: (batch, head) pairs computed sparse
     prepared: Any = None  # what the op built once for this shape (its plan table), made with the state
 
@@ -63,6 +64,7 @@ class ShapeState:
                 recall_sums=zeros((heads, 2), torch.float64),
                 kept=zeros((), torch.float64),
                 block_density_sums=zeros((heads,), torch.float64),
+                error_sums=zeros((heads, 2), torch.float64),
                 sparse_heads=zeros((), torch.float64),
                 prepared=prepare() if prepare is not None else None,
             )
@@ -70,8 +72,8 @@ class ShapeState:
         return persistent(make, device)
 
     def reset(self) -> None:
-        for tensor in (self.calls, self.dense_calls, self.arm_runs, self.variant, self.variant_counts,
-                       self.recall_sums, self.kept, self.block_density_sums, self.sparse_heads):  # fmt: skip
+        for tensor in (self.calls, self.dense_calls, self.arm_runs, self.variant, self.variant_counts, self.recall_sums,
+                       self.kept, self.block_density_sums, self.error_sums, self.sparse_heads):  # fmt: skip
             tensor.zero_()
         self.recall.fill_(float("nan"))
 
@@ -81,5 +83,5 @@ class CallPlan:
     """The device-side decisions of one call."""
 
     shape: ShapeState
-    dense: torch.Tensor  # bool scalar: a dense warm-up call
+    dense: torch.Tensor  # bool scalar: a dense call (warm-up, last steps or a dense layer)
     run_arm: torch.Tensor  # bool scalar: the ARM decides anew in this call
