@@ -202,13 +202,21 @@ def test_evaluate_tiny_run_writes_one_record_per_setting(tmp_path):
     import subprocess
 
     command = [sys.executable, str(FIDELITY / "evaluate.py"), "--tiny", "--models", "wan", "--models-dir",
-               str(MODELS_DIR), "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+               str(MODELS_DIR), "--out", str(tmp_path), "--device", "cpu", "--oracle-densities", "0.3,0.7",
+               "--block", "32"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=FIDELITY, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "fidelity.json").read_text())["records"]
     assert [(r["mode"], r["setting"]) for r in records] == [
-        ("dense", "dense other-noise"), ("v1", "v1"), ("random-mask", "random-mask")]
-    v1 = records[1]
+        ("dense", "dense other-noise"), ("oracle", "oracle d=0.3"), ("oracle", "oracle d=0.7"), ("v1", "v1"),
+        ("random-mask", "random-mask")]  # fmt: skip
+    low, high, v1 = records[1], records[2], records[3]
+    # 4x8x12 = 384 tokens in 12 blocks of 32: the oracle keeps ceil(12 d) key blocks per query block.
+    assert low["block_density"] == pytest.approx(4 / 12) and high["block_density"] == pytest.approx(9 / 12)
+    assert high["psnr_db"] > low["psnr_db"]
     assert v1["model"] == "wan" and all(math.isfinite(v1[key]) for key in ("psnr_db", "ssim", "loss_increase"))
     assert 0 < v1["sparsity"] < 1 and 0 <= v1["arm_agreement"] <= 1
+    assert 0 < v1["block_density"] <= 1 and 0 < v1["attn_rel_err"] < 1
+    at = low["psnr_db"] + (high["psnr_db"] - low["psnr_db"]) * (v1["block_density"] - 4 / 12) / (9 / 12 - 4 / 12)
+    assert v1["gap_to_oracle_db"] == pytest.approx(at - v1["psnr_db"])
     assert (tmp_path / "pareto.png").stat().st_size > 0
