@@ -170,6 +170,7 @@ class _Static:
     pooling: torch.Tensor | None  # float32 [M, N] block-averaging matrix: the path off CUDA
     always: torch.Tensor  # bool [M, M]: text/sink rows and columns, and the diagonal
     plan_order: torch.Tensor  # int32 [P]: the order every plan reads (0: in place, for ``order="tokens"``)
+    no_band: torch.Tensor  # int32 [P] of -1: no band, the blocks are the mask
     kv_valid: torch.Tensor  # int32 [P] of N
 
 
@@ -191,6 +192,7 @@ def _static(layout, tile, sinks, block, device: str, plans: int, order_name: str
         pooling=None if device.startswith("cuda") else _pooling(order, block).to(device),
         always=always.to(device),
         plan_order=(ones if tiles or layout.shards > 1 else ones * 0).to(device),
+        no_band=(-ones).to(device),
         kv_valid=(ones * N).to(device),
     )
 
@@ -249,7 +251,7 @@ def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.T
         orders=static.orders,
         q_order=static.plan_order,
         kv_order=static.plan_order,
-        band=-static.plan_order,
+        band=static.no_band,
         kv_valid=static.kv_valid,
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,
