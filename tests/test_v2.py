@@ -198,3 +198,19 @@ def test_v2_stats_report_block_density():
     site = rf_compile.stats(model)[report.sparse[0].name]
     assert site["sparse_calls"] == 1 and site["density"] == 1.0  # 57 tokens: one 128-token block
     assert [h["block_density"] for h in site["heads"]] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:2], ids=str)
+def test_token_order_plans_are_blocks_of_the_model_order_read_in_place(layout):
+    config = RainFusionConfig(mode="v2", sparsity=0.6, order="tokens")
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16, dtype=torch.float64) for _ in range(3))
+    table = v2.predict_plan(q, k, layout, config, block=16)
+    assert table.q_order.eq(0).all() and table.kv_order.eq(0).all()  # order 0: the kernel reads in place
+    from rf_compile.ops.attention import run_plan
+
+    out = run_plan(q, k, v, table, torch.arange(2).view(1, 2), None, None, "reference")
+    of = torch.arange(layout.seq_len) // 16
+    for h in range(2):
+        mask = table.to_dense()[h][of[:, None], of[None, :]]  # blocks of consecutive tokens
+        assert torch.equal(element_mask(table, h), mask)
+        torch.testing.assert_close(out[0, h], F.scaled_dot_product_attention(q[0, h], k[0, h], v[0, h], attn_mask=mask))
