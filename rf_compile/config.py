@@ -17,7 +17,7 @@ from rf_compile.layout import VideoLayout
 
 log = logging.getLogger(__name__)
 
-MODES = ("v1", "v1+", "v2", "dense")
+MODES = ("v1", "v1+", "v2", "dense", "calibrate")
 
 
 class OptionError(ValueError):
@@ -41,7 +41,9 @@ class RainFusionConfig:
         ``"v1"`` RainFusion (one bandwidth for all spatial/temporal heads), ``"v1+"``
         RainFusion+ (per-head bandwidth from ``bandwidths``), ``"v2"`` RainFusion 2.0
         (block-mean prediction over 3-D tiles), ``"dense"`` (rewrite every site but always
-        compute dense attention: the exactness check of the pass itself).
+        compute dense attention: the exactness check of the pass itself), ``"calibrate"`` (dense
+        output; on sparse steps each head's error at every block density of ``candidates`` is
+        measured: what ``rf_compile.calibrate`` runs).
     bandwidth:
         v1 band half-width as a fraction of the video tokens, in (0, 1]. 0.25 keeps 7/16 of
         the video-video scores of spatial and temporal heads.
@@ -98,6 +100,12 @@ class RainFusionConfig:
         dense, as Sparse VideoGen and Radial Attention keep their first layers dense.
     dense_last_steps:
         The last N denoising steps of each video (of ``num_steps``) are dense.
+    profile:
+        Path of a calibration profile (JSON written by ``rf_compile.calibrate``): every site runs v2
+        with the per-head block densities measured for it on this model. A site the profile does not
+        hold, or holds at another layout or head count, raises an error naming it.
+    candidates:
+        Block densities (v2, ``order``) whose per-head error ``mode="calibrate"`` measures.
     measure_error:
         Also compute dense attention on every sparse call and record the relative L2 error of the
         sparse output per head (``attn_rel_err`` in ``stats()``); doubles the attention cost, for
@@ -148,6 +156,8 @@ class RainFusionConfig:
     dense_layers: int = 0
     dense_last_steps: int = 0
     measure_error: bool = False
+    profile: str | None = None
+    candidates: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
     tile: tuple[int, int, int] | None = None
     sink_frames: int | None = None
     layout: VideoLayout | None = None
@@ -168,6 +178,14 @@ class RainFusionConfig:
         _check_choice("order", self.order, ORDERS)
         _check_choice("textural", self.textural, NONLOCAL)
         _check_int("dense_layers", self.dense_layers, minimum=0)
+        if not self.candidates:
+            raise OptionError("option 'candidates' must hold at least one block density in (0, 1]")
+        for density in self.candidates:
+            _check_fraction("candidates", density)
+        if self.profile is not None and not isinstance(self.profile, str):
+            raise OptionError(f"option 'profile' must be the path of a profile JSON (a str), got {self.profile!r}")
+        if self.profile is not None and self.mode != "v2":
+            raise OptionError(f"option 'profile' applies v2 block densities: use it with mode='v2', got {self.mode!r}")
         _check_int("dense_last_steps", self.dense_last_steps, minimum=0)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise OptionError(f"option 'sparsity' must be a fraction in [0, 1), got {self.sparsity!r}")
@@ -229,7 +247,9 @@ class RainFusionConfig:
                 values["layout"] = VideoLayout.from_value(values["layout"])
             except ValueError as error:
                 raise OptionError(f"option 'layout': {error}") from None
-        for key in ("bandwidths", "tile"):
+        if values.get("profile") is not None:
+            values["profile"] = str(values["profile"])  # a pathlib.Path is welcome; the config stays hashable
+        for key in ("bandwidths", "tile", "candidates"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         unknown = [key for key in options if not _is_inductor_option(key)]

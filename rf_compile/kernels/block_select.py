@@ -102,13 +102,14 @@ def _row_cumsum(x, LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr):
 # lowers the row scans for sm_90 with a layout its ScanOpToLLVM asserts on (crashed on the H200).
 @triton.jit(do_not_specialize=["M", "keep", "stride_qp", "stride_qm", "stride_kp", "stride_kd"])
 def _block_select_kernel(
-    PooledQ, PooledK, Always, Dense, NumBlocks, Indices, Full,
+    PooledQ, PooledK, Always, Dense, Keep, NumBlocks, Indices, Full,
     stride_qp, stride_qm, stride_qd,
     stride_kp, stride_km, stride_kd,
     M, keep, mass, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, M_PAD: tl.constexpr, LANES: tl.constexpr,
     LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr,
-    MASS: tl.constexpr, HAS_DENSE: tl.constexpr, ONE_BITS: tl.constexpr, STEPS: tl.constexpr,
+    MASS: tl.constexpr, HAS_DENSE: tl.constexpr, PER_PLAN_KEEP: tl.constexpr, ONE_BITS: tl.constexpr,
+    STEPS: tl.constexpr,
 ):  # fmt: skip
     # A tile is 3-D: query-block rows on dim 1, key block ``chunk * LANES + lane`` on the other two (see
     # ``_lane_dim``), laid out with lanes over a warp and rows over warps: a row lives in one warp
@@ -147,6 +148,8 @@ def _block_select_kernel(
 
     # -- how many more blocks to keep (at least one in a row with nothing forced) --
     floor = (n_forced == 0).to(tl.int32)
+    if PER_PLAN_KEEP:  # a calibration profile's budget per (batch element, head)
+        keep = tl.load(Keep + plan)
     count = tl.maximum(keep - n_forced, floor)
     if MASS:
         # Lowest t with sum(p[bits > t]) < mass (true at ONE_BITS; lo = -1 is never tested).
@@ -228,7 +231,7 @@ def block_select(
     pooled_k: torch.Tensor,
     always: torch.Tensor,
     scale: float,
-    keep: int,
+    keep: int | torch.Tensor,
     mass: float | None = None,
     dense: torch.Tensor | None = None,
     num_warps: int | None = None,
@@ -246,7 +249,8 @@ def block_select(
     scale:
         Softmax scale of the pooled scores.
     keep:
-        Most key blocks kept per query block, forced ones included (``ceil(M * (1 - sparsity))``, at least 1).
+        Most key blocks kept per query block, forced ones included (``ceil(M * (1 - sparsity))``, at least 1);
+        or an int32 [P] tensor of such budgets, one per plan (a calibration profile's per-head densities).
     mass:
         ``None``: keep exactly ``keep`` blocks (top-k). Else keep the smallest prefix of the top blocks,
         by descending probability, whose preceding mass reaches ``mass`` (at most ``keep``).
@@ -270,7 +274,13 @@ def block_select(
     assert always.shape == (M, M) and always.dtype == torch.bool and always.is_contiguous(), (
         f"always must be a contiguous bool [{M}, {M}], got {always.dtype} {tuple(always.shape)}"
     )
-    assert 1 <= keep <= M, f"keep must be in [1, {M}], got {keep}"
+    per_plan = isinstance(keep, torch.Tensor)
+    if per_plan:
+        assert keep.shape == (P,) and keep.dtype == torch.int32, (
+            f"keep must be an int32 [{P}], got {keep.dtype} {tuple(keep.shape)}"
+        )
+    else:
+        assert 1 <= keep <= M, f"keep must be in [1, {M}], got {keep}"
     assert M <= MAX_BLOCKS, f"{M} key blocks: the kernel holds at most {MAX_BLOCKS} per row"
     assert dense is None or dense.numel() == 1, "dense must be a bool scalar"
     m_pad, block_q, warps = launch_shape(M)
@@ -282,11 +292,12 @@ def block_select(
     always_u8 = always.view(torch.uint8)
     dense_u8 = always_u8 if dense is None else dense.reshape(()).to(torch.bool).view(torch.uint8)
     _block_select_kernel[(triton.cdiv(M, block_q), P)](
-        pooled_q, pooled_k, always_u8, dense_u8, kv_num_blocks, kv_indices, block_full.view(torch.uint8),
-        *pooled_q.stride(), *pooled_k.stride(),
-        M, keep, 0.0 if mass is None else float(mass), scale * 1.44269504,  # log2(e): the kernel uses exp2
+        pooled_q, pooled_k, always_u8, dense_u8, keep if per_plan else kv_num_blocks, kv_num_blocks, kv_indices,
+        block_full.view(torch.uint8), *pooled_q.stride(), *pooled_k.stride(),
+        M, 0 if per_plan else keep, 0.0 if mass is None else float(mass), scale * 1.44269504,  # log2(e): exp2
         HEAD_DIM=D, BLOCK_Q=block_q, M_PAD=m_pad, LANES=_LANES, LANE_DIM=lane_dim, CHUNK_DIM=2 - lane_dim,
-        MASS=mass is not None, HAS_DENSE=dense is not None, ONE_BITS=_ONE_BITS, STEPS=_BISECT_STEPS,
+        MASS=mass is not None, HAS_DENSE=dense is not None, PER_PLAN_KEEP=per_plan, ONE_BITS=_ONE_BITS,
+        STEPS=_BISECT_STEPS,
         num_warps=warps if num_warps is None else num_warps,
     )  # fmt: skip
     return kv_num_blocks, kv_indices, block_full

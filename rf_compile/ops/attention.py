@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.ops import arm, v2
+from rf_compile.ops import arm, profile, v2
 from rf_compile.ops.runtime.models import attach_clock, site_state
 from rf_compile.ops.runtime.sites import get_spec
 from rf_compile.ops.torch_attention import torch_sparse_attention
@@ -261,10 +261,12 @@ def v2_plan(
     config: RainFusionConfig,
     scale: float | None,
     dense: torch.Tensor | None = None,
+    densities: torch.Tensor | None = None,
 ) -> tuple[PlanTable, torch.Tensor]:
-    """RainFusion 2.0 plan: one variant per (batch element, head); every block where ``dense`` is True."""
+    """RainFusion 2.0 plan: one variant per (batch element, head); every block where ``dense`` is True;
+    ``densities`` (float [H]): each head's share of key blocks instead of ``sparsity``."""
     B, H = q.shape[:2]
-    table = v2.predict_plan(q, k, layout, config, scale, dense=dense)
+    table = v2.predict_plan(q, k, layout, config, scale, dense=dense, densities=densities)
     return table, torch.arange(B * H, device=q.device).view(B, H)
 
 
@@ -314,12 +316,17 @@ def attention(
     if timestep is None and not state.model.clock_checked:
         attach_clock(state)
     config = spec.config
-    call = state.begin(layout, q, timestep, lambda variants: _prepare(q, layout, config, variants, kernel))
+    prepare = lambda variants: _prepare(q, layout, config, variants, kernel, state.name)
+    call = state.begin(layout, q, timestep, prepare)
     shape = call.shape
-    out = output_like(q)
     sparse = (~call.dense).double()
+    if config.mode == "calibrate":
+        dense = _dense_call(q, k, v, attn_mask, query_mask, scale)
+        _measure_candidates(q, k, v, layout, config, scale, kernel, attn_mask, query_mask, dense, shape, sparse)
+        return dense
+    out = output_like(q)
     if config.mode == "v2":
-        table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense)
+        table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense, densities=shape.prepared)
         density = table.density().view(q.shape[:2]).double()
         shape.block_density_sums.add_(density.sum(0) * sparse)
         shape.kept.add_(density.sum() * sparse)
@@ -341,13 +348,35 @@ def attention(
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def candidate_config(config: RainFusionConfig, density: float) -> RainFusionConfig:
+    """The v2 settings of one calibration candidate: ``density`` of the key blocks, forced ones included."""
+    return dataclasses.replace(config, mode="v2", sparsity=1.0 - density)
+
+
+def _measure_candidates(q, k, v, layout, config, scale, kernel, attn_mask, query_mask, dense, shape, sparse) -> None:
+    """mode="calibrate": each candidate density's relative error per head against ``dense``, on the device."""
+    B, H = q.shape[:2]
+    reference = dense.float().flatten(2)
+    norm = reference.norm(dim=-1).clamp_min(1e-30)
+    for c, density in enumerate(config.candidates):
+        table, variant_of_head = v2_plan(q, k, layout, candidate_config(config, density), scale)
+        out = _zero_masked_rows(run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel), query_mask)
+        error = (out.float().flatten(2) - reference).norm(dim=-1) / norm  # [B, H]
+        shape.candidate_errors[:, c] += error.double().sum(0) * sparse
+    shape.sparse_heads.add_(sparse * (B * H))
+
+
 def _prepare(
-    q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, variants: tuple, kernel: str
-) -> PlanTable | None:
+    q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, variants: tuple, kernel: str, site: str
+) -> PlanTable | torch.Tensor | None:
     """What a site keeps per (layout, batch size), built once with its state (outside CUDA-graph pools):
-    v1's plan table with its cached densities and kernel tensors; v2's per-layout tensors (cached in v2)."""
-    if config.mode == "v2":
+    v1's plan table with its cached densities and kernel tensors; v2's per-layout tensors (cached in v2)
+    and, with a calibration profile, its heads' block densities (which also checks the profile)."""
+    if config.mode in ("v2", "calibrate"):
         v2.warm_static(q, layout, config)
+        if config.profile is not None and config.mode == "v2":
+            return profile.head_densities(config, site, layout, q.shape[1], q.device)
         return None
     table = build_plan_table(layout, variants, q.device)
     table.score_density  # noqa: B018  (cached; computing it reads the device once)

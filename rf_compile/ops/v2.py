@@ -110,24 +110,33 @@ def keep_count(key_blocks: int, config: RainFusionConfig) -> int:
     return max(1, math.ceil(key_blocks * (1.0 - config.sparsity)))
 
 
-def select_blocks(scores: torch.Tensor, config: RainFusionConfig, forced: torch.Tensor | None = None) -> torch.Tensor:
+def select_blocks(
+    scores: torch.Tensor,
+    config: RainFusionConfig,
+    forced: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Bool [..., Mk]: key blocks chosen per query block from predicted probabilities [..., Mk].
 
     ``forced`` (bool, broadcast to ``scores``) blocks are taken first and count inside the budget of
     ``keep_count`` blocks (and, with ``select="mass"``, their probability inside the mass); a row with
-    more forced blocks than the budget keeps all of them and nothing else. The PyTorch path and the
+    more forced blocks than the budget keeps all of them and nothing else. ``keep`` (int [P] for
+    scores [P, Mq, Mk]) replaces the budget per plan (a calibration profile). The PyTorch path and the
     reference of ``kernels.block_select``, which does this and the lists in one pass.
     """
-    keep_max = keep_count(scores.shape[-1], config)
+    Mk = scores.shape[-1]
+    keep_max = Mk if keep is not None else keep_count(Mk, config)
     ranked = scores if forced is None else scores.masked_fill(forced, float("inf"))
     top = ranked.topk(keep_max, dim=-1)
+    rank = torch.arange(keep_max, device=scores.device)
+    within = torch.ones_like(top.values, dtype=torch.bool)
+    if keep is not None:
+        within = within & (rank < keep.view(-1, 1, 1))
     if config.select == "mass":  # the smallest prefix of the top blocks covering ``mass``, at least one
         values = scores.gather(-1, top.indices)
         covered_before = values.cumsum(-1) - values
-        keep = (covered_before < config.mass) | (torch.arange(keep_max, device=scores.device) == 0)
-    else:
-        keep = torch.ones_like(top.values, dtype=torch.bool)
-    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, keep)
+        within = within & ((covered_before < config.mass) | (rank == 0))
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, within)
     return chosen if forced is None else chosen | forced
 
 
@@ -140,6 +149,7 @@ def predict_plan(
     block: int = BLOCK_M,
     dense: torch.Tensor | None = None,
     fused: bool | None = None,
+    densities: torch.Tensor | None = None,
 ) -> PlanTable:
     """One block plan per (batch element, head) from block means; variant id of head (b, h) is ``b * H + h``.
 
@@ -148,9 +158,12 @@ def predict_plan(
     on the device. ``fused`` selects blocks with the Triton kernel ``kernels.block_select`` (scores,
     softmax, selection, forced blocks and lists in one pass) instead of the PyTorch path; ``None``:
     on CUDA. ``fused=True`` on CPU tensors needs Triton's interpreter (``TRITON_INTERPRET=1``).
+    ``densities`` (float [H] on the device): each head's share of key blocks instead of ``sparsity``
+    (a calibration profile), ``ceil(M * density)`` blocks, forced ones included.
     """
     static = warm_static(q, layout, config, block)
-    return _predict(q, k, layout, config, scale, static, block, dense, q.is_cuda if fused is None else fused)
+    fused = q.is_cuda if fused is None else fused
+    return _predict(q, k, layout, config, scale, static, block, dense, fused, densities)
 
 
 def warm_static(q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, block: int = BLOCK_M) -> _Static:
@@ -205,6 +218,7 @@ def block_lists(
     config: RainFusionConfig,
     dense: torch.Tensor | None = None,
     fused: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block lists of v2 plans from block means: scores, softmax, selection, forced blocks.
 
@@ -218,6 +232,8 @@ def block_lists(
         One Triton pass (``kernels.block_select``) instead of the PyTorch path (``select_blocks`` and
         ``listed_blocks``, with [P, M, M] intermediates); the same lists where probabilities do not tie.
         Rows of more than ``block_select.MAX_BLOCKS`` blocks take the PyTorch path.
+    keep: int32 [P], optional
+        Key blocks per query block of each plan instead of ``keep_count(M, config)``.
 
     Returns
     -------
@@ -229,22 +245,27 @@ def block_lists(
 
         if M <= MAX_BLOCKS:
             mass = config.mass if config.select == "mass" else None
-            return block_select(pooled_q, pooled_k, always, scale, keep_count(M, config), mass, dense)
+            budget = keep_count(M, config) if keep is None else keep
+            return block_select(pooled_q, pooled_k, always, scale, budget, mass, dense)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    chosen = select_blocks(scores, config, always)
+    chosen = select_blocks(scores, config, always, keep)
     if dense is not None:
         chosen = chosen | dense
     kv_num_blocks, kv_indices = listed_blocks(chosen)
     return kv_num_blocks, kv_indices, torch.arange(M, device=always.device) < kv_num_blocks[..., None]
 
 
-def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.Tensor | None, fused: bool) -> PlanTable:
+def _predict(q, k, layout, config, scale, static: _Static, block, dense, fused: bool, densities) -> PlanTable:
     B, H, N, D = q.shape
     M = static.always.shape[0]
     scale = D**-0.5 if scale is None else scale
     pooled_q = block_means(q, static, block).reshape(B * H, M, D)
     pooled_k = block_means(k, static, block, blocks_fastest=True).reshape(B * H, M, D)  # a view
-    kv_num_blocks, kv_indices, block_full = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused)
+    keep = None
+    if densities is not None:  # ceil(M * d) per head, on the device
+        keep = torch.ceil(densities.double() * M - 1e-9).clamp(1, M).to(torch.int32).repeat(B)
+    lists = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused, keep)
+    kv_num_blocks, kv_indices, block_full = lists
     return PlanTable(
         layout=layout,
         variants=(),

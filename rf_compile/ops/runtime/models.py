@@ -55,7 +55,8 @@ class SiteState:
         if shape is None:
             variants = (*self.spec.variants, DENSE)
             made = (lambda: prepare(variants)) if prepare is not None else None
-            shape = self.shapes[(layout, B)] = ShapeState.new(layout, B, H, variants, q.device, made)
+            candidates = len(self.spec.config.candidates) if self.spec.config.mode == "calibrate" else 0
+            shape = self.shapes[(layout, B)] = ShapeState.new(layout, B, H, variants, q.device, made, candidates)
         step = self._step(q.device, timestep)
         config = self.spec.config
         dense = step < self.warmup_steps

@@ -32,6 +32,7 @@ class ShapeState:
     kept: torch.Tensor  # float64 scalar: sum over sparse (batch, head) calls of the kept fraction
     block_density_sums: torch.Tensor  # float64 [H]: sum over sparse calls of the kept block fraction per head
     error_sums: torch.Tensor  # float64 [H, 2]: sum and count of measured relative errors (``measure_error``)
+    candidate_errors: torch.Tensor  # float64 [H, C]: mode="calibrate": summed error of each candidate density
     sparse_heads: torch.Tensor  # float64 scalar: (batch, head) pairs computed sparse
     prepared: Any = None  # what the op built once for this shape (its plan table), made with the state
 
@@ -44,6 +45,7 @@ class ShapeState:
         variants: tuple[Variant, ...],
         device: torch.device,
         prepare: Callable[[], Any] | None = None,
+        candidates: int = 0,
     ) -> ShapeState:
         """Zeroed state (and ``prepare()``'s result), all made outside CUDA-graph pools."""
 
@@ -65,6 +67,7 @@ class ShapeState:
                 kept=zeros((), torch.float64),
                 block_density_sums=zeros((heads,), torch.float64),
                 error_sums=zeros((heads, 2), torch.float64),
+                candidate_errors=zeros((heads, candidates), torch.float64),
                 sparse_heads=zeros((), torch.float64),
                 prepared=prepare() if prepare is not None else None,
             )
@@ -73,7 +76,8 @@ class ShapeState:
 
     def reset(self) -> None:
         for tensor in (self.calls, self.dense_calls, self.arm_runs, self.variant, self.variant_counts, self.recall_sums,
-                       self.kept, self.block_density_sums, self.error_sums, self.sparse_heads):  # fmt: skip
+                       self.kept, self.block_density_sums, self.error_sums, self.candidate_errors,
+                       self.sparse_heads):  # fmt: skip
             tensor.zero_()
         self.recall.fill_(float("nan"))
 

@@ -37,6 +37,7 @@ def _empty_summary(shape: ShapeState) -> dict:
         "kept": 0.0,
         "blocks": torch.zeros(H, dtype=torch.float64),
         "errors": torch.zeros(H, 2, dtype=torch.float64),
+        "candidates": torch.zeros(shape.candidate_errors.shape, dtype=torch.float64),
         "sparse_heads": 0.0,
     }
 
@@ -50,6 +51,7 @@ def _accumulate(entry: dict, shape: ShapeState) -> None:
     entry["kept"] += float(shape.kept)
     entry["blocks"] += shape.block_density_sums.cpu()
     entry["errors"] += shape.error_sums.cpu()
+    entry["candidates"] += shape.candidate_errors.cpu()
     entry["sparse_heads"] += float(shape.sparse_heads)
 
 
@@ -81,6 +83,8 @@ def _finish(entry: dict) -> dict:
                     "attn_rel_err": errors[h],
                 }
             )
+    elif entry["candidates"].numel() and calls_per_head:  # mode="calibrate": each candidate's mean error
+        heads = [{"candidate_errors": (row / calls_per_head).tolist()} for row in entry["candidates"]]
     elif entry["blocks"].sum() > 0:
         heads = [{"block_density": d, "attn_rel_err": e} for d, e in zip(block_density, errors)]
     density = entry["kept"] / entry["sparse_heads"] if entry["sparse_heads"] else None
