@@ -330,7 +330,25 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
         model.to(dtype)
         records.append(dict(base, mode="dense", setting="dense float32 (numeric floor)", options={}, sparsity=0.0,
                             psnr_db=psnr(exact, dense).mean().item(), ssim=ssim(exact, dense).mean().item()))
-    for label, opts in modes.items():
+    # Calibrated profiles: measured on other noise and conditions (held out from the evaluation's), then applied.
+    calibrated = {}
+    if args.calibrate_targets:
+        cal_clips, cal_tokens = sample_batch(args.batch, EVAL_SEED + 1, device=device, **size)
+        cal_text = models.conditions(cal_tokens, card, dtype)
+        cal_noise = torch.randn(cal_clips.shape, generator=torch.Generator().manual_seed(EVAL_SEED + 1))
+        cal_noise = cal_noise.to(device, dtype)
+        for target in args.calibrate_targets:
+            if time.time() > deadline:
+                skipped.append(f"{name}: profile target={target}")
+                continue
+            path = args.out / f"profile_{name}_{target}.json"
+            options = {"num_steps": args.steps, **args.calibrate_options}
+            profile = rf_compile.calibrate(model, run=lambda m: models.sample(m, name, cal_noise, cal_text, args.steps),
+                                           target=target, out=path, options=options, progress=False)  # fmt: skip
+            print(f"[{name}] calibrated to {target}: mean density {profile['mean_density']:.3f} in "
+                  f"{profile['seconds']} s", flush=True)  # fmt: skip
+            calibrated[f"profile target={target}"] = {"mode": "v2", **args.calibrate_options, "profile": str(path)}
+    for label, opts in {**calibrated, **modes}.items():
         if time.time() > deadline:
             skipped.append(f"{name}: {label}")
             continue
@@ -346,7 +364,7 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
         rf_compile.reset()
         loss = flow_losses(compiled, name, size, device, dtype, args.batch, args.loss_batches)
         cosines = []
-        for layer in range(n_layers):
+        for layer in range(n_layers if "profile" not in opts else 0):  # a profile applies to the model's sites
             if layer in probe.kept:
                 q, k, v = probe.kept[layer]
                 ref = F.scaled_dot_product_attention(q, k, v)
@@ -443,6 +461,10 @@ def main() -> None:
     parser.add_argument("--oracle-densities", type=lambda v: [float(x) for x in v.split(",")],
                         default=[0.2, 0.3, 0.4, 0.5, 0.6], help="block densities of the oracle rows (comma-separated)")
     parser.add_argument("--block", type=int, default=128, help="block size of the oracle (the kernel's)")
+    parser.add_argument("--calibrate-targets", type=lambda v: [float(x) for x in v.split(",")] if v else [],
+                        default=[], help="rows of profiles calibrated to these attention errors (comma-separated)")
+    parser.add_argument("--calibrate-options", type=json.loads, default={"order": "tokens"},
+                        help="v2 options (JSON) the profiles are calibrated and applied with")
     parser.add_argument("--budget-minutes", type=float, default=3.0, help="after this, remaining modes are skipped")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: 4x16x24, batch 1, 4 steps, v1 only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
