@@ -56,7 +56,7 @@ Options:
                           longest variant of that model so far would pass M minutes
 ``--no-profile``          skip the profiled step (one model call less per variant; no attention share)
 ``--size full|tiny``      tiny: the presets' tiny models (a few blocks, small grids; rainfusion with
-                          ``min_video_tokens=0`` so they run sparse), a CPU smoke run
+                          ``min_video_tokens=0, cost_model=False`` so they run sparse), a CPU smoke run
 ``--out DIR``             output folder (default ``benchmarks/results/<gpu>``)
 ``--name STEM``           file stem (default e2e)
 ``--append``              keep the records of an existing ``<name>.json`` that this run does not redo (same
@@ -280,7 +280,7 @@ def run_variant(
 ) -> dict:
     """Run variant ``name`` over its steps of ``schedule`` (see the module docstring); a record plus ``latent``.
 
-    ``rf_options`` go to every rainfusion variant (the tiny size sets ``min_video_tokens=0``).
+    ``rf_options`` go to every rainfusion variant (the tiny size sets ``min_video_tokens=0, cost_model=False``).
     """
     spec = VARIANTS[name]
     sparse = is_sparse(spec)
@@ -477,7 +477,8 @@ def main() -> None:
     new: list[dict] = []
     finals: dict[str, dict[str, torch.Tensor]] = {}  # "<model> <mode>" -> variant -> final latent (host)
     table = ""
-    rf_options = {"min_video_tokens": 0} if args.size == "tiny" else {}  # tiny grids are below the default 256
+    # Tiny grids are below the default 256 video tokens, and the cost model would keep them dense on a GPU.
+    rf_options = {"min_video_tokens": 0, "cost_model": False} if args.size == "tiny" else {}
 
     def save() -> None:
         """Merge with the kept old records and write every file (after each variant: a cut-off run keeps it)."""
