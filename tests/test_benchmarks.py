@@ -84,6 +84,51 @@ def test_e2e_runs_the_pipelines_steps_and_extrapolates_the_video(tmp_path):
     assert "extrapolated" in (tmp_path / "e2e.md").read_text()
 
 
+def test_e2e_wan14b_is_the_720p_configuration_in_bf16():
+    """Wan2.1-14B's full-config entry is issue 23's configuration, built in bf16 (on meta here: no memory)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from diffusers import UniPCMultistepScheduler
+    from e2e import CONFIGS, MODELS
+
+    from rf_compile.presets import build_preset
+
+    spec = MODELS["wan14b"]
+    assert "wan14b" in CONFIGS["full"] and (spec.name, spec.batch) == ("Wan2.1-14B", 2)
+    preset = build_preset(spec.preset, "full", device="meta", dtype=torch.bfloat16, latent=spec.full_latent)
+    (layout,) = preset.expected_layouts
+    assert (layout.frames, layout.height, layout.width, layout.seq_len) == (21, 45, 80, 75_600)
+    config = preset.model.config
+    assert (config.num_layers, config.num_attention_heads, config.attention_head_dim) == (40, 40, 128)
+    params = list(preset.model.parameters())
+    assert 13e9 < sum(p.numel() for p in params) < 15e9 and {p.dtype for p in params} == {torch.bfloat16}
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    scheduler.set_timesteps(50)
+    assert torch.equal(spec.timesteps(50), scheduler.timesteps)
+
+
+def test_e2e_dense_from_inductor_times_no_dense_step(tmp_path, monkeypatch):
+    """With --dense-from-inductor a sparse variant times no dense step (its first timed step is after the
+    warm-up) and its warm-up is priced at inductor's step of the run. Run in-process with every variant
+    uncompiled: what is under test is which steps are timed and how the video is put together."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import contextlib
+
+    import e2e
+
+    monkeypatch.setattr(e2e, "_compiled", lambda model, *args: contextlib.nullcontext(model))
+    argv = ["e2e.py", "--size", "tiny", "--config", "full", "--models", "wan14b", "--variants", "inductor", "rf_v1",
+            "--steps", "1", "--num-steps", "20", "--no-profile", "--dense-from-inductor", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    e2e.main()
+    inductor, v1 = json.loads((tmp_path / "e2e.json").read_text())["records"]
+    schedule = e2e.MODELS["wan14b"].timesteps(20).tolist()
+    assert inductor["timesteps"] == [schedule[0], schedule[3]]  # dense step, then the first after 2 warm-up + 1
+    assert v1["timesteps"] == [schedule[3]] and v1["dense_from"] == "inductor"
+    assert v1["dense_ms"] == inductor["ms_per_step"] and v1["ms_per_step"] == v1["ms_steps"][0]
+    assert v1["video_s"] == pytest.approx((2 * v1["dense_ms"] + 18 * v1["ms_per_step"]) / 1e3)
+    assert "dense_from" not in inductor
+
+
 def test_e2e_speedups_pair_records_of_one_model_depth_sequence_compilation_and_mode():
     sys.path.insert(0, str(BENCHMARKS))
     from e2e import add_speedups
