@@ -519,7 +519,8 @@ def main() -> None:
         grid = spec.full_latent if args.config == "full" and args.size == "full" else None
         layers = args.layers if args.config == "quick" else None
         _log(f"{spec.name}: building ({args.config} config, {args.size} size, {device})")
-        preset = build_preset(spec.preset, args.size, batch=spec.batch, device=device, dtype=dtype, layers=layers, latent=grid)
+        preset = build_preset(spec.preset, args.size, batch=spec.batch, device=device, dtype=dtype, layers=layers,
+                              latent=grid)
         preset.model.eval().requires_grad_(False)
         schedule = spec.timesteps(args.num_steps)
         regional = tuple(getattr(preset.model, "_repeated_blocks", None) or spec.blocks) if args.regional else None

@@ -129,6 +129,32 @@ def test_e2e_dense_from_inductor_times_no_dense_step(tmp_path, monkeypatch):
     assert "dense_from" not in inductor
 
 
+def test_crossover_grids_records_and_files(tmp_path):
+    """The sweep's grids hold the token counts they are named by, at Wan's patch size; its files carry the
+    issue's record fields, with speed-ups against inductor of the same model and length."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from crossover import GRIDS, inputs_at, write
+
+    assert all(f * h * w == n for n, (f, h, w) in GRIDS.items()) and min(GRIDS) <= 1024 and max(GRIDS) >= 120_000
+    (layout,) = inputs_at("wan1.3b", 6912, 1, "meta", torch.bfloat16).expected_layouts
+    assert (layout.frames, layout.height, layout.width) == (3, 48, 48)
+
+    def record(variant, tokens, ms, **extra):
+        return {"model": "M", "layers": 2, "seq_len": tokens, "video_tokens": tokens, "heads": 12, "head_dim": 128,
+                "variant": variant, "ms_per_step": ms, **extra}  # fmt: skip
+
+    records = [record("inductor", 1024, 2.0), record("rf", 1024, 2.0, decision="dense", est_ratio=3.0, reason="r"),
+               record("rf_sparse", 1024, 4.0), record("inductor", 32760, 10.0), record("rf", 32760, 5.0)]
+    write(records, {"gpu": "test"}, tmp_path, "crossover")
+    saved = json.loads((tmp_path / "crossover.json").read_text())["records"]
+    fields = {"seq_len", "heads", "head_dim", "variant", "ms_per_step", "speedup_vs_inductor"}
+    assert all(fields <= set(r) for r in saved)
+    assert [r["speedup_vs_inductor"] for r in saved] == [1.0, 1.0, 0.5, 1.0, 2.0]
+    assert "| M | 12 | 128 | 1024 | 1024 | rf | 2.000 | 1.000 | dense | 3.000 | r |" in (
+        tmp_path / "crossover.md").read_text()
+    assert (tmp_path / "crossover.png").stat().st_size > 0
+
+
 def test_e2e_speedups_pair_records_of_one_model_depth_sequence_compilation_and_mode():
     sys.path.insert(0, str(BENCHMARKS))
     from e2e import add_speedups
@@ -167,7 +193,7 @@ def test_e2e_out_of_budget_skips_with_a_note(tmp_path, monkeypatch):
     ).read_text()
 
 
-@pytest.mark.parametrize("script", ["attention.py", "arm.py"])
+@pytest.mark.parametrize("script", ["attention.py", "arm.py", "crossover.py"])
 def test_gpu_benchmarks_parse_their_arguments(script):
     result = run(script, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout
