@@ -138,3 +138,18 @@ def test_gpu_small_shape_stays_dense_large_runs_sparse():
     (small,), (large,) = reports.values()
     assert small.status == "dense" and small.reason.startswith("sparse would be slower at 1,024 tokens")
     assert large.status == "sparse", large.reason
+
+
+@pytest.mark.gpu
+def test_gpu_pricing_a_new_shape_never_waits_for_the_device():
+    layout = VideoLayout(2, 16, 32)  # 1,024 tokens: priced dense
+    key = register_site("cost.gpu_nosync", layout, RainFusionConfig(dense_warmup=0.0))
+    q, k, v = (torch.randn(2, 12, layout.seq_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # the first call of the shape: priced on the host, then dense SDPA
+        out = attention(q, k, v, None, None, None, None, None, key, [])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert list(rf_compile.stats()[key]["dense_shapes"])[0].startswith("sparse would be slower at 1,024 tokens")

@@ -28,6 +28,7 @@ import torch
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
+from rf_compile.ops.v2 import keep_count, sink_frame_count
 from rf_compile.plan import BLOCK_M, build_plan_table, variants_for
 
 # Sparse only where it is expected to take at most this share of dense: the constants below carry
@@ -60,7 +61,8 @@ HOPPER = DeviceCosts(
     # (420 / 573 / 627, shared/anchors/attn_anchors.md). The higher d=128 value: dense priced fast.
     dense_tflops=((64, 428.0), (128, 621.0)),
     # attention_final.md, best loop per shape: v1 mix and band plans 0.83-0.98 (HunyuanVideo at density
-    # 0.3 lowest), v2 plans without their prediction 0.84-0.90.
+    # 0.3 lowest), v2 plans without their prediction 0.84-0.90. FP8 is priced as bf16 although its kernel
+    # ran 1.0-1.25x faster there: it errs towards dense.
     efficiency=0.85,
     # Issue 23: a 4-block Wan (8 x 128 heads, 6,912 tokens) ran 8.8 ms a step against inductor's 6.6 on
     # an H100, 8 attention calls a step (CFG as two calls): 0.275 ms slower a call. With dense 0.33 ms
@@ -145,8 +147,6 @@ def v1_density_bound(layout: VideoLayout, config: RainFusionConfig) -> float:
 def v2_density_bound(layout: VideoLayout, config: RainFusionConfig, block: int = BLOCK_M) -> float:
     """Most blocks a v2 plan keeps, as a fraction: forced rows (text, sink frames) keep every block, the
     others their top-k budget plus the forced columns and the diagonal (``ops.v2``)."""
-    from rf_compile.ops.v2 import keep_count, sink_frame_count
-
     M = -(-layout.seq_len // block)
     head = layout.prefix + sink_frame_count(layout, config) * layout.frame_tokens  # tokens at the start, forced
     forced = -(-head // block) + (M - (layout.prefix + layout.video_tokens) // block if layout.suffix else 0)
@@ -156,6 +156,7 @@ def v2_density_bound(layout: VideoLayout, config: RainFusionConfig, block: int =
 
 
 _VERDICTS: dict[tuple, str | None] = {}
+MAX_VERDICTS = 256  # call shapes remembered (a site remembers 32 layouts, SiteSpec.MAX_LAYOUTS)
 
 
 def dense_reason(config: RainFusionConfig, layout: VideoLayout, q: torch.Tensor, kernel: str) -> str | None:
@@ -171,6 +172,8 @@ def dense_reason(config: RainFusionConfig, layout: VideoLayout, q: torch.Tensor,
     if key not in _VERDICTS:
         costs = costs_for(q.device, kernel)
         found = estimate(config, layout, int(B), int(H), int(D), costs) if costs is not None else None
+        if len(_VERDICTS) >= MAX_VERDICTS:
+            _VERDICTS.pop(next(iter(_VERDICTS)))
         _VERDICTS[key] = None if found is None or found.sparse_pays else found.describe()
     return _VERDICTS[key]
 
