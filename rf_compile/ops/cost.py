@@ -76,6 +76,11 @@ HOPPER = DeviceCosts(
     # HunyuanVideo 0.488 ms for 0.93 M rows; the larger per-row cost of the two.
     v2_ms_per_mrow=0.52,
 )
+# Checked against whole models (benchmarks/results/nvidia-h200/e2e_full*.md, time saved a call = (inductor -
+# sparse step) / blocks): Wan2.1-1.3B v1 / v2 10.7 / 15.4 ms measured, 8.3 / 13.1 estimated; CogVideoX-5B
+# 8.4 / 11.3 measured, 6.7 / 9.6 estimated; HunyuanVideo v1 218 measured, 115 estimated (its masked dense
+# attention runs below 621 TFLOP/s). The model errs towards dense at large shapes as well.
+
 # GPUs by a part of their name. Another GPU gets Hopper's constants: a slower GPU has slower dense
 # attention than they say, so the model errs towards dense there.
 DEVICES: dict[str, DeviceCosts] = {"H100": HOPPER, "H200": HOPPER}
