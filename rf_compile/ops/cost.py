@@ -64,14 +64,15 @@ HOPPER = DeviceCosts(
     # 0.3 lowest), v2 plans without their prediction 0.84-0.90. FP8 is priced as bf16 although its kernel
     # ran 1.0-1.25x faster there: it errs towards dense.
     efficiency=0.85,
-    # Issue 23: a 4-block Wan (8 x 128 heads, 6,912 tokens) ran 8.8 ms a step against inductor's 6.6 on
-    # an H100, 8 attention calls a step (CFG as two calls): 0.275 ms slower a call. With dense 0.33 ms
-    # (FLOP model) and v1's worst plan density 0.55 at 0.85 efficiency (0.21 ms), 0.40 ms is left for
+    # Issue 23: a 4-block Wan (8 x 128 heads, 6,912 tokens, CFG batch 2) ran 8.8 ms a step against
+    # inductor's 6.6 on an H100: 4 attention calls a step, 0.55 ms slower each. With dense 0.63 ms (FLOP
+    # model) and v1's worst plan density there, 0.50, at 0.85 efficiency (0.37 ms), 0.81 ms is left for
     # what a v1 call adds: the ARM (0.13-0.15 ms of wall time alone, benchmarks/results/nvidia-h200/arm.md)
     # and the op's small launches and host time.
-    v1_call_ms=0.40,
-    # v2 has no ARM but about as many launches (block means, selection, bookkeeping): v1's host share.
-    v2_call_ms=0.30,
+    v1_call_ms=0.80,
+    # Not measured apart: v2 has no ARM but about as many launches (block means, selection, row copies,
+    # bookkeeping), so v1's.
+    v2_call_ms=0.80,
     # attention_final.md predict_gpu_ms: Wan2.1-14B 0.455 ms for 1.31 M rows (40 heads x 32,760),
     # HunyuanVideo 0.488 ms for 0.93 M rows; the larger per-row cost of the two.
     v2_ms_per_mrow=0.52,
