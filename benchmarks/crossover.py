@@ -1,9 +1,10 @@
 """Where rainfusion's default pays: a sweep of sequence lengths and head shapes, end to end, against inductor.
 
 A few-block transformer of a published model (random weights, CFG batch 2, ``e2e.py``'s presets and calls) at
-1k-120k video tokens, for 2-3 head shapes: Wan2.1-1.3B (12 x 128), Wan2.1-14B (40 x 128), CogVideoX-5B (48 x 64,
-226 text tokens first). Per head shape and variant the blocks are compiled once (regional compilation, as
-``e2e.py --regional``; Dynamo's automatic dynamic shapes take the later lengths), then every length runs:
+1k-120k video tokens, for the head shapes of Wan2.1-1.3B (12 x 128) and CogVideoX-5B (48 x 64, 226 text tokens
+first) by default, Wan2.1-14B (40 x 128) with ``--shapes wan``. Per head shape and variant the blocks are
+compiled once (regional compilation, as ``e2e.py --regional``; Dynamo's automatic dynamic shapes take the later
+lengths), then every length runs:
 
 - ``inductor``: ``backend="inductor"``;
 - ``rf``: rainfusion's defaults (v1, the cost model on: shapes where sparse would not pay stay dense);
@@ -16,7 +17,8 @@ records also say what its sites did (``decision``: sparse or dense, with the cos
 cost model's own estimate (``est_ratio``, sparse over dense attention). Writes ``crossover.json``, ``.md`` and
 ``.png`` under ``benchmarks/results/<gpu>/`` after every head shape and variant.
 
-    python benchmarks/crossover.py                         # H200: about 5 minutes
+    python benchmarks/crossover.py                         # H200: about 4 minutes (estimated)
+    python benchmarks/crossover.py --shapes wan --name crossover_wan14b    # 40 x 128 heads: another ~3 minutes
     python benchmarks/crossover.py --shapes wan1.3b --tokens 1024 6912 32760 --reps-s 0.1   # a quick look
 """
 
@@ -47,7 +49,7 @@ GRIDS = {
     75600: (21, 45, 80),
     120120: (77, 30, 52),
 }
-SHAPES = ("wan1.3b", "cogvideox", "wan")  # e2e.MODELS keys: 12 x 128, 48 x 64, 40 x 128 heads (cheapest first)
+SHAPES = ("wan1.3b", "cogvideox")  # e2e.MODELS keys: 12 x 128 and 48 x 64 heads (``wan``: 40 x 128)
 VARIANTS = {
     "inductor": {"backend": "inductor"},
     "rf": {"backend": "rainfusion", "options": {"mode": "v1", "dense_warmup": 0.0}},
@@ -194,7 +196,7 @@ def write(records: list[dict], env: dict, out_dir: Path, stem: str) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(MODELS),
-                        help="e2e.py model keys whose head shapes to sweep (default: wan1.3b cogvideox wan)")
+                        help="e2e.py model keys whose head shapes to sweep (default: wan1.3b cogvideox)")
     parser.add_argument("--tokens", nargs="+", type=int, default=list(GRIDS), choices=list(GRIDS),
                         help="video token counts (default: all)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
