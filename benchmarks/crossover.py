@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from e2e import MODELS, _call, _compiled, _timed_call
+from e2e import MODELS, _call, _compiled, _log, _timed_call
 from utils import environment, gpu_slug, markdown_table, write_results
 
 import rf_compile
@@ -55,12 +55,6 @@ VARIANTS = {
     "rf": {"backend": "rainfusion", "options": {"mode": "v1", "dense_warmup": 0.0}},
     "rf_sparse": {"backend": "rainfusion", "options": {"mode": "v1", "dense_warmup": 0.0, "cost_model": False}},
 }
-_START = time.perf_counter()
-
-
-def _log(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:7.1f} s] {message}", flush=True)
-
 
 def inputs_at(key: str, tokens: int, layers: int, device: str, dtype: torch.dtype):
     """The preset of ``e2e.MODELS[key]`` at ``tokens`` video tokens (a grid of ``GRIDS``), ``layers`` blocks."""
@@ -218,7 +212,7 @@ def main() -> None:
         raise SystemExit("crossover.py times the Triton kernel: it needs a CUDA GPU")
     env = {**environment(), "skipped": []}
     out_dir = args.out or Path(__file__).parent / "results" / gpu_slug(env["gpu"])
-    deadline = _START + args.budget_minutes * 60
+    deadline = time.perf_counter() + args.budget_minutes * 60
     records: list[dict] = []
     table = ""
     longest = 0.0  # the longest variant so far, of any head shape: what the budget check expects next
