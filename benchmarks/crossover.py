@@ -56,6 +56,7 @@ VARIANTS = {
     "rf_sparse": {"backend": "rainfusion", "options": {"mode": "v1", "dense_warmup": 0.0, "cost_model": False}},
 }
 
+
 def inputs_at(key: str, tokens: int, layers: int, device: str, dtype: torch.dtype):
     """The preset of ``e2e.MODELS[key]`` at ``tokens`` video tokens (a grid of ``GRIDS``), ``layers`` blocks."""
     frames, height, width = GRIDS[tokens]
