@@ -15,7 +15,7 @@ from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops.arm import classify_heads
 from rf_compile.ops.attention import sparse_attention
-from rf_compile.ops.runtime import reset, stats
+from rf_compile.ops.runtime.stats import reset, stats
 from rf_compile.plan import Pattern
 from rf_compile.report import CompileReport, SiteReport
 

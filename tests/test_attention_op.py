@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from rf_compile import Pattern, RainFusionConfig, VideoLayout, classify_heads, sparse_attention
 from rf_compile.ops.attention import attention, key_padding_bias
-from rf_compile.ops.runtime import register_site, reset, stats
+from rf_compile.ops.runtime.sites import register_site
+from rf_compile.ops.runtime.stats import reset, stats
 from rf_compile.ops.torch_attention import torch_sparse_attention as sparse_attention_reference
 from rf_compile.plan import build_plan_table, variants_for
 from rf_compile.reference import masks

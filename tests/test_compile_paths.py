@@ -217,7 +217,7 @@ def _scheduler_timesteps(kind: str, shift: float, steps: int = 50) -> list[float
 )
 def test_warmup_keeps_exactly_the_requested_steps_dense(kind, shift):
     from rf_compile.ops.attention import attention
-    from rf_compile.ops.runtime import register_site
+    from rf_compile.ops.runtime.sites import register_site
 
     layout = rf_compile.VideoLayout(2, 4, 4)
     key = register_site(f"warmup.{kind}.{shift}", layout, rf_compile.RainFusionConfig(dense_warmup=0.1))

@@ -14,7 +14,7 @@ import rf_compile
 from rf_compile import RainFusionConfig, VideoLayout
 from rf_compile.ops import cost, v2
 from rf_compile.ops.attention import attention
-from rf_compile.ops.runtime import register_site
+from rf_compile.ops.runtime.sites import register_site
 from rf_compile.plan import variants_for
 from rf_compile.presets import build_preset
 from rf_compile.reference import masks

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops import arm, cost, v2
-from rf_compile.ops.runtime import attach_clock, get_spec, site_state
+from rf_compile.ops.runtime.models import attach_clock, site_state
+from rf_compile.ops.runtime.sites import get_spec
 from rf_compile.ops.torch_attention import torch_sparse_attention
 from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable, build_plan_table, variants_for
 
