@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from rf_compile.calibrate import calibrate
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops.arm import classify_heads
@@ -27,6 +28,7 @@ __all__ = [
     "RainFusionConfig",
     "SiteReport",
     "VideoLayout",
+    "calibrate",
     "classify_heads",
     "inspect",
     "reset",

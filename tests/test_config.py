@@ -36,7 +36,7 @@ def test_our_keys_are_taken_and_inductor_keys_left():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"mode": "sparse"}, r"'mode' must be one of \['v1', 'v1\+', 'v2', 'dense'\]"),
+        ({"mode": "sparse"}, r"'mode' must be one of \['v1', 'v1\+', 'v2', 'dense', 'calibrate'\]"),
         ({"bandwidth": 0.0}, r"'bandwidth' must be a fraction in \(0, 1\]"),
         ({"bandwidth": 1.5}, r"'bandwidth' must be a fraction"),
         ({"bandwidths": []}, "'bandwidths' must hold at least one"),
@@ -51,6 +51,12 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"kernel": "cuda"}, "'kernel' must be one of"),
         ({"precision": "int8"}, r"'precision' must be one of \['bf16', 'fp8'\]"),
         ({"report": "yes"}, "'report' must be True or False"),
+        ({"measure_error": 1}, "'measure_error' must be True or False"),
+        ({"order": "raster"}, r"'order' must be one of \['tiles', 'tokens'\]"),
+        ({"textural": "dense"}, r"'textural' must be one of \['checkerboard', 'blocks'\]"),
+        ({"dense_layers": -1}, "'dense_layers' must be an int >= 0"),
+        ({"dense_last_steps": 1.5}, "'dense_last_steps' must be an int >= 0"),
+        ({"num_steps": 10, "dense_last_steps": 10}, r"add up to more than 'num_steps' \(10\)"),
         ({"bandwith": 0.25}, r"unknown rainfusion option\(s\) \['bandwith'\]; accepted keys"),
         ({"layout": {"frames": 0, "height": 3, "width": 4}}, "layout frames must be a positive int"),
         ({"layout": {"frames": 2, "height": 3}}, r"layout is missing \['width'\]"),

@@ -107,6 +107,14 @@ def test_option_num_steps_overrides_the_pipeline():
     assert entry["num_steps_from"] == "option num_steps: 10 steps"
 
 
+def test_dense_last_steps_count_back_from_the_pipelines_steps():
+    reset()
+    model, key = _model("step_count.last", dense_last_steps=1)
+    pipe = Pipeline(model)
+    for steps in (4, 6):  # the warm-up and the last step of each video's own count
+        assert _video_dense_calls(key, lambda steps=steps: pipe(steps)) == 2 * (math.ceil(0.5 * steps) + 1)
+
+
 @pytest.mark.parametrize(
     ("timesteps", "steps"),
     [

@@ -30,6 +30,7 @@ class SiteState:
     spec: SiteSpec
     model: ModelState
     name: str  # the site's path in the model (a regional graph's site, prefixed by its block's path)
+    index: int = 0  # order of the site's first call among the model's sites (``dense_layers``)
     counter: torch.Tensor | None = None  # int64 scalar: calls, for graphs with no timestep
     shapes: dict[tuple[VideoLayout, int], ShapeState] = dataclasses.field(default_factory=dict)
     dense_reasons: dict[str, int] = dataclasses.field(default_factory=dict)  # shapes that stayed dense
@@ -51,9 +52,15 @@ class SiteState:
         if shape is None:
             variants = (*self.spec.variants, DENSE)
             made = (lambda: prepare(variants)) if prepare is not None else None
-            shape = self.shapes[(layout, B)] = ShapeState.new(layout, B, H, variants, q.device, made)
+            candidates = len(self.spec.config.candidates) if self.spec.config.mode == "calibrate" else 0
+            shape = self.shapes[(layout, B)] = ShapeState.new(layout, B, H, variants, q.device, made, candidates)
         step = self._step(q.device, timestep)
-        dense = step < self.model.step_count.warmup(self.spec.config, q.device)
+        config, steps = self.spec.config, self.model.step_count
+        dense = step < steps.warmup(config, q.device)
+        if config.dense_last_steps:
+            dense = dense | (step >= steps.num_steps(config, q.device) - config.dense_last_steps)
+        if self.index < config.dense_layers:
+            dense = torch.ones_like(dense)
         shape.calls += 1
         shape.dense_calls += dense.long()
         sparse_index = shape.calls - shape.dense_calls - 1  # of this call, when it is sparse
@@ -114,7 +121,7 @@ class ModelState:
         name = prefix + spec.name
         state = self.sites.get((name, spec.config))
         if state is None:
-            state = self.sites[(name, spec.config)] = SiteState(spec, self, name)
+            state = self.sites[(name, spec.config)] = SiteState(spec, self, name, index=len(self.sites))
         elif state.spec is not spec:  # a recompiled graph: its layouts, same counters
             state.spec = spec
         return state

@@ -30,7 +30,9 @@ class ShapeState:
     variant_counts: torch.Tensor  # int64 [H, P]
     recall_sums: torch.Tensor  # float64 [H, 2]: sum and count of estimated recalls
     kept: torch.Tensor  # float64 scalar: sum over sparse (batch, head) calls of the kept fraction
-    block_density_sums: torch.Tensor  # float64 [H]: v2 kept block fraction per head
+    block_density_sums: torch.Tensor  # float64 [H]: sum over sparse calls of the kept block fraction per head
+    error_sums: torch.Tensor  # float64 [H, 2]: sum and count of measured relative errors (``measure_error``)
+    candidate_errors: torch.Tensor  # float64 [H, C]: mode="calibrate": summed error of each candidate density
     sparse_heads: torch.Tensor  # float64 scalar: (batch, head) pairs computed sparse
     prepared: Any = None  # what the op built once for this shape (its plan table), made with the state
 
@@ -43,6 +45,7 @@ class ShapeState:
         variants: tuple[Variant, ...],
         device: torch.device,
         prepare: Callable[[], Any] | None = None,
+        candidates: int = 0,
     ) -> ShapeState:
         """Zeroed state (and ``prepare()``'s result), all made outside CUDA-graph pools."""
 
@@ -63,6 +66,8 @@ class ShapeState:
                 recall_sums=zeros((heads, 2), torch.float64),
                 kept=zeros((), torch.float64),
                 block_density_sums=zeros((heads,), torch.float64),
+                error_sums=zeros((heads, 2), torch.float64),
+                candidate_errors=zeros((heads, candidates), torch.float64),
                 sparse_heads=zeros((), torch.float64),
                 prepared=prepare() if prepare is not None else None,
             )
@@ -70,8 +75,9 @@ class ShapeState:
         return persistent(make, device)
 
     def reset(self) -> None:
-        for tensor in (self.calls, self.dense_calls, self.arm_runs, self.variant, self.variant_counts,
-                       self.recall_sums, self.kept, self.block_density_sums, self.sparse_heads):  # fmt: skip
+        for tensor in (self.calls, self.dense_calls, self.arm_runs, self.variant, self.variant_counts, self.recall_sums,
+                       self.kept, self.block_density_sums, self.error_sums, self.candidate_errors,
+                       self.sparse_heads):  # fmt: skip
             tensor.zero_()
         self.recall.fill_(float("nan"))
 
@@ -81,5 +87,5 @@ class CallPlan:
     """The device-side decisions of one call."""
 
     shape: ShapeState
-    dense: torch.Tensor  # bool scalar: a dense warm-up call
+    dense: torch.Tensor  # bool scalar: a dense call (warm-up, last steps or a dense layer)
     run_arm: torch.Tensor  # bool scalar: the ARM decides anew in this call

@@ -59,7 +59,17 @@ class StepCount:
         device tensor that follows the pipeline (the step is compared with it on the device)."""
         if config.num_steps is not None:
             return config.warmup_steps
-        key = (device, float(config.dense_warmup))
+        return self._on_device(device, float(config.dense_warmup))
+
+    def num_steps(self, config: RainFusionConfig, device: torch.device) -> int | torch.Tensor:
+        """Steps of each video under ``config`` (``dense_last_steps`` counts back from it), as ``warmup``."""
+        if config.num_steps is not None:
+            return config.num_steps
+        return self._on_device(device, 1.0)  # ceil(1.0 * count): the count itself
+
+    def _on_device(self, device: torch.device, share: float) -> torch.Tensor:
+        """``ceil(share * count)`` in a persistent int64 scalar on ``device``, rewritten for each video."""
+        key = (device, share)
         threshold = self._thresholds.get(key)
         if threshold is None:
             threshold = self._thresholds[key] = _persistent_scalar(device)
