@@ -36,6 +36,7 @@ RANKS = {
     "demo": 8,
     "api": 7,
     "presets": 7,
+    "calibrate": 6,
     "backend": 6,
     "passes": 5,
     "ops": 4,
