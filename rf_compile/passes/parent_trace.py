@@ -187,17 +187,18 @@ def _replay(graph: torch.fx.Graph, wanted: list[torch.fx.Node], unreplayable: se
     missing = [node.name for node in order if node.op == "placeholder" and "real" not in node.meta]
     if missing:
         raise RuntimeError(f"a data-dependent step reads {missing[0]}, a tensor made outside any recorded torch call")
-    copy_inputs = any(_mutates(node) for node in order)  # a replay must not change the caller's tensors
+    # A replay must not change the caller's inputs: copies, where an op changes a tensor in place
+    # (parameters are not copied: a forward that changes its own weights is not replayed faithfully anyway).
+    copy_inputs = any(_mutates(node) for node in order)
     last_use = {source: node for node in order for source in node.all_input_nodes}
     keep = set(wanted)
-    devices = sorted({n.meta["real"].device.index or 0 for n in order if n.op == "placeholder"
-                      and n.meta["real"].device.type == "cuda"})  # fmt: skip
     env: dict[torch.fx.Node, Any] = {}
-    with torch.random.fork_rng(devices=devices), unset_fake_temporarily():
+    with torch.random.fork_rng(devices=_cuda_devices()), unset_fake_temporarily():
         for node in order:
             if node.op == "placeholder":
                 value = node.meta["real"]
-                env[node] = value.clone() if copy_inputs else value
+                copy = copy_inputs and not isinstance(value, torch.nn.Parameter)
+                env[node] = value.clone() if copy else value
             else:
                 args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
                 env[node] = node.target(*args, **kwargs)
@@ -205,6 +206,11 @@ def _replay(graph: torch.fx.Graph, wanted: list[torch.fx.Node], unreplayable: se
                 if last_use[source] is node and source not in keep:
                     del env[source]
     return {node: env[node] for node in wanted}
+
+
+def _cuda_devices() -> list[int]:
+    """The CUDA devices whose random state a replay keeps (the current one, where CUDA is in use)."""
+    return [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
 
 
 def trace_model(model: torch.nn.Module, args: tuple, kwargs: dict, seq_len: int | None = None) -> _Trace:
