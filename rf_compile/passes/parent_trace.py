@@ -19,10 +19,12 @@ length (another prompt length).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import operator
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -228,6 +230,18 @@ def trace_model(model: torch.nn.Module, args: tuple, kwargs: dict, seq_len: int 
     return found
 
 
+@contextlib.contextmanager
+def _class_forwards(model: torch.nn.Module) -> Iterator[None]:
+    """Run the modules' own ``forward`` methods: a ``forward`` set on an instance (diffusers' cache hooks,
+    which count calls and keep outputs between steps) would have a trace change its state."""
+    saved = {module: module.__dict__.pop("forward") for module in model.modules() if "forward" in module.__dict__}
+    try:
+        yield
+    finally:
+        for module, forward in saved.items():
+            module.forward = forward
+
+
 def _trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> _Trace:
     # Static shapes and no shape environment: a data-dependent step raises, and takes the call's value.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True, static_shapes=True)
@@ -242,7 +256,7 @@ def _trace(model: torch.nn.Module, args: tuple, kwargs: dict) -> _Trace:
 
     fake_args, fake_kwargs = tree_map(fake, (args, kwargs))
     try:
-        with torch.compiler.set_stance("force_eager"), torch.no_grad(), fake_mode, recorder:
+        with torch.compiler.set_stance("force_eager"), torch.no_grad(), _class_forwards(model), fake_mode, recorder:
             model.forward(*fake_args, **fake_kwargs)  # forward, not __call__: the model's own hooks stay out
     except Exception as error:  # a model we cannot trace keeps its sites dense, with this reason
         log.debug("tracing %s failed: %s", type(model).__name__, error)
