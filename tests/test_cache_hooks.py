@@ -35,6 +35,7 @@ def _hooked(name: str, now: dict):
         LayerSkipConfig,
         MagCacheConfig,
         PyramidAttentionBroadcastConfig,
+        SeaCacheConfig,
         TaylorSeerCacheConfig,
         TextKVCacheConfig,
         apply_layer_skip,
@@ -59,12 +60,18 @@ def _hooked(name: str, now: dict):
             threshold=0.5, num_inference_steps=STEPS, mag_ratios=torch.full((STEPS,), 0.99)
         ),
         "text_kv_cache": lambda: TextKVCacheConfig(),
+        "sea_cache": lambda: SeaCacheConfig(threshold=0.05),
     }
     if name == "layer_skip":
         apply_layer_skip(preset.model, LayerSkipConfig(indices=[0], fqn="blocks"))
     else:
         preset.model.enable_cache(configs[name]())
     return preset
+
+
+def _step_context(preset, step: int, t: float):
+    """What a pipeline tells the hooks about the step (``cache_context``), as the diffusers pipelines do."""
+    return preset.model.cache_context("cond", step_index=step, num_inference_steps=STEPS, timestep=t, sigma=t / 1000)
 
 
 def _loop(preset, model, now: dict, count_sdpa: bool = False) -> dict[str, list]:
@@ -84,7 +91,7 @@ def _loop(preset, model, now: dict, count_sdpa: bool = False) -> dict[str, list]
             patch.setattr(F, "scaled_dot_product_attention", counting)
         for i, t in enumerate(TIMESTEPS):
             now["t"], made["self"] = t, 0
-            with preset.model.cache_context("cond", step_index=i, num_inference_steps=STEPS, timestep=t):
+            with _step_context(preset, i, t):
                 out = model(latent, **{**preset.kwargs, "timestep": torch.full((1,), t)})[0]
             sites = rf_compile.stats(preset.model).values()
             record["output"].append(out)
@@ -116,7 +123,7 @@ def _dynamo_graphs(name: str) -> list[int]:
     with torch.no_grad():
         for i, t in enumerate(TIMESTEPS):
             now["t"] = t
-            with preset.model.cache_context("cond", step_index=i, num_inference_steps=STEPS, timestep=t):
+            with _step_context(preset, i, t):
                 compiled(preset.args[0], **{**preset.kwargs, "timestep": torch.full((1,), t)})
             per_step.append(len(graphs))
     return _per_step(per_step)
@@ -168,3 +175,13 @@ def test_mag_cache_keeps_its_blocks_out_of_every_graph():
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert run["calls"][-1] == 0  # no site: the attention never reached a graph
     assert run["sdpa"] == reference["sdpa"] and sum(run["sdpa"]) > 0
+
+
+def test_sea_cache_leaves_its_leader_block_eager():
+    """SeaCache's leader-block forward is ``torch.compiler.disable``: the first block's attention runs eagerly
+    and dense at every step; the other blocks' attention runs through the sites, and the outputs are the hook's."""
+    reference, run = _compiled_run("sea_cache")
+    for out, ref in zip(run["output"], reference["output"]):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert reference["sdpa"] == [2] * STEPS  # both blocks' self-attention at every step (no step was cached)
+    assert _per_step(run["calls"]) == [1] * STEPS
