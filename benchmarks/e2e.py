@@ -91,7 +91,7 @@ from utils import environment, gpu_slug, markdown_table, write_results
 import rf_compile
 from rf_compile.backend import rainfusion
 from rf_compile.config import RainFusionConfig
-from rf_compile.ops.runtime import step_clock
+from rf_compile.ops.runtime.clock import step_clock
 from rf_compile.presets import build_preset
 
 

@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
+from rf_compile.calibrate import calibrate
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops.arm import classify_heads
 from rf_compile.ops.attention import sparse_attention
-from rf_compile.ops.runtime import reset, stats
+from rf_compile.ops.runtime.stats import reset, stats
 from rf_compile.plan import Pattern
 from rf_compile.report import CompileReport, SiteReport
 
@@ -27,6 +28,7 @@ __all__ = [
     "RainFusionConfig",
     "SiteReport",
     "VideoLayout",
+    "calibrate",
     "classify_heads",
     "inspect",
     "reset",

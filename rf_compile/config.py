@@ -17,13 +17,15 @@ from rf_compile.layout import VideoLayout
 
 log = logging.getLogger(__name__)
 
-MODES = ("v1", "v1+", "v2", "dense")
+MODES = ("v1", "v1+", "v2", "dense", "calibrate")
 
 
 class OptionError(ValueError):
     """A ``rainfusion`` option with an unknown key or a value outside what it accepts."""
 
 SELECTIONS = ("topk", "mass")
+ORDERS = ("tiles", "tokens")  # v2 blocks: 3-D tiles of the video (RainFusion 2.0) or the model's token order
+NONLOCAL = ("checkerboard", "blocks")  # v1 heads the ARM finds neither spatial nor temporal
 KERNELS = ("auto", "triton", "reference")
 PRECISIONS = ("bf16", "fp8")  # the attention products: the inputs' dtype, or float8 e4m3 (Hopper)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -39,7 +41,9 @@ class RainFusionConfig:
         ``"v1"`` RainFusion (one bandwidth for all spatial/temporal heads), ``"v1+"``
         RainFusion+ (per-head bandwidth from ``bandwidths``), ``"v2"`` RainFusion 2.0
         (block-mean prediction over 3-D tiles), ``"dense"`` (rewrite every site but always
-        compute dense attention: the exactness check of the pass itself).
+        compute dense attention: the exactness check of the pass itself), ``"calibrate"`` (dense
+        output; on sparse steps each head's error at every block density of ``candidates`` is
+        measured: what ``rf_compile.calibrate`` runs).
     bandwidth:
         v1 band half-width as a fraction of the video tokens, in (0, 1]. 0.25 keeps 7/16 of
         the video-video scores of spatial and temporal heads.
@@ -73,13 +77,39 @@ class RainFusionConfig:
     arm_every:
         Re-run the ARM every k-th sparse call of a site and reuse its decision in between.
     sparsity:
-        v2 target fraction of key blocks skipped per query block, in [0, 1).
+        v2 fraction of key blocks skipped per query block, in [0, 1). The forced blocks (text and
+        sink-frame columns, the diagonal) count inside the budget: a query block keeps at most
+        ``ceil(kv_blocks * (1 - sparsity))`` key blocks, forced ones first; only the rows that are
+        forced whole (text and sink-frame query blocks) attend densely.
     select:
         v2 block selection: ``"topk"`` keeps ``ceil(kv_blocks * (1 - sparsity))`` key blocks per
-        query block (as the public implementations); ``"mass"`` keeps blocks by descending
-        predicted score until ``mass`` of it is covered, never more than ``"topk"`` would.
+        query block (forced ones included); ``"mass"`` keeps blocks by descending predicted score
+        (forced ones first) until ``mass`` of it is covered, never more than ``"topk"`` would.
     mass:
         v2 predicted softmax mass to cover with ``select="mass"``, in (0, 1].
+    order:
+        v2 token order that the 128-token blocks are cut from: ``"tiles"``, compact 3-D tiles of the
+        video (RainFusion 2.0's spatio-temporal permutation, ``tile``), or ``"tokens"``, the model's own
+        (frame-major) order, read in place.
+    textural:
+        What v1 / v1+ compute for heads the ARM finds neither spatial nor temporal: ``"checkerboard"``
+        (the paper's textural pattern, every ``stride``-th key) or ``"blocks"`` (v2's block prediction
+        in ``order``, keeping the same share of key blocks as the checkerboard, ``1 / stride``).
+    dense_layers:
+        The first N video self-attention sites of a model (in the order they are first called) stay
+        dense, as Sparse VideoGen and Radial Attention keep their first layers dense.
+    dense_last_steps:
+        The last N denoising steps of each video (of ``num_steps``) are dense.
+    profile:
+        Path of a calibration profile (JSON written by ``rf_compile.calibrate``): every site runs v2
+        with the per-head block densities measured for it on this model. A site the profile does not
+        hold, or holds at another layout or head count, raises an error naming it.
+    candidates:
+        Block densities (v2, ``order``) whose per-head error ``mode="calibrate"`` measures.
+    measure_error:
+        Also compute dense attention on every sparse call and record the relative L2 error of the
+        sparse output per head (``attn_rel_err`` in ``stats()``); doubles the attention cost, for
+        evaluation and calibration.
     tile:
         v2 tile (frames, height, width) of one kernel block of 128 tokens; ``None`` picks
         2x8x8 for video and 1x8x16 for images.
@@ -121,6 +151,13 @@ class RainFusionConfig:
     sparsity: float = 0.8
     select: str = "topk"
     mass: float = 0.9
+    order: str = "tiles"
+    textural: str = "checkerboard"
+    dense_layers: int = 0
+    dense_last_steps: int = 0
+    measure_error: bool = False
+    profile: str | None = None
+    candidates: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
     tile: tuple[int, int, int] | None = None
     sink_frames: int | None = None
     layout: VideoLayout | None = None
@@ -138,6 +175,18 @@ class RainFusionConfig:
         if self.compile_mode is not None:
             _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("select", self.select, SELECTIONS)
+        _check_choice("order", self.order, ORDERS)
+        _check_choice("textural", self.textural, NONLOCAL)
+        _check_int("dense_layers", self.dense_layers, minimum=0)
+        if not self.candidates:
+            raise OptionError("option 'candidates' must hold at least one block density in (0, 1]")
+        for density in self.candidates:
+            _check_fraction("candidates", density)
+        if self.profile is not None and not isinstance(self.profile, str):
+            raise OptionError(f"option 'profile' must be the path of a profile JSON (a str), got {self.profile!r}")
+        if self.profile is not None and self.mode != "v2":
+            raise OptionError(f"option 'profile' applies v2 block densities: use it with mode='v2', got {self.mode!r}")
+        _check_int("dense_last_steps", self.dense_last_steps, minimum=0)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise OptionError(f"option 'sparsity' must be a fraction in [0, 1), got {self.sparsity!r}")
         _check_fraction("mass", self.mass)
@@ -163,7 +212,12 @@ class RainFusionConfig:
         _check_int("min_video_tokens", self.min_video_tokens, minimum=0)
         if not isinstance(self.dense_warmup, (int, float)) or not 0.0 <= self.dense_warmup < 1.0:
             raise OptionError(f"option 'dense_warmup' must be a fraction in [0, 1), got {self.dense_warmup!r}")
-        for name in ("report", "strict"):
+        if self.warmup_steps + self.dense_last_steps > self.num_steps:
+            raise OptionError(
+                f"options 'dense_warmup' ({self.warmup_steps} steps) and 'dense_last_steps' ({self.dense_last_steps}) "
+                f"add up to more than 'num_steps' ({self.num_steps}); accepted: their sum <= num_steps"
+            )
+        for name in ("report", "strict", "measure_error"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
 
@@ -193,7 +247,9 @@ class RainFusionConfig:
                 values["layout"] = VideoLayout.from_value(values["layout"])
             except ValueError as error:
                 raise OptionError(f"option 'layout': {error}") from None
-        for key in ("bandwidths", "tile"):
+        if values.get("profile") is not None:
+            values["profile"] = str(values["profile"])  # a pathlib.Path is welcome; the config stays hashable
+        for key in ("bandwidths", "tile", "candidates"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         unknown = [key for key in options if not _is_inductor_option(key)]

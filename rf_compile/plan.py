@@ -216,6 +216,35 @@ def _build_plan_table(
     )
 
 
+def concat_plans(first: PlanTable, second: PlanTable) -> PlanTable:
+    """One table holding ``first``'s plans, then ``second``'s (same layout and blocks; no host sync).
+
+    ``second``'s orders other than the identity (order 0) are appended to ``first``'s, so its plans read
+    the same tokens. Used to run v1's static plans and per-head predicted plans in one launch.
+    """
+    if (first.layout, first.block_m, first.block_n) != (second.layout, second.block_m, second.block_n):
+        raise ValueError("concat_plans needs tables of one layout and block size")
+    shift = first.orders.shape[0] - 1
+
+    def moved(order: torch.Tensor) -> torch.Tensor:
+        return torch.where(order > 0, order + shift, order)
+
+    return PlanTable(
+        layout=first.layout,
+        variants=first.variants,
+        orders=torch.cat([first.orders, second.orders[1:].to(first.orders.dtype)]),
+        q_order=torch.cat([first.q_order, moved(second.q_order)]),
+        kv_order=torch.cat([first.kv_order, moved(second.kv_order)]),
+        band=torch.cat([first.band, second.band]),
+        kv_valid=torch.cat([first.kv_valid, second.kv_valid]),
+        kv_num_blocks=torch.cat([first.kv_num_blocks, second.kv_num_blocks]),
+        kv_indices=torch.cat([first.kv_indices, second.kv_indices]),
+        block_full=torch.cat([first.block_full, second.block_full]),
+        block_m=first.block_m,
+        block_n=first.block_n,
+    )
+
+
 def listed_blocks(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool [..., Mq, Mk] block mask -> (kv_num_blocks int32 [..., Mq], kv_indices int32 [..., Mq, Mk]).
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from rf_compile import Pattern, RainFusionConfig, VideoLayout, classify_heads, sparse_attention
 from rf_compile.ops.attention import attention, key_padding_bias
-from rf_compile.ops.runtime import register_site, reset, stats
+from rf_compile.ops.runtime.sites import register_site
+from rf_compile.ops.runtime.stats import reset, stats
 from rf_compile.ops.torch_attention import torch_sparse_attention as sparse_attention_reference
 from rf_compile.plan import build_plan_table, variants_for
 from rf_compile.reference import masks
@@ -184,3 +185,75 @@ def test_fp8_where_it_cannot_run_names_the_reason():
     reason = "precision='fp8' needs the Triton kernel on a Hopper GPU.*use precision='bf16'"
     with pytest.raises(ValueError, match=reason):
         sparse_attention(q, k, v, layout, config=RainFusionConfig(precision="fp8", kernel="reference"))
+
+
+def _block_plan_reference(q, k, layout, keep, block=128):
+    """Independent v2 plan in the model's token order, float64: text rows dense, text columns and the
+    diagonal first, then the highest pooled scores up to ``keep`` blocks per query block. Bool [M, M]."""
+    N, D = q.shape[-2:]
+    M = -(-N // block)
+    pooled_q = torch.stack([q[s : s + block].mean(0) for s in range(0, N, block)])
+    pooled_k = torch.stack([k[s : s + block].mean(0) for s in range(0, N, block)])
+    scores = torch.softmax(pooled_q @ pooled_k.T * D**-0.5, -1)
+    video_end = layout.prefix + layout.video_tokens
+    text = torch.tensor([s < layout.prefix or min(s + block, N) > video_end for s in range(0, N, block)])
+    mask = torch.zeros(M, M, dtype=torch.bool)
+    for row in range(M):
+        if text[row]:
+            mask[row] = True
+            continue
+        mask[row] = text.clone()
+        mask[row, row] = True
+        free = (~mask[row]).nonzero().flatten()
+        mask[row, free[scores[row, free].topk(keep - int(mask[row].sum())).indices]] = True
+    return mask
+
+
+def test_textural_blocks_gives_nonlocal_heads_a_predicted_block_plan():
+    """v1 with textural='blocks': heads the ARM finds local keep their band; the others attend the key
+    blocks of most pooled score at the checkerboard's share (1 / stride of the blocks)."""
+    layout = VideoLayout(8, 8, 16, prefix=8)  # 1,032 tokens: 9 blocks of 128
+    patterns = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL, None]
+    q, k = planted_qk(layout, patterns, head_dim=32, batch=2, seed=3, dtype=torch.float64)
+    v = torch.randn_like(q)
+    base = RainFusionConfig(kernel="reference", order="tokens", sink_frames=0)
+    blocks = sparse_attention(q, k, v, layout, config=dataclasses.replace(base, textural="blocks"))
+    checkerboard = sparse_attention(q, k, v, layout, config=base)
+    chosen = classify_heads(q, k, layout, base)
+    assert (chosen == Pattern.TEXTURAL).any() and (chosen != Pattern.TEXTURAL).any()
+    of = torch.arange(layout.seq_len) // 128
+    for b in range(2):
+        for h in range(4):
+            if chosen[b, h] != Pattern.TEXTURAL:
+                torch.testing.assert_close(blocks[b, h], checkerboard[b, h], atol=1e-12, rtol=1e-12)
+                continue
+            mask = _block_plan_reference(q[b, h], k[b, h], layout, keep=5)  # ceil(9 / 2)
+            expected = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], attn_mask=mask[of][:, of])
+            torch.testing.assert_close(blocks[b, h], expected, atol=1e-12, rtol=1e-12)
+
+
+def test_measure_error_records_the_relative_error_against_dense_per_head():
+    reset()
+    layout = VideoLayout(4, 8, 8)
+    config = RainFusionConfig(dense_warmup=0.0, measure_error=True, kernel="reference")
+    key = register_site("test.measure_error", layout, config)
+    q, k, v = qkv(layout, dim=16)
+    out = attention(q, k, v, None, None, None, None, None, key, [])
+    dense = F.scaled_dot_product_attention(q, k, v)
+    per_head = ((out - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)).mean(0)  # [H]
+    site = stats()["test.measure_error"]
+    assert site["attn_rel_err"] == pytest.approx(per_head.mean().item(), rel=1e-5)
+    assert [h["attn_rel_err"] for h in site["heads"]] == pytest.approx(per_head.tolist(), rel=1e-5)
+    assert 0 < site["block_density"] <= 1
+
+
+def test_dense_last_steps_makes_the_last_steps_of_each_video_dense():
+    reset()
+    layout = VideoLayout(3, 4, 4)
+    key = register_site("test.last", layout, RainFusionConfig(dense_warmup=0.2, num_steps=5, dense_last_steps=2))
+    q, k, v = qkv(layout, batch=1)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    steps = (900.0, 700.0, 500.0, 300.0, 100.0)
+    outs = [attention(q, k, v, None, None, torch.tensor([t]), None, None, key, []) for t in steps]
+    assert [torch.equal(out, dense) for out in outs] == [True, False, False, True, True]  # step 0, then 3 and 4
+    assert (stats()["test.last"]["dense_calls"], stats()["test.last"]["sparse_calls"]) == (3, 2)

@@ -231,3 +231,22 @@ def test_gpu_predict_plan_fused_equals_torch():
     assert ambiguous.float().mean() < 0.01
     lists = [(t.kv_num_blocks, t.kv_indices, t.block_full) for t in (fused, reference)]
     assert_same_lists(*lists, ambiguous)
+
+
+@pytest.mark.parametrize("select", ["topk", "mass"])
+def test_per_plan_budgets_equal_the_torch_path(select):
+    """A budget per plan (a calibration profile's per-head densities), forced blocks inside it."""
+    config = RainFusionConfig(mode="v2", select=select, mass=0.8)
+    P, M, D = 4, 23, 16
+    pooled_q = torch.randn(P, M, D, device=DEVICE) * torch.linspace(0.1, 3, M, device=DEVICE)[:, None]
+    pooled_k = torch.randn(P, M, D, device=DEVICE)
+    always = forced_blocks(M, forced=2)
+    keep = torch.tensor([1, 4, 12, 23], dtype=torch.int32, device=DEVICE)
+    args = (pooled_q, pooled_k, always, D**-0.5, config)
+    fused = v2.block_lists(*args, fused=True, keep=keep)
+    reference = v2.block_lists(*args, fused=False, keep=keep)
+    assert_same_lists(fused, reference)
+    rows = ~always.all(-1)  # rows not forced whole
+    assert (fused[0][:, rows] <= torch.clamp(keep[:, None], min=3)).all()  # 2 forced columns + the diagonal
+    if select == "topk":
+        assert (fused[0][-1] == M).all()

@@ -217,7 +217,7 @@ def _scheduler_timesteps(kind: str, shift: float, steps: int = 50) -> list[float
 )
 def test_warmup_keeps_exactly_the_requested_steps_dense(kind, shift):
     from rf_compile.ops.attention import attention
-    from rf_compile.ops.runtime import register_site
+    from rf_compile.ops.runtime.sites import register_site
 
     layout = rf_compile.VideoLayout(2, 4, 4)
     key = register_site(f"warmup.{kind}.{shift}", layout, rf_compile.RainFusionConfig(dense_warmup=0.1))
@@ -334,3 +334,16 @@ def test_mochi_joint_attention_is_sparse_with_its_data_dependent_text_length():
     stats = {k: v for k, v in rf_compile.stats(preset.model).items() if v["sparse_calls"]}
     assert len(stats) == preset.self_attention_sites  # one joint attention per layer and batch item
     assert {v["layout"] for v in stats.values()} == {layout.describe() for layout in preset.expected_layouts}
+
+
+def test_dense_layers_keeps_the_first_sites_of_the_model_dense():
+    preset = build_preset("wan")  # two blocks
+    torch._dynamo.reset()
+    rf_compile.reset()
+    compiled = torch.compile(preset.model, backend="rainfusion", options={**OPTIONS, "dense_layers": 1})
+    with torch.no_grad():
+        compiled(*preset.args, **preset.kwargs)
+    sites = rf_compile.stats(preset.model)
+    first, second = sorted(sites)
+    assert (sites[first]["dense_calls"], sites[second]["dense_calls"]) == (1, 0)
+    assert sites[second]["sparse_calls"] == 1

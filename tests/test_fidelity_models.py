@@ -202,13 +202,47 @@ def test_evaluate_tiny_run_writes_one_record_per_setting(tmp_path):
     import subprocess
 
     command = [sys.executable, str(FIDELITY / "evaluate.py"), "--tiny", "--models", "wan", "--models-dir",
-               str(MODELS_DIR), "--out", str(tmp_path), "--device", "cpu"]  # fmt: skip
+               str(MODELS_DIR), "--out", str(tmp_path), "--device", "cpu", "--oracle-densities", "0.3,0.7",
+               "--block", "32"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=FIDELITY, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "fidelity.json").read_text())["records"]
     assert [(r["mode"], r["setting"]) for r in records] == [
-        ("dense", "dense other-noise"), ("v1", "v1"), ("random-mask", "random-mask")]
-    v1 = records[1]
+        ("dense", "dense other-noise"), ("oracle", "oracle d=0.3"), ("oracle", "oracle d=0.7"), ("v1", "v1"),
+        ("random-mask", "random-mask")]  # fmt: skip
+    low, high, v1 = records[1], records[2], records[3]
+    # 4x8x12 = 384 tokens in 12 blocks of 32: the oracle keeps ceil(12 d) key blocks per query block.
+    assert low["block_density"] == pytest.approx(4 / 12) and high["block_density"] == pytest.approx(9 / 12)
+    assert high["psnr_db"] > low["psnr_db"]
     assert v1["model"] == "wan" and all(math.isfinite(v1[key]) for key in ("psnr_db", "ssim", "loss_increase"))
     assert 0 < v1["sparsity"] < 1 and 0 <= v1["arm_agreement"] <= 1
+    assert 0 < v1["block_density"] <= 1 and 0 < v1["attn_rel_err"] < 1
+    at = low["psnr_db"] + (high["psnr_db"] - low["psnr_db"]) * (v1["block_density"] - 4 / 12) / (9 / 12 - 4 / 12)
+    assert v1["gap_to_oracle_db"] == pytest.approx(at - v1["psnr_db"])
     assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_block_oracle_equals_a_brute_force_float64_construction():
+    """``oracle.block_mass`` and ``oracle.oracle_blocks`` against sums written out pair by pair in float64:
+    per query block the key blocks of most true mass, text blocks first and inside the budget."""
+    layout = rf_compile.VideoLayout(2, 3, 5, prefix=3)  # 33 tokens: blocks of 8, the last one ragged
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 33, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    block, M = 8, 5
+    mass = oracle.block_mass(q, k, block)
+    for h in range(2):
+        probs = torch.softmax(q[0, h] @ k[0, h].T / math.sqrt(8), -1)
+        for i in range(M):
+            rows = range(i * block, min(i * block + block, 33))
+            for j in range(M):
+                expected = sum(float(probs[r, j * block : j * block + block].sum()) for r in rows) / len(rows)
+                assert mass[0, h, i, j].item() == pytest.approx(expected, rel=1e-5)
+    forced = oracle.text_blocks(layout, block)
+    assert forced[0].all() and forced[:, 0].all() and not forced[1:, 1:].any()  # 3 text tokens lie in block 0
+    chosen = oracle.oracle_blocks(mass, 0.6, forced)  # ceil(5 * 0.6) = 3 blocks per row, block 0 first
+    for h in range(2):
+        for i in range(1, M):
+            others = mass[0, h, i, 1:].double()
+            best = set((others.topk(2).indices + 1).tolist()) | {0}
+            assert set(chosen[0, h, i].nonzero().flatten().tolist()) == best
+        assert chosen[0, h, 0].all()

@@ -74,7 +74,8 @@ def test_v2_plan_on_gpu_equals_cpu():
 @pytest.mark.parametrize("mode", ["v1+", "v2"])
 def test_op_call_with_stats_never_waits_for_the_device(mode):
     from rf_compile.ops.attention import attention
-    from rf_compile.ops.runtime import register_site, stats
+    from rf_compile.ops.runtime.sites import register_site
+    from rf_compile.ops.runtime.stats import stats
 
     layout, heads, dim = REAL["wan"]
     q, k, v = qkv(layout, heads, dim, batch=2)

@@ -94,7 +94,7 @@ def test_compiled_sparse_step_never_waits_for_the_device():
 def test_outer_product_mask_on_the_kernel():
     from rf_compile import RainFusionConfig, VideoLayout, sparse_attention
     from rf_compile.ops.attention import attention
-    from rf_compile.ops.runtime import register_site
+    from rf_compile.ops.runtime.sites import register_site
 
     layout = VideoLayout(4, 16, 20, suffix=77)
     q, k, v = (torch.randn(2, 2, layout.seq_len, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -11,7 +11,7 @@ import rf_compile
 from rf_compile import RainFusionConfig, VideoLayout, sparse_attention
 from rf_compile.backend import compiled_graphs, reports_since
 from rf_compile.ops.attention import attention
-from rf_compile.ops.runtime import register_site
+from rf_compile.ops.runtime.sites import register_site
 
 LAYOUT = VideoLayout(3, 4, 5, suffix=7)  # 67 tokens, text last (padded at its end)
 FULL = RainFusionConfig(bandwidth=1.0, alpha=1e-6, dense_warmup=0.0)  # full bands: the plan covers all

@@ -88,24 +88,38 @@ def test_plans_keep_sink_text_and_diagonal_and_respect_the_budget(layout, select
     forced[(pos[always] // 16).unique()] = True
     assert blocks[:, forced, :].all() and blocks[:, :, forced].all()
     assert blocks[:, torch.arange(M), torch.arange(M)].all()
+    # The forced blocks count inside the budget: a row keeps at most ceil(M * 0.3) blocks, or just its forced ones.
     budget = math.ceil(M * 0.3)
-    free = ~forced
-    chosen_free = (blocks[:, free][:, :, free]).sum(-1)
-    assert (chosen_free <= budget + 1).all()  # + the diagonal
+    forced_per_row = (forced[None, :] | forced[:, None] | torch.eye(M, dtype=torch.bool)).sum(-1)
+    assert (blocks.sum(-1) <= torch.clamp(forced_per_row, min=budget)).all()
+    if select == "topk":
+        assert (blocks.sum(-1) == torch.clamp(forced_per_row, min=budget)).all()
 
 
-def test_topk_keeps_the_highest_predicted_blocks():
-    layout = VideoLayout(4, 8, 8)
-    config = RainFusionConfig(mode="v2", sparsity=0.75, tile=(2, 2, 4), sink_frames=0)
+@pytest.mark.parametrize("order", ["tiles", "tokens"])
+def test_topk_keeps_the_forced_then_the_highest_predicted_blocks(order):
+    layout = VideoLayout(4, 8, 8, prefix=5)
+    config = RainFusionConfig(mode="v2", sparsity=0.75, tile=(2, 2, 4), sink_frames=0, order=order)
     q, k = torch.randn(1, 2, layout.seq_len, 16), torch.randn(1, 2, layout.seq_len, 16)
     table = v2.predict_plan(q, k, layout, config, block=16)
-    order = v2.tile_order(layout, (2, 2, 4), 0)
-    scores = reference_block_means(q, order, 16) @ reference_block_means(k, order, 16).transpose(-1, -2)
-    keep = math.ceil(scores.shape[-1] * 0.25)
-    top = scores.topk(keep, dim=-1).indices  # [1, 2, M, keep]
     blocks = table.to_dense().view(1, 2, *table.to_dense().shape[-2:])
-    assert blocks.gather(-1, top).all()
-    assert (blocks.sum(-1) <= keep + 1).all()
+    positions = v2.tile_order(layout, (2, 2, 4), 0) if order == "tiles" else torch.arange(layout.seq_len)
+    scores = reference_block_means(q, positions, 16) @ reference_block_means(k, positions, 16).transpose(-1, -2)
+    M = scores.shape[-1]
+    keep = math.ceil(M * 0.25)
+    text_block = torch.zeros(M, dtype=torch.bool)
+    text_block[0] = True  # the 5 text tokens lie in the first block, in both orders
+    forced = text_block[:, None] | text_block[None, :] | torch.eye(M, dtype=torch.bool)
+    for h in range(2):
+        for row in range(M):
+            if forced[row].all():
+                assert blocks[0, h, row].all()
+                continue
+            free = (~forced[row]).nonzero().flatten()
+            best = free[scores[0, h, row, free].topk(keep - int(forced[row].sum())).indices]
+            expected = forced[row].clone()
+            expected[best] = True
+            assert torch.equal(blocks[0, h, row], expected), (h, row)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
@@ -184,3 +198,19 @@ def test_v2_stats_report_block_density():
     site = rf_compile.stats(model)[report.sparse[0].name]
     assert site["sparse_calls"] == 1 and site["density"] == 1.0  # 57 tokens: one 128-token block
     assert [h["block_density"] for h in site["heads"]] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:2], ids=str)
+def test_token_order_plans_are_blocks_of_the_model_order_read_in_place(layout):
+    config = RainFusionConfig(mode="v2", sparsity=0.6, order="tokens")
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 16, dtype=torch.float64) for _ in range(3))
+    table = v2.predict_plan(q, k, layout, config, block=16)
+    assert table.q_order.eq(0).all() and table.kv_order.eq(0).all()  # order 0: the kernel reads in place
+    from rf_compile.ops.attention import run_plan
+
+    out = run_plan(q, k, v, table, torch.arange(2).view(1, 2), None, None, "reference")
+    of = torch.arange(layout.seq_len) // 16
+    for h in range(2):
+        mask = table.to_dense()[h][of[:, None], of[None, :]]  # blocks of consecutive tokens
+        assert torch.equal(element_mask(table, h), mask)
+        torch.testing.assert_close(out[0, h], F.scaled_dot_product_attention(q[0, h], k[0, h], v[0, h], attn_mask=mask))

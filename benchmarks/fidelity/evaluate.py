@@ -50,8 +50,18 @@ EVAL_SEED = 2 * 10**9
 # Priority order: when the time budget runs out, the rest is skipped (and listed as skipped).
 DEFAULT_MODES = {
     "v1": {"mode": "v1"},
-    "v1+": {"mode": "v1+"},
+    "v1 textural=blocks": {"mode": "v1", "textural": "blocks"},
     "v2 s=0.8": {"mode": "v2", "sparsity": 0.8},
+    "v2 s=0.8 tokens": {"mode": "v2", "sparsity": 0.8, "order": "tokens"},
+    "v2 s=0.7 tokens": {"mode": "v2", "sparsity": 0.7, "order": "tokens"},
+    "v2 s=0.6 tokens": {"mode": "v2", "sparsity": 0.6, "order": "tokens"},
+    "v2 s=0.5 tokens": {"mode": "v2", "sparsity": 0.5, "order": "tokens"},
+    "v1 textural=blocks tokens": {"mode": "v1", "textural": "blocks", "order": "tokens"},
+    "v1+": {"mode": "v1+"},
+    "v2 s=0.8 tokens sink=0": {"mode": "v2", "sparsity": 0.8, "order": "tokens", "sink_frames": 0},
+    "v2 s=0.7 tokens dense_layers=1": {"mode": "v2", "sparsity": 0.7, "order": "tokens", "dense_layers": 1},
+    "v1 dense_layers=1": {"mode": "v1", "dense_layers": 1},
+    "v1 dense_last_steps=2": {"mode": "v1", "dense_last_steps": 2},
     "v1 warmup=0": {"mode": "v1", "dense_warmup": 0.0},
     "v2 s=0.7": {"mode": "v2", "sparsity": 0.7},
     "v2 s=0.9": {"mode": "v2", "sparsity": 0.9},
@@ -155,9 +165,10 @@ def arm_agreement(decisions: list[dict], config: RainFusionConfig) -> dict:
     }
 
 
-def achieved_sparsity() -> tuple[float, float, dict]:
-    """(sparsity over all calls incl. dense warm-up, sparsity over sparse calls, pattern shares) from stats()."""
-    kept = calls = sparse_kept = sparse_calls = 0.0
+def achieved_sparsity() -> tuple[float, float, dict, float, float]:
+    """From stats(): sparsity over all calls incl. dense warm-up, sparsity over sparse calls, pattern shares,
+    the block density of the sparse calls and their mean relative attention error (``measure_error``)."""
+    kept = calls = sparse_kept = sparse_calls = blocks = errors = measured = 0.0
     shares: dict[str, float] = {}
     for entry in rf_compile.stats().values():
         if not entry.get("calls"):
@@ -169,18 +180,25 @@ def achieved_sparsity() -> tuple[float, float, dict]:
         calls += entry["calls"]
         sparse_kept += density * n_sparse
         sparse_calls += n_sparse
+        blocks += (entry.get("block_density") or 0.0) * n_sparse
+        if entry.get("attn_rel_err") is not None:
+            errors += entry["attn_rel_err"] * n_sparse
+            measured += n_sparse
         for head in entry.get("heads", []):
             for kind in ("spatial", "temporal", "textural"):
                 shares[kind] = shares.get(kind, 0) + head.get(kind, 0)
     total = sum(shares.values())
     shares = {k: v / total for k, v in shares.items()} if total else {}
     nan = float("nan")
-    return (1 - kept / calls if calls else nan, 1 - sparse_kept / sparse_calls if sparse_calls else nan, shares)
+    return (1 - kept / calls if calls else nan, 1 - sparse_kept / sparse_calls if sparse_calls else nan, shares,
+            blocks / sparse_calls if sparse_calls else nan, errors / measured if measured else nan)  # fmt: skip
 
 
 @torch.no_grad()
-def flow_losses(model, name, size, device, dtype, batch, batches) -> float:
-    """Mean held-out flow loss over ``batches`` x 8 timesteps (same clips and noise for every mode)."""
+def flow_losses(model, name, size, device, dtype, batch, batches, on_step=None) -> float:
+    """Mean held-out flow loss over ``batches`` x 8 timesteps (same clips and noise for every mode).
+
+    The 8 timesteps of a batch run high to low, as a trajectory: ``on_step(i)`` is told each one's index."""
     losses = []
     for b in range(batches):
         video, tokens = sample_batch(batch, HELDOUT_SEED + 100 + b, device=device, **size)
@@ -190,6 +208,8 @@ def flow_losses(model, name, size, device, dtype, batch, batches) -> float:
             t = (i + 0.5) / 8
             noise = torch.randn(video.shape, generator=g).to(device)
             x = ((1 - t) * video + t * noise).to(dtype)
+            if on_step is not None:
+                on_step(7 - i)
             pred = models.predict(model, name, x, torch.full((batch,), t, device=device, dtype=dtype), text)
             losses.append(F.mse_loss(pred.float(), noise - video).item())
     return sum(losses) / len(losses)
@@ -211,6 +231,43 @@ def random_mask_hook(density: float, layout, step_of, config: RainFusionConfig, 
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[None])
 
     return hook
+
+
+def oracle_hook(density: float, layout, step_of, config: RainFusionConfig, block: int, kept: list):
+    """SDPA hook: on sparse steps, attention under the oracle block mask of ``density`` (``oracle.py``);
+    appends each call's block density (forced text blocks included) to ``kept``."""
+
+    def hook(index, q, k, v, **kwargs):
+        if not sparse_step(step_of(), config):
+            return None
+        mask = oracle.oracle_mask(q, k, layout, density, block)
+        kept.append(mask.float().mean().item())
+        return oracle.block_masked_attention(q, k, v, mask, block)
+
+    return hook
+
+
+def oracle_gap(records: list[dict]) -> None:
+    """``gap_to_oracle_db`` of every mode record: the oracle curve's PSNR at the mode's sparse-call block
+    density (linear between oracle points, the nearest point beyond them) minus the mode's PSNR."""
+    for name in {r["model"] for r in records}:
+        curve = sorted((r["block_density"], r["psnr_db"]) for r in records
+                       if r["model"] == name and r["mode"] == "oracle")  # fmt: skip
+        if not curve:
+            continue
+        xs, ys = [c[0] for c in curve], [c[1] for c in curve]
+        for r in records:
+            d = r.get("block_density")
+            if r["model"] != name or r["mode"] in ("oracle", "dense", "random-mask") or d is None or d != d:
+                continue
+            if d <= xs[0] or len(xs) == 1:
+                at = ys[0]
+            elif d >= xs[-1]:
+                at = ys[-1]
+            else:
+                i = next(i for i in range(1, len(xs)) if xs[i] >= d)
+                at = ys[i - 1] + (ys[i] - ys[i - 1]) * (d - xs[i - 1]) / (xs[i] - xs[i - 1])
+            r["gap_to_oracle_db"] = at - r["psnr_db"]
 
 
 def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype) -> tuple[list[dict], list[str], dict]:
@@ -247,23 +304,67 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
     ]  # fmt: skip
     samples = {"dense": dense}
     skipped = []
-    for label, opts in modes.items():
+    # The oracle curve: the best block mask at each density, on the same sparse steps.
+    config = RainFusionConfig(num_steps=args.steps)
+    state = {"step": 0}
+    for density in args.oracle_densities:
+        if time.time() > deadline:
+            skipped.append(f"{name}: oracle d={density}")
+            continue
+        kept: list[float] = []
+        hook = oracle_hook(density, layout, lambda: state["step"], config, args.block, kept)
+        t1 = time.time()
+        with models.CaptureAttention(hook):
+            out = models.sample(model, name, noise, text, args.steps, on_step=lambda i, t: state.update(step=i))
+            block_density = sum(kept) / len(kept) if kept else float("nan")
+            loss = flow_losses(model, name, size, device, dtype, args.batch, args.loss_batches,
+                               on_step=lambda i: state.update(step=i))  # fmt: skip
+        records.append(dict(base, mode="oracle", setting=f"oracle d={density}", options={"density": density},
+                            block_density=block_density, psnr_db=psnr(out, dense).mean().item(),
+                            ssim=ssim(out, dense).mean().item(), loss=loss,
+                            loss_increase=(loss - loss_dense) / loss_dense))  # fmt: skip
+        print(f"[{name}] oracle d={density}: blocks {block_density:.3f} PSNR {records[-1]['psnr_db']:.2f} dB loss "
+              f"+{100 * records[-1]['loss_increase']:.2f}% ({time.time() - t1:.1f}s)", flush=True)  # fmt: skip
+    if dtype != torch.float32:  # the numeric floor: dense in float32 against dense in this dtype
+        exact = models.sample(model.float(), name, noise.float(), text.float(), args.steps)
+        model.to(dtype)
+        records.append(dict(base, mode="dense", setting="dense float32 (numeric floor)", options={}, sparsity=0.0,
+                            psnr_db=psnr(exact, dense).mean().item(), ssim=ssim(exact, dense).mean().item()))
+    # Calibrated profiles: measured on other noise and conditions (held out from the evaluation's), then applied.
+    calibrated = {}
+    if args.calibrate_targets:
+        cal_clips, cal_tokens = sample_batch(args.batch, EVAL_SEED + 1, device=device, **size)
+        cal_text = models.conditions(cal_tokens, card, dtype)
+        cal_noise = torch.randn(cal_clips.shape, generator=torch.Generator().manual_seed(EVAL_SEED + 1))
+        cal_noise = cal_noise.to(device, dtype)
+        for target in args.calibrate_targets:
+            if time.time() > deadline:
+                skipped.append(f"{name}: profile target={target}")
+                continue
+            path = args.out / f"profile_{name}_{target}.json"
+            options = {"num_steps": args.steps, **args.calibrate_options}
+            profile = rf_compile.calibrate(model, run=lambda m: models.sample(m, name, cal_noise, cal_text, args.steps),
+                                           target=target, out=path, options=options, progress=False)  # fmt: skip
+            print(f"[{name}] calibrated to {target}: mean density {profile['mean_density']:.3f} in "
+                  f"{profile['seconds']} s", flush=True)  # fmt: skip
+            calibrated[f"profile target={target}"] = {"mode": "v2", **args.calibrate_options, "profile": str(path)}
+    for label, opts in {**calibrated, **modes}.items():
         if time.time() > deadline:
             skipped.append(f"{name}: {label}")
             continue
         opts = {"num_steps": args.steps, **opts}  # warm-up: the first 10% of this loop's steps
         config = RainFusionConfig.from_options(opts)[0]
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="rainfusion", options=dict(opts), dynamic=False)
+        compiled = torch.compile(model, backend="rainfusion", options={**opts, "measure_error": True}, dynamic=False)
         rf_compile.reset()
         t1 = time.time()
         out = models.sample(compiled, name, noise, text, args.steps)
         sample_s = time.time() - t1
-        sparsity, sparse_call_sparsity, shares = achieved_sparsity()
+        sparsity, sparse_call_sparsity, shares, block_density, attn_rel_err = achieved_sparsity()
         rf_compile.reset()
         loss = flow_losses(compiled, name, size, device, dtype, args.batch, args.loss_batches)
         cosines = []
-        for layer in range(n_layers):
+        for layer in range(n_layers if "profile" not in opts else 0):  # a profile applies to the model's sites
             if layer in probe.kept:
                 q, k, v = probe.kept[layer]
                 ref = F.scaled_dot_product_attention(q, k, v)
@@ -271,7 +372,7 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
                 cosines.append(round(F.cosine_similarity(got.float().flatten(), ref.float().flatten(), 0).item(), 5))
         record = dict(
             base, mode=opts.get("mode", "v1"), setting=label, options=opts, sparsity=sparsity,
-            sparse_call_sparsity=sparse_call_sparsity,
+            sparse_call_sparsity=sparse_call_sparsity, block_density=block_density, attn_rel_err=attn_rel_err,
             psnr_db=psnr(out, dense).mean().item(), ssim=ssim(out, dense).mean().item(), loss=loss,
             loss_increase=(loss - loss_dense) / loss_dense, layer_cosine=cosines, pattern_share=shares,
             seconds_compile_and_sample=round(sample_s, 2),
@@ -280,9 +381,12 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
             record.update(arm_agreement(probe.decisions[label], config))
         records.append(record)
         samples[label] = out
-        print(f"[{name}] {label:22s} sparsity {sparsity:.3f} PSNR {record['psnr_db']:.2f} dB SSIM "
+        print(f"[{name}] {label:22s} sparsity {sparsity:.3f} blocks {block_density:.3f} err {attn_rel_err:.3f} "
+              f"PSNR {record['psnr_db']:.2f} dB SSIM "
               f"{record['ssim']:.4f} loss +{100 * record['loss_increase']:.2f}% "
               f"ARM/oracle {record.get('arm_agreement', float('nan')):.3f} ({sample_s:.1f}s)", flush=True)  # fmt: skip
+
+    oracle_gap(records)
 
     # Reference row: a random mask at the density v1 reached on its sparse calls.
     v1 = next((r for r in records if r["setting"] == "v1"), None)
@@ -313,20 +417,25 @@ def plot_pareto(records: list[dict], path: Path) -> None:
     names = sorted({r["model"] for r in records})
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names):
+        curve = sorted((r["block_density"], r["psnr_db"]) for r in records
+                       if r["model"] == name and r["mode"] == "oracle")  # fmt: skip
+        if curve:
+            ax.plot(*zip(*[(1 - d, p) for d, p in curve]), "k--", lw=1, marker=".", label="oracle block mask")
         for r in records:
-            if r["model"] != name or not math.isfinite(r["psnr_db"]) or r["mode"] == "dense":
+            if r["model"] != name or not math.isfinite(r["psnr_db"]) or r["mode"] in ("dense", "oracle"):
                 continue
             family = r["mode"]
             marker = {"v1": "o", "v1+": "s", "v2": "^", "random-mask": "x"}.get(family, "D")
-            ax.scatter(r["sparsity"], r["psnr_db"], marker=marker, s=30)
-            ax.annotate(r["setting"], (r["sparsity"], r["psnr_db"]), fontsize=6, xytext=(3, 2),
-                        textcoords="offset points")
+            blocks = r.get("block_density")
+            x = 1 - blocks if blocks is not None and math.isfinite(blocks) else r["sparsity"]
+            ax.scatter(x, r["psnr_db"], marker=marker, s=30)
+            ax.annotate(r["setting"], (x, r["psnr_db"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
         ref = [r["psnr_db"] for r in records if r["model"] == name and r["mode"] == "dense"]
         if ref:
             ax.axhline(ref[0], color="grey", ls=":", lw=1, label="dense vs dense, other noise")
             ax.legend(fontsize=7)
         ax.set_title(name)
-        ax.set_xlabel("achieved attention sparsity (whole trajectory, incl. dense warm-up)")
+        ax.set_xlabel("block sparsity of the sparse steps (1 - block density; random mask: its sparsity)")
         ax.set_ylabel("PSNR vs dense sample (dB)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -349,6 +458,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=None, help="default: the model card's latent shape")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--oracle-densities", type=lambda v: [float(x) for x in v.split(",")],
+                        default=[0.2, 0.3, 0.4, 0.5, 0.6], help="block densities of the oracle rows (comma-separated)")
+    parser.add_argument("--block", type=int, default=128, help="block size of the oracle (the kernel's)")
+    parser.add_argument("--calibrate-targets", type=lambda v: [float(x) for x in v.split(",")] if v else [],
+                        default=[], help="rows of profiles calibrated to these attention errors (comma-separated)")
+    parser.add_argument("--calibrate-options", type=json.loads, default={"order": "tokens"},
+                        help="v2 options (JSON) the profiles are calibrated and applied with")
     parser.add_argument("--budget-minutes", type=float, default=3.0, help="after this, remaining modes are skipped")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: 4x16x24, batch 1, 4 steps, v1 only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -385,8 +501,8 @@ def main() -> None:
         skipped += skip
     env.update(settings=settings, modes=table, skipped=skipped, seconds=round(time.time() - start, 1))
     (args.out / "fidelity.json").write_text(json.dumps({"environment": env, "records": records}, indent=1))
-    columns = ["model", "setting", "sparsity", "psnr_db", "ssim", "loss_increase", "arm_agreement",
-               "recall_lost_where_differ"]  # fmt: skip
+    columns = ["model", "setting", "sparsity", "block_density", "attn_rel_err", "psnr_db", "gap_to_oracle_db", "ssim",
+               "loss_increase", "arm_agreement", "recall_lost_where_differ"]  # fmt: skip
     md = [f"# Trained-model fidelity, sparse vs dense\n\n`{env['command']}`\n", markdown_table(records, columns)]
     if skipped:
         md.append(f"\nSkipped (time budget): {', '.join(skipped)}")

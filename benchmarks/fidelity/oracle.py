@@ -134,3 +134,63 @@ def recall_of(recalls: torch.Tensor, config: RainFusionConfig, pattern: torch.Te
         index = torch.where(at_b & (pattern == SPATIAL), 2 * i, index)
         index = torch.where(at_b & (pattern == TEMPORAL), 2 * i + 1, index)
     return recalls.gather(-1, index[..., None]).squeeze(-1)
+
+
+# -- the block oracle: the best block mask of a given density ------------------------------------------------
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, block: int, scale: float | None = None) -> torch.Tensor:
+    """True attention mass of every (query block, key block) pair: float32 [B, H, M, M].
+
+    The mean over a query block's rows of the softmax mass its keys of each key block hold (blocks of
+    ``block`` consecutive tokens, the last one ragged), from the full attention map, one head at a time.
+    """
+    B, H, N, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    M = -(-N // block)
+    of = torch.arange(N, device=q.device) // block
+    rows = torch.bincount(of, minlength=M).float()
+    out = torch.zeros(B, H, M, M, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            probs = torch.softmax((q[b, h].float() @ k[b, h].float().T) * scale, dim=-1)  # [N, N]
+            per_key_block = torch.zeros(N, M, device=q.device).index_add_(1, of, probs)
+            out[b, h] = torch.zeros(M, M, device=q.device).index_add_(0, of, per_key_block) / rows[:, None]
+    return out
+
+
+def oracle_blocks(mass: torch.Tensor, density: float, forced: torch.Tensor) -> torch.Tensor:
+    """Bool [..., M, M]: per query block the ``ceil(M * density)`` key blocks of most true mass.
+
+    ``forced`` (bool [M, M]: text rows and columns) are kept first and count inside the budget, as
+    v2's forced blocks do; a row forced whole stays dense.
+    """
+    M = mass.shape[-1]
+    keep = max(1, -(-int(round(M * density * 1e6)) // 10**6))  # ceil without float noise
+    ranked = mass.masked_fill(forced, float("inf"))
+    top = ranked.topk(min(keep, M), dim=-1).indices
+    return torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, top, True) | forced
+
+
+def text_blocks(layout: VideoLayout, block: int, device=None) -> torch.Tensor:
+    """Bool [M, M]: block pairs in a row or column holding a text token (attended whole, as in every mode)."""
+    pos = torch.arange(layout.seq_len, device=device)
+    text = (pos < layout.prefix) | (pos >= layout.prefix + layout.video_tokens)
+    M = -(-layout.seq_len // block)
+    held = torch.zeros(M, dtype=torch.bool, device=device)
+    held[pos[text] // block] = True
+    return held[:, None] | held[None, :]
+
+
+def oracle_mask(q, k, layout: VideoLayout, density: float, block: int) -> torch.Tensor:
+    """Bool [B, H, M, M]: the oracle block mask of ``density`` (blocks in the model's token order)."""
+    return oracle_blocks(block_mass(q, k, block), density, text_blocks(layout, block, q.device))
+
+
+def block_masked_attention(q, k, v, mask: torch.Tensor, block: int) -> torch.Tensor:
+    """SDPA restricted to the block pairs of ``mask`` [B, H, M, M], one batch element at a time."""
+    of = torch.arange(q.shape[-2], device=q.device) // block
+    return torch.stack([
+        torch.nn.functional.scaled_dot_product_attention(q[b], k[b], v[b], attn_mask=mask[b][:, of][:, :, of])
+        for b in range(q.shape[0])
+    ])

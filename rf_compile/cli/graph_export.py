@@ -15,7 +15,7 @@ import networkx as nx
 import torch
 
 if TYPE_CHECKING:
-    from rf_compile.cli.inspect import Captured, Inspection
+    from rf_compile.cli.inspection import Captured, Inspection
 
 ROLE_COLORS = {"attention": "#ff7f0e", "layout": "#9ecae1", "": "#ffffff"}
 

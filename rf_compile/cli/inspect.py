@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import importlib
 import json
 import sys
@@ -27,9 +26,9 @@ import torch
 from tabulate import tabulate
 
 from rf_compile.backend import apply_passes
+from rf_compile.cli.inspection import Captured, Inspection, Target
 from rf_compile.config import RainFusionConfig
-from rf_compile.passes.context import PassContext, Site
-from rf_compile.report import CompileReport
+from rf_compile.passes.context import PassContext
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PATTERNS = ("spatial", "temporal", "textural")
@@ -51,41 +50,6 @@ examples:
 
 class CliError(Exception):
     """A user error: printed as one line on stderr, exit status 2."""
-
-
-@dataclasses.dataclass
-class Target:
-    """What to inspect: a model, its forward inputs, and (for a preset) what it should contain."""
-
-    label: str
-    model: torch.nn.Module
-    args: tuple
-    kwargs: dict[str, Any]
-    preset: Any = None  # rf_compile.presets.Preset
-
-
-@dataclasses.dataclass
-class Captured:
-    """One Dynamo graph after the rainfusion passes, with the sites they found."""
-
-    gm: torch.fx.GraphModule
-    sites: list[Site]
-
-
-@dataclasses.dataclass
-class Inspection:
-    """The result of one ``rf-inspect`` call."""
-
-    target: Target
-    options: dict[str, Any]
-    graphs: list[Captured]
-    stats: dict[str, dict] | None = None  # per site name, from rf_compile.stats(), with --run
-    steps: int = 0
-    capture_seconds: float = 0.0
-
-    @property
-    def report(self) -> CompileReport:
-        return CompileReport([site.report for graph in self.graphs for site in graph.sites])
 
 
 # -- command line -------------------------------------------------------------------------------

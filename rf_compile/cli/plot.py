@@ -10,7 +10,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rf_compile.cli.inspect import Inspection
+    from rf_compile.cli.inspection import Inspection
 
 # Figure size in pixels (FIG_INCHES * DPI): fixed, so that a map is always the same size.
 FIG_INCHES = (12.0, 7.0)

@@ -2,8 +2,9 @@
 
 One pass from the block means to the plan: per (plan, tile of query blocks) it scores the pooled
 queries against every pooled key block, takes the softmax over key blocks, selects key blocks
-(``select_blocks`` of ``ops.v2``: top-k count, or the cumulative-mass prefix of the top-k), ORs in the
-forced blocks (text / sink rows and columns, the diagonal) and the dense warm-up flag, and writes
+(``select_blocks`` of ``ops.v2``: top-k count, or the cumulative-mass prefix of the top-k), takes the
+forced blocks (text / sink rows and columns, the diagonal) first and inside the budget, ORs in the dense
+warm-up flag, and writes
 ``kv_num_blocks``, ``kv_indices`` (ascending, padded with 0) and ``block_full`` directly. No
 [plans, M, M] float tensor is written; the PyTorch path writes three (scores, scaled scores, softmax),
 bool and int8 masks of that size, and sorts every row (int64 indices).
@@ -29,6 +30,9 @@ traffic to 0.9 GB at the size below.
 
 Selection is exact on the probabilities without sorting. The bits of a non-negative float32 order
 like its value, so a bisection over int32 bit patterns (30 steps cover [0, bits(1.0)]) finds
+
+Forced blocks are taken first: their count comes off ``keep`` and their probability off ``mass``, and
+they leave the bisections below (p = 0 there).
 
 - mass rule: the lowest threshold ``t`` with ``sum(p[bits > t]) < mass``; every value above ``t`` is
   in the kept prefix, and of the values equal to ``t`` (a tie group) the first ``ceil((mass - that
@@ -98,13 +102,14 @@ def _row_cumsum(x, LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr):
 # lowers the row scans for sm_90 with a layout its ScanOpToLLVM asserts on (crashed on the H200).
 @triton.jit(do_not_specialize=["M", "keep", "stride_qp", "stride_qm", "stride_kp", "stride_kd"])
 def _block_select_kernel(
-    PooledQ, PooledK, Always, Dense, NumBlocks, Indices, Full,
+    PooledQ, PooledK, Always, Dense, Keep, NumBlocks, Indices, Full,
     stride_qp, stride_qm, stride_qd,
     stride_kp, stride_km, stride_kd,
     M, keep, mass, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, M_PAD: tl.constexpr, LANES: tl.constexpr,
     LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr,
-    MASS: tl.constexpr, HAS_DENSE: tl.constexpr, ONE_BITS: tl.constexpr, STEPS: tl.constexpr,
+    MASS: tl.constexpr, HAS_DENSE: tl.constexpr, PER_PLAN_KEEP: tl.constexpr, ONE_BITS: tl.constexpr,
+    STEPS: tl.constexpr,
 ):  # fmt: skip
     # A tile is 3-D: query-block rows on dim 1, key block ``chunk * LANES + lane`` on the other two (see
     # ``_lane_dim``), laid out with lanes over a warp and rows over warps: a row lives in one warp
@@ -132,45 +137,54 @@ def _block_select_kernel(
     s = tl.where(live_col, acc * qk_scale, float("-inf"))
     p = tl.exp2(s - tl.max(tl.max(s, axis=LANE_DIM, keep_dims=True), axis=CHUNK_DIM, keep_dims=True))
     p = p / _row_sum(p, LANE_DIM, CHUNK_DIM)
+    # -- forced blocks (text / sink rows and columns, the diagonal) are taken first, inside the budget:
+    # the rest of the row competes for what they leave of ``keep`` (and of ``mass``) --
+    tile = local * M + cols  # int32 offsets inside the tile's rows
+    forced = (tl.load(Always + row0.to(tl.int64) * M + tile, mask=live, other=0) != 0) & live_col
+    n_forced = _row_sum(forced.to(tl.int32), LANE_DIM, CHUNK_DIM)
+    mass_left = mass - _row_sum(tl.where(forced, p, 0.0), LANE_DIM, CHUNK_DIM)
+    p = tl.where(forced, 0.0, p)
     bits = p.to(tl.int32, bitcast=True)  # padding columns: p = 0, never counted (live_col below)
 
-    # -- how many blocks to keep --
-    count = tl.full([1, BLOCK_Q, 1], 0, tl.int32) + keep
+    # -- how many more blocks to keep (at least one in a row with nothing forced) --
+    floor = (n_forced == 0).to(tl.int32)
+    if PER_PLAN_KEEP:  # a calibration profile's budget per (batch element, head)
+        keep = tl.load(Keep + plan)
+    count = tl.maximum(keep - n_forced, floor)
     if MASS:
         # Lowest t with sum(p[bits > t]) < mass (true at ONE_BITS; lo = -1 is never tested).
         lo = tl.full([1, BLOCK_Q, 1], -1, tl.int32)
         hi = tl.full([1, BLOCK_Q, 1], ONE_BITS, tl.int32)
         for _ in range(STEPS):
             mid = lo + (hi - lo) // 2
-            covered = _row_sum(tl.where(bits > mid, p, 0.0), LANE_DIM, CHUNK_DIM) < mass  # padding adds 0
+            covered = _row_sum(tl.where(bits > mid, p, 0.0), LANE_DIM, CHUNK_DIM) < mass_left  # padding adds 0
             hi = tl.where(covered, mid, hi)
             lo = tl.where(covered, lo, mid)
         above = _row_sum(tl.where(bits > hi, p, 0.0), LANE_DIM, CHUNK_DIM)
         n_above = _row_sum(((bits > hi) & live_col).to(tl.int32), LANE_DIM, CHUNK_DIM)
-        n_tied = _row_sum(((bits == hi) & live_col).to(tl.int32), LANE_DIM, CHUNK_DIM)
+        n_tied = _row_sum(((bits == hi) & live_col & ~forced).to(tl.int32), LANE_DIM, CHUNK_DIM)
         value = hi.to(tl.float32, bitcast=True)
         # The j-th of the tie group (j from 0) is kept while above + j * value < mass.
-        n_fit = tl.where(value > 0, tl.ceil((mass - above) / tl.maximum(value, 1e-38)), float("inf"))
-        n_tie_kept = tl.minimum(n_fit, n_tied.to(tl.float32)).to(tl.int32)  # clamped before the cast
-        count = tl.maximum(tl.minimum(count, n_above + n_tie_kept), 1)
+        n_fit = tl.where(value > 0, tl.ceil((mass_left - above) / tl.maximum(value, 1e-38)), float("inf"))
+        n_tie_kept = tl.minimum(tl.maximum(n_fit, 0.0), n_tied.to(tl.float32)).to(tl.int32)  # clamped before the cast
+        count = tl.maximum(tl.minimum(count, n_above + n_tie_kept), floor)
 
     # -- the count-th largest value: largest t with #(bits >= t) >= count --
     lo = tl.full([1, BLOCK_Q, 1], 0, tl.int32)
     hi = tl.full([1, BLOCK_Q, 1], ONE_BITS + 1, tl.int32)
     for _ in range(STEPS):
         mid = lo + (hi - lo) // 2
-        enough = _row_sum(((bits >= mid) & live_col).to(tl.int32), LANE_DIM, CHUNK_DIM) >= count
+        enough = _row_sum(((bits >= mid) & live_col & ~forced).to(tl.int32), LANE_DIM, CHUNK_DIM) >= count
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
     above = (bits > lo) & live_col
-    tied = (bits == lo) & live_col
+    tied = (bits == lo) & live_col & ~forced
     need = count - _row_sum(above.to(tl.int32), LANE_DIM, CHUNK_DIM)
     tie_rank = _row_cumsum(tied.to(tl.int32), LANE_DIM, CHUNK_DIM) - 1  # lowest key-block index first among ties
     chosen = above | (tied & (tie_rank < need))
 
     # -- forced blocks and the dense flag --
-    tile = local * M + cols  # int32 offsets inside the tile's rows
-    chosen = chosen | (tl.load(Always + row0.to(tl.int64) * M + tile, mask=live, other=0) != 0)
+    chosen = chosen | forced
     if HAS_DENSE:
         chosen = chosen | (tl.load(Dense) != 0)
     chosen = chosen & live_col
@@ -217,7 +231,7 @@ def block_select(
     pooled_k: torch.Tensor,
     always: torch.Tensor,
     scale: float,
-    keep: int,
+    keep: int | torch.Tensor,
     mass: float | None = None,
     dense: torch.Tensor | None = None,
     num_warps: int | None = None,
@@ -230,11 +244,13 @@ def block_select(
         Block means of queries and keys, one plan per (batch element, head); any strides. Key means in
         [P, D, M] memory (M fastest) are read coalesced.
     always: bool [M, M]
-        Blocks every plan keeps (text and sink rows and columns, the diagonal); contiguous.
+        Blocks every plan keeps (text and sink rows and columns, the diagonal), taken first and counted
+        inside ``keep`` (a row with more of them keeps all and nothing else); contiguous.
     scale:
         Softmax scale of the pooled scores.
     keep:
-        Most key blocks selected per query block (``ceil(M * (1 - sparsity))``, at least 1).
+        Most key blocks kept per query block, forced ones included (``ceil(M * (1 - sparsity))``, at least 1);
+        or an int32 [P] tensor of such budgets, one per plan (a calibration profile's per-head densities).
     mass:
         ``None``: keep exactly ``keep`` blocks (top-k). Else keep the smallest prefix of the top blocks,
         by descending probability, whose preceding mass reaches ``mass`` (at most ``keep``).
@@ -258,7 +274,13 @@ def block_select(
     assert always.shape == (M, M) and always.dtype == torch.bool and always.is_contiguous(), (
         f"always must be a contiguous bool [{M}, {M}], got {always.dtype} {tuple(always.shape)}"
     )
-    assert 1 <= keep <= M, f"keep must be in [1, {M}], got {keep}"
+    per_plan = isinstance(keep, torch.Tensor)
+    if per_plan:
+        assert keep.shape == (P,) and keep.dtype == torch.int32, (
+            f"keep must be an int32 [{P}], got {keep.dtype} {tuple(keep.shape)}"
+        )
+    else:
+        assert 1 <= keep <= M, f"keep must be in [1, {M}], got {keep}"
     assert M <= MAX_BLOCKS, f"{M} key blocks: the kernel holds at most {MAX_BLOCKS} per row"
     assert dense is None or dense.numel() == 1, "dense must be a bool scalar"
     m_pad, block_q, warps = launch_shape(M)
@@ -270,11 +292,12 @@ def block_select(
     always_u8 = always.view(torch.uint8)
     dense_u8 = always_u8 if dense is None else dense.reshape(()).to(torch.bool).view(torch.uint8)
     _block_select_kernel[(triton.cdiv(M, block_q), P)](
-        pooled_q, pooled_k, always_u8, dense_u8, kv_num_blocks, kv_indices, block_full.view(torch.uint8),
-        *pooled_q.stride(), *pooled_k.stride(),
-        M, keep, 0.0 if mass is None else float(mass), scale * 1.44269504,  # log2(e): the kernel uses exp2
+        pooled_q, pooled_k, always_u8, dense_u8, keep if per_plan else kv_num_blocks, kv_num_blocks, kv_indices,
+        block_full.view(torch.uint8), *pooled_q.stride(), *pooled_k.stride(),
+        M, 0 if per_plan else keep, 0.0 if mass is None else float(mass), scale * 1.44269504,  # log2(e): exp2
         HEAD_DIM=D, BLOCK_Q=block_q, M_PAD=m_pad, LANES=_LANES, LANE_DIM=lane_dim, CHUNK_DIM=2 - lane_dim,
-        MASS=mass is not None, HAS_DENSE=dense is not None, ONE_BITS=_ONE_BITS, STEPS=_BISECT_STEPS,
+        MASS=mass is not None, HAS_DENSE=dense is not None, PER_PLAN_KEEP=per_plan, ONE_BITS=_ONE_BITS,
+        STEPS=_BISECT_STEPS,
         num_warps=warps if num_warps is None else num_warps,
     )  # fmt: skip
     return kv_num_blocks, kv_indices, block_full

@@ -10,15 +10,19 @@ themselves.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.ops import arm, v2
-from rf_compile.ops.runtime import attach_clock, get_spec, site_state
+from rf_compile.ops import arm, profile, v2
+from rf_compile.ops.runtime.models import attach_clock, site_state
+from rf_compile.ops.runtime.sites import get_spec
 from rf_compile.ops.torch_attention import torch_sparse_attention
-from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable, build_plan_table, variants_for
+from rf_compile.plan import KERNEL_HEAD_DIMS, Pattern, PlanTable, Variant, build_plan_table, concat_plans, variants_for
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -218,7 +222,36 @@ def sparse_attention(
     else:
         table = build_plan_table(layout, variants_for(config), q.device)
         variant_of_head = arm.classify_variants(q, k, layout, config, scale)
+        if config.textural == "blocks":
+            table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head)
     return run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, precision=config.precision)
+
+
+@functools.lru_cache(maxsize=16)
+def nonlocal_config(config: RainFusionConfig) -> RainFusionConfig:
+    """The v2 settings of v1's block-predicted non-local heads: the checkerboard's share of key blocks."""
+    return dataclasses.replace(config, mode="v2", sparsity=1.0 - 1.0 / config.stride)
+
+
+def nonlocal_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    layout: VideoLayout,
+    config: RainFusionConfig,
+    scale: float | None,
+    static: PlanTable,
+    variant_of_head: torch.Tensor,
+) -> tuple[PlanTable, torch.Tensor]:
+    """v1 with ``textural="blocks"``: heads the ARM sent to the checkerboard run a predicted block plan.
+
+    Every (batch element, head) gets a v2 plan at the checkerboard's share of key blocks, appended to
+    the static plans; the textural heads' variant ids are redirected to theirs (on the device).
+    """
+    B, H = q.shape[:2]
+    predicted = v2.predict_plan(q, k, layout, nonlocal_config(config), scale)
+    textural = static.variants.index(Variant(Pattern.TEXTURAL, stride=config.stride))
+    own = static.num_plans + torch.arange(B * H, device=q.device).view(B, H)
+    return concat_plans(static, predicted), torch.where(variant_of_head == textural, own, variant_of_head)
 
 
 def v2_plan(
@@ -228,10 +261,12 @@ def v2_plan(
     config: RainFusionConfig,
     scale: float | None,
     dense: torch.Tensor | None = None,
+    densities: torch.Tensor | None = None,
 ) -> tuple[PlanTable, torch.Tensor]:
-    """RainFusion 2.0 plan: one variant per (batch element, head); every block where ``dense`` is True."""
+    """RainFusion 2.0 plan: one variant per (batch element, head); every block where ``dense`` is True;
+    ``densities`` (float [H]): each head's share of key blocks instead of ``sparsity``."""
     B, H = q.shape[:2]
-    table = v2.predict_plan(q, k, layout, config, scale, dense=dense)
+    table = v2.predict_plan(q, k, layout, config, scale, dense=dense, densities=densities)
     return table, torch.arange(B * H, device=q.device).view(B, H)
 
 
@@ -281,12 +316,17 @@ def attention(
     if timestep is None and not state.model.clock_checked:
         attach_clock(state)
     config = spec.config
-    call = state.begin(layout, q, timestep, lambda variants: _prepare(q, layout, config, variants, kernel))
+    prepare = lambda variants: _prepare(q, layout, config, variants, kernel, state.name)
+    call = state.begin(layout, q, timestep, prepare)
     shape = call.shape
+    sparse = (~call.dense).double()
+    if config.mode == "calibrate":
+        dense = _dense_call(q, k, v, attn_mask, query_mask, scale)
+        _measure_candidates(q, k, v, layout, config, scale, kernel, attn_mask, query_mask, dense, shape, sparse)
+        return dense
     out = output_like(q)
     if config.mode == "v2":
-        table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense)
-        sparse = (~call.dense).double()
+        table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense, densities=shape.prepared)
         density = table.density().view(q.shape[:2]).double()
         shape.block_density_sums.add_(density.sum(0) * sparse)
         shape.kept.add_(density.sum() * sparse)
@@ -296,19 +336,47 @@ def attention(
         new_variant, new_recall = arm.decide(q, k, layout, config, scale, enabled=call.run_arm)
         shape.variant.copy_(torch.where(call.run_arm, new_variant, shape.variant))
         shape.recall.copy_(torch.where(call.run_arm, new_recall, shape.recall))
-        variant_of_head = torch.where(call.dense, len(shape.variants) - 1, shape.variant)
-        _record(shape, call.dense, table)
+        variant_of_head = shape.variant
+        if config.textural == "blocks":
+            table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head)
+        _record(shape, sparse, table, variant_of_head)
+        variant_of_head = torch.where(call.dense, len(shape.variants) - 1, variant_of_head)
     out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out, config.precision)
-    return _zero_masked_rows(out, query_mask)
+    out = _zero_masked_rows(out, query_mask)
+    if config.measure_error:
+        _record_error(shape, sparse, out, _dense_call(q, k, v, attn_mask, query_mask, scale))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def candidate_config(config: RainFusionConfig, density: float) -> RainFusionConfig:
+    """The v2 settings of one calibration candidate: ``density`` of the key blocks, forced ones included."""
+    return dataclasses.replace(config, mode="v2", sparsity=1.0 - density)
+
+
+def _measure_candidates(q, k, v, layout, config, scale, kernel, attn_mask, query_mask, dense, shape, sparse) -> None:
+    """mode="calibrate": each candidate density's relative error per head against ``dense``, on the device."""
+    B, H = q.shape[:2]
+    reference = dense.float().flatten(2)
+    norm = reference.norm(dim=-1).clamp_min(1e-30)
+    for c, density in enumerate(config.candidates):
+        table, variant_of_head = v2_plan(q, k, layout, candidate_config(config, density), scale)
+        out = _zero_masked_rows(run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel), query_mask)
+        error = (out.float().flatten(2) - reference).norm(dim=-1) / norm  # [B, H]
+        shape.candidate_errors[:, c] += error.double().sum(0) * sparse
+    shape.sparse_heads.add_(sparse * (B * H))
 
 
 def _prepare(
-    q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, variants: tuple, kernel: str
-) -> PlanTable | None:
+    q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, variants: tuple, kernel: str, site: str
+) -> PlanTable | torch.Tensor | None:
     """What a site keeps per (layout, batch size), built once with its state (outside CUDA-graph pools):
-    v1's plan table with its cached densities and kernel tensors; v2's per-layout tensors (cached in v2)."""
-    if config.mode == "v2":
+    v1's plan table with its cached densities and kernel tensors; v2's per-layout tensors (cached in v2)
+    and, with a calibration profile, its heads' block densities (which also checks the profile)."""
+    if config.mode in ("v2", "calibrate"):
         v2.warm_static(q, layout, config)
+        if config.profile is not None and config.mode == "v2":
+            return profile.head_densities(config, site, layout, q.shape[1], q.device)
         return None
     table = build_plan_table(layout, variants, q.device)
     table.score_density  # noqa: B018  (cached; computing it reads the device once)
@@ -319,19 +387,31 @@ def _prepare(
     return table
 
 
-def _record(shape, dense: torch.Tensor, table: PlanTable) -> None:
-    """Accumulate pattern counts, estimated recalls and the kept fraction per head (sparse calls only)."""
+def _record(shape, sparse: torch.Tensor, table: PlanTable, plan_of_head: torch.Tensor) -> None:
+    """Accumulate pattern counts, estimated recalls, the kept fraction and the block density per head
+    (``sparse``: 1.0 on sparse calls, 0.0 on dense ones; ``plan_of_head``: each head's row of ``table``)."""
     B, H = shape.variant.shape
     P, device = len(shape.variants), shape.variant.device
-    sparse = (~dense).long()
     # Counts per (head, variant) without one_hot, whose range check would sync with the device.
     cells = (torch.arange(H, device=device) * P + shape.variant).flatten()
-    shape.variant_counts.view(-1).index_add_(0, cells, sparse.expand_as(cells))
+    shape.variant_counts.view(-1).index_add_(0, cells, sparse.long().expand_as(cells))
     known = ~shape.recall.isnan()
     shape.recall_sums[:, 0] += torch.where(known, shape.recall, 0).double().sum(0) * sparse
     shape.recall_sums[:, 1] += known.double().sum(0) * sparse
-    shape.kept.add_(table.score_density[shape.variant].double().sum() * sparse)
-    shape.sparse_heads.add_(sparse.double() * (B * H))
+    blocks = table.density()[plan_of_head].double()  # [B, H]
+    static = shape.prepared  # v1's plans; rows past them are predicted (their scores are their blocks)
+    scores = static.score_density[plan_of_head.clamp(max=static.num_plans - 1)].double()
+    shape.kept.add_(torch.where(plan_of_head < static.num_plans, scores, blocks).sum() * sparse)
+    shape.block_density_sums.add_(blocks.sum(0) * sparse)
+    shape.sparse_heads.add_(sparse * (B * H))
+
+
+def _record_error(shape, sparse: torch.Tensor, out: torch.Tensor, reference: torch.Tensor) -> None:
+    """Accumulate the relative L2 error of each (batch element, head)'s output against dense attention."""
+    difference = (out.float() - reference.float()).flatten(2).norm(dim=-1)
+    error = difference / reference.float().flatten(2).norm(dim=-1).clamp_min(1e-30)  # [B, H]
+    shape.error_sums[:, 0] += error.double().sum(0) * sparse
+    shape.error_sums[:, 1] += error.shape[0] * sparse
 
 
 @attention.register_fake

@@ -4,12 +4,16 @@
    2 frames x 8 x 8 for video, 1 x 8 x 16 for images): the first ``sink_frames`` frames first
    (tiled within the frame), then slabs of ``tile[0]`` frames cut into whole tiles, then each
    slab's leftover rows and columns in raster order. Text stays where it was.
+   With ``order="tokens"`` the blocks are cut from the model's own token order instead (frame-major
+   rows), read in place; on the trained fidelity models that predicts closer to the oracle.
 2. Q and K are mean-pooled per block in that order; pooled scores (softmax over key blocks)
-   predict which key blocks each query block needs: top-k or cumulative mass. On CUDA the scores,
+   predict which key blocks each query block needs: top-k or cumulative mass, the forced blocks
+   counted inside the budget (so ``sparsity=0.8`` skips 80% of a query block's key blocks). On CUDA the scores,
    the selection, the forced blocks and the block lists are one Triton kernel
    (``kernels.block_select``); the PyTorch path (``select_blocks``, ``listed_blocks``) is its
    reference and the CPU path.
-3. Text blocks and sink blocks are always attended (rows and columns), so is the diagonal.
+3. Text blocks and sink blocks are always attended (rows and columns), so is the diagonal: they
+   are chosen first, and only the rows forced whole (text and sink query blocks) exceed the budget.
 The result is a ``PlanTable`` with one plan per (batch element, head), run by the same
 block-sparse kernel as v1. Everything is computed on the device; the host never waits.
 """
@@ -69,15 +73,19 @@ def pooling_matrix(
     layout: VideoLayout, tile: tuple[int, int, int], sink_frames: int, block: int, device: str = "cpu"
 ) -> torch.Tensor:
     """float32 [blocks, N] matrix averaging the tokens of each block of the tile order (CPU pooling)."""
-    order = tile_order(layout, tile, sink_frames)
-    N = layout.seq_len
+    return _pooling(tile_order(layout, tile, sink_frames), block).to(device)
+
+
+def _pooling(order: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 [blocks, N]: the mean of each ``block`` consecutive positions of ``order``."""
+    N = len(order)
     block_of_token = torch.empty_like(order)
     block_of_token[order] = torch.arange(N) // block
     blocks = -(-N // block)
     counts = torch.bincount(block_of_token, minlength=blocks)
     matrix = torch.zeros(blocks, N)
     matrix[block_of_token, torch.arange(N)] = 1.0 / counts[block_of_token]
-    return matrix.to(device)
+    return matrix
 
 
 def block_means(x: torch.Tensor, static: _Static, block: int, blocks_fastest: bool = False) -> torch.Tensor:
@@ -98,23 +106,38 @@ def block_means(x: torch.Tensor, static: _Static, block: int, blocks_fastest: bo
 
 
 def keep_count(key_blocks: int, config: RainFusionConfig) -> int:
-    """Most key blocks selected per query block: ``ceil(key_blocks * (1 - sparsity))``, at least 1."""
+    """Most key blocks kept per query block, forced ones included: ``ceil(key_blocks * (1 - sparsity))``, >= 1."""
     return max(1, math.ceil(key_blocks * (1.0 - config.sparsity)))
 
 
-def select_blocks(scores: torch.Tensor, config: RainFusionConfig) -> torch.Tensor:
+def select_blocks(
+    scores: torch.Tensor,
+    config: RainFusionConfig,
+    forced: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Bool [..., Mk]: key blocks chosen per query block from predicted probabilities [..., Mk].
 
-    The PyTorch path and the reference of ``kernels.block_select``, which does this and the lists in one pass.
+    ``forced`` (bool, broadcast to ``scores``) blocks are taken first and count inside the budget of
+    ``keep_count`` blocks (and, with ``select="mass"``, their probability inside the mass); a row with
+    more forced blocks than the budget keeps all of them and nothing else. ``keep`` (int [P] for
+    scores [P, Mq, Mk]) replaces the budget per plan (a calibration profile). The PyTorch path and the
+    reference of ``kernels.block_select``, which does this and the lists in one pass.
     """
-    keep_max = keep_count(scores.shape[-1], config)
-    top = scores.topk(keep_max, dim=-1)
+    Mk = scores.shape[-1]
+    keep_max = Mk if keep is not None else keep_count(Mk, config)
+    ranked = scores if forced is None else scores.masked_fill(forced, float("inf"))
+    top = ranked.topk(keep_max, dim=-1)
+    rank = torch.arange(keep_max, device=scores.device)
+    within = torch.ones_like(top.values, dtype=torch.bool)
+    if keep is not None:
+        within = within & (rank < keep.view(-1, 1, 1))
     if config.select == "mass":  # the smallest prefix of the top blocks covering ``mass``, at least one
-        covered_before = top.values.cumsum(-1) - top.values
-        keep = (covered_before < config.mass) | (torch.arange(keep_max, device=scores.device) == 0)
-    else:
-        keep = torch.ones_like(top.values, dtype=torch.bool)
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, keep)
+        values = scores.gather(-1, top.indices)
+        covered_before = values.cumsum(-1) - values
+        within = within & ((covered_before < config.mass) | (rank == 0))
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, within)
+    return chosen if forced is None else chosen | forced
 
 
 def predict_plan(
@@ -126,6 +149,7 @@ def predict_plan(
     block: int = BLOCK_M,
     dense: torch.Tensor | None = None,
     fused: bool | None = None,
+    densities: torch.Tensor | None = None,
 ) -> PlanTable:
     """One block plan per (batch element, head) from block means; variant id of head (b, h) is ``b * H + h``.
 
@@ -134,9 +158,12 @@ def predict_plan(
     on the device. ``fused`` selects blocks with the Triton kernel ``kernels.block_select`` (scores,
     softmax, selection, forced blocks and lists in one pass) instead of the PyTorch path; ``None``:
     on CUDA. ``fused=True`` on CPU tensors needs Triton's interpreter (``TRITON_INTERPRET=1``).
+    ``densities`` (float [H] on the device): each head's share of key blocks instead of ``sparsity``
+    (a calibration profile), ``ceil(M * density)`` blocks, forced ones included.
     """
     static = warm_static(q, layout, config, block)
-    return _predict(q, k, layout, config, scale, static, block, dense, q.is_cuda if fused is None else fused)
+    fused = q.is_cuda if fused is None else fused
+    return _predict(q, k, layout, config, scale, static, block, dense, fused, densities)
 
 
 def warm_static(q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, block: int = BLOCK_M) -> _Static:
@@ -145,27 +172,29 @@ def warm_static(q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, 
     if math.prod(tile) != block:
         raise ValueError(f"option 'tile' {tile} holds {math.prod(tile)} tokens; a kernel block holds {block}")
     B, H = q.shape[:2]
-    return _static(layout, tile, sink_frame_count(layout, config), block, str(q.device), B * H)
+    return _static(layout, tile, sink_frame_count(layout, config), block, str(q.device), B * H, config.order)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """What v2 needs per (layout, tile, sink frames, block, device, dtype, plans): built once."""
 
-    orders: torch.Tensor  # int32 [2, N]: identity, tile order
+    orders: torch.Tensor  # int32 [2, N]: identity, the blocks' order (tiles or, again, the identity)
     pooling: torch.Tensor | None  # float32 [M, N] block-averaging matrix: the path off CUDA
     always: torch.Tensor  # bool [M, M]: text/sink rows and columns, and the diagonal
-    plan_order: torch.Tensor  # int32 [P] of ones: every plan reads order 1
+    plan_order: torch.Tensor  # int32 [P]: the order every plan reads (0: in place, for ``order="tokens"``)
+    no_band: torch.Tensor  # int32 [P] of -1: no band, the blocks are the mask
     kv_valid: torch.Tensor  # int32 [P] of N
 
 
 @functools.lru_cache(maxsize=32)
-def _static(layout, tile, sinks, block, device: str, plans: int) -> _Static:
+def _static(layout, tile, sinks, block, device: str, plans: int, order_name: str = "tiles") -> _Static:
     N = layout.seq_len
     M = -(-N // block)
-    order = tile_order(layout, tile, sinks)
+    tiles = order_name == "tiles"
     pos = torch.arange(N)
-    # Blocks holding text or sink-frame tokens (positions in the tile order), rows and columns.
+    order = tile_order(layout, tile, sinks) if tiles else layout.placed(pos)
+    # Blocks holding text or sink-frame tokens (positions in the blocks' order), rows and columns.
     held = (pos < layout.prefix + sinks * layout.frame_tokens) | (pos >= layout.prefix + layout.video_tokens)
     forced = torch.zeros(M, dtype=torch.bool)
     forced[(pos[held] // block).unique()] = True
@@ -173,9 +202,10 @@ def _static(layout, tile, sinks, block, device: str, plans: int) -> _Static:
     ones = torch.ones(plans, dtype=torch.int32)
     return _Static(
         orders=torch.stack([pos, order]).to(device=device, dtype=torch.int32),  # order 0 is the identity
-        pooling=None if device.startswith("cuda") else pooling_matrix(layout, tile, sinks, block, device),
+        pooling=None if device.startswith("cuda") else _pooling(order, block).to(device),
         always=always.to(device),
-        plan_order=ones.to(device),
+        plan_order=(ones if tiles or layout.shards > 1 else ones * 0).to(device),
+        no_band=(-ones).to(device),
         kv_valid=(ones * N).to(device),
     )
 
@@ -188,6 +218,7 @@ def block_lists(
     config: RainFusionConfig,
     dense: torch.Tensor | None = None,
     fused: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block lists of v2 plans from block means: scores, softmax, selection, forced blocks.
 
@@ -201,6 +232,8 @@ def block_lists(
         One Triton pass (``kernels.block_select``) instead of the PyTorch path (``select_blocks`` and
         ``listed_blocks``, with [P, M, M] intermediates); the same lists where probabilities do not tie.
         Rows of more than ``block_select.MAX_BLOCKS`` blocks take the PyTorch path.
+    keep: int32 [P], optional
+        Key blocks per query block of each plan instead of ``keep_count(M, config)``.
 
     Returns
     -------
@@ -212,29 +245,34 @@ def block_lists(
 
         if M <= MAX_BLOCKS:
             mass = config.mass if config.select == "mass" else None
-            return block_select(pooled_q, pooled_k, always, scale, keep_count(M, config), mass, dense)
+            budget = keep_count(M, config) if keep is None else keep
+            return block_select(pooled_q, pooled_k, always, scale, budget, mass, dense)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    chosen = select_blocks(scores, config) | always
+    chosen = select_blocks(scores, config, always, keep)
     if dense is not None:
         chosen = chosen | dense
     kv_num_blocks, kv_indices = listed_blocks(chosen)
     return kv_num_blocks, kv_indices, torch.arange(M, device=always.device) < kv_num_blocks[..., None]
 
 
-def _predict(q, k, layout, config, scale, static: _Static, block, dense: torch.Tensor | None, fused: bool) -> PlanTable:
+def _predict(q, k, layout, config, scale, static: _Static, block, dense, fused: bool, densities) -> PlanTable:
     B, H, N, D = q.shape
     M = static.always.shape[0]
     scale = D**-0.5 if scale is None else scale
     pooled_q = block_means(q, static, block).reshape(B * H, M, D)
     pooled_k = block_means(k, static, block, blocks_fastest=True).reshape(B * H, M, D)  # a view
-    kv_num_blocks, kv_indices, block_full = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused)
+    keep = None
+    if densities is not None:  # ceil(M * d) per head, on the device
+        keep = torch.ceil(densities.double() * M - 1e-9).clamp(1, M).to(torch.int32).repeat(B)
+    lists = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused, keep)
+    kv_num_blocks, kv_indices, block_full = lists
     return PlanTable(
         layout=layout,
         variants=(),
         orders=static.orders,
         q_order=static.plan_order,
         kv_order=static.plan_order,
-        band=-static.plan_order,
+        band=static.no_band,
         kv_valid=static.kv_valid,
         kv_num_blocks=kv_num_blocks,
         kv_indices=kv_indices,

@@ -8,7 +8,7 @@ from typing import Any
 import torch.fx
 
 from rf_compile.config import RainFusionConfig
-from rf_compile.ops.runtime import LayoutResolver
+from rf_compile.ops.runtime.sites import LayoutResolver
 from rf_compile.report import SiteReport
 
 

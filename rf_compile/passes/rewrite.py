@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from rf_compile.ops.attention import attention, output_like  # noqa: F401  (registers the op)
-from rf_compile.ops.runtime import register_site
+from rf_compile.ops.runtime.sites import register_site
 from rf_compile.passes.context import PassContext, Site
 from rf_compile.passes.nodes import example, is_impure, without_hooks
 from rf_compile.passes.symbols import symbol_readers
