@@ -203,7 +203,7 @@ def bench_shape(model, heads, D, layout, args, records, log):
                 first_s = time.time() - t0
                 err = rel_err(out[:, :, rows], ref)
                 t = do_bench(fn, rep_ms=args.rep_ms)
-                cfg = _tuned_configs(block_sparse._block_sparse_fwd_kernel, D, N)
+                cfg = _tuned_configs(block_sparse_kernel(), D, N)
                 records.append(dict(common, method="rainfusion", variant=name, rel_err=err, config=cfg,
                                     first_call_s=first_s, efficiency=best_dense * density / t["ms"], **t))
                 log(f"{model} {pattern} d={density:.3f} rainfusion {name}: {t['ms']:.3f} ms "
@@ -305,9 +305,9 @@ def bench_fp8(bf16_fn, bf16_out, bf16_ms: float, rows, ref, common: dict, name: 
 
 
 def block_sparse_kernel():
-    from rf_compile.kernels import block_sparse
+    from rf_compile.kernels import sparse_loop
 
-    return block_sparse._block_sparse_fwd_kernel
+    return sparse_loop.block_sparse_fwd_kernel
 
 
 def _tuned_configs(kernel, head_dim: int, seq_len: int, fp8: bool = False) -> str:

@@ -7,10 +7,12 @@ where the pipeline uses it) at the timesteps of their pipelines' schedulers. Two
   (HunyuanVideo: that many dual- and single-stream blocks each) at the presets' grids (HunyuanVideo
   640x480, 125 frames), as in the tables of the README.
 - ``--config full``: every block of Wan2.1-1.3B (30 blocks, 832x480, 81 frames: 32,760 tokens, CFG
-  batch 2), CogVideoX-5B (42, 720x480, 49 frames: 17,550 video + 226 text tokens, CFG batch 2) and
+  batch 2), CogVideoX-5B (42, 720x480, 49 frames: 17,550 video + 226 text tokens, CFG batch 2),
   HunyuanVideo (20 dual- + 40 single-stream, 1280x720, 129 frames: 118,800 video + 256 text tokens,
-  batch 1 with embedded guidance) and HunyuanVideo-1.5 720p T2V (54 blocks, 1280x720, 121 frames: 111,600
-  video + 1,985 text tokens, batch 1: its pipeline makes one such call per CFG branch).
+  batch 1 with embedded guidance), Wan2.1-14B (``wan14b``: 40 blocks of 40 x 128 heads, 1280x720, 81
+  frames: 21 x 45 x 80 = 75,600 tokens, CFG batch 2, UniPC with flow shift 5.0; 28 GB of bf16 weights,
+  made on the GPU in bf16) and HunyuanVideo-1.5 720p T2V (54 blocks, 1280x720, 121 frames: 111,600 video +
+  1,985 text tokens, batch 1: its pipeline makes one such call per CFG branch).
 
 Variants, in one run on one GPU: eager (diffusers' SDPA), inductor, rainfusion ``mode="dense"``, v1, v1+,
 v2 (80% block sparsity) and v2 with FP8 products (``precision="fp8"``). Each runs a few steps of its model's
@@ -42,8 +44,8 @@ finished.
 Options:
 
 ``--config quick|full``   the configuration above (default quick)
-``--models KEY ...``      ``wan`` (Wan2.1-14B), ``wan1.3b``, ``cogvideox``, ``hunyuanvideo``,
-                          ``hunyuanvideo1.5``; default: the config's models
+``--models KEY ...``      ``wan`` (Wan2.1-14B), ``wan14b`` (Wan2.1-14B, at 720p in the full config), ``wan1.3b``,
+                          ``cogvideox``, ``hunyuanvideo``, ``hunyuanvideo1.5``; default: the config's models
 ``--variants NAME ...``   eager inductor rf_dense rf_v1 rf_v1plus rf_v2 rf_v2_fp8 (default all; run in this order;
                           rf_v2_fp8: v2 with ``precision="fp8"``, Hopper only: its sites stay dense elsewhere)
 ``--layers N``            quick only: blocks per model (default 4)
@@ -56,8 +58,11 @@ Options:
 ``--budget-minutes M``    before each variant, skip it (listed in the results) when the time spent plus the
                           longest variant of that model so far would pass M minutes
 ``--no-profile``          skip the profiled step (one model call less per variant; no attention share)
+``--dense-from-inductor`` rainfusion's sparse variants time no dense step (one model call less each): their
+                          ``dense_ms`` is inductor's ``ms_per_step`` of the same run (``dense_from``), since
+                          their warm-up computes dense SDPA through the op (1.00x inductor, README H100 table)
 ``--size full|tiny``      tiny: the presets' tiny models (a few blocks, small grids; rainfusion with
-                          ``min_video_tokens=0`` so they run sparse), a CPU smoke run
+                          ``min_video_tokens=0, cost_model=False`` so they run sparse), a CPU smoke run
 ``--out DIR``             output folder (default ``benchmarks/results/<gpu>``)
 ``--name STEM``           file stem (default e2e)
 ``--append``              keep the records of an existing ``<name>.json`` that this run does not redo (same
@@ -67,6 +72,8 @@ Options:
     python benchmarks/e2e.py --config full --models wan1.3b --regional --budget-minutes 8 --name e2e_full
     python benchmarks/e2e.py --config full --models hunyuanvideo --variants rf_v1 --regional --no-profile \\
         --name e2e_full --append                                                # one variant per call
+    python benchmarks/e2e.py --config full --models wan14b --variants inductor rf_v1 rf_v2 rf_v2_fp8 --regional \\
+        --no-profile --steps 1 --dense-from-inductor --budget-minutes 9 --name e2e_full_wan14b   # one 10-min call
     python benchmarks/e2e.py --size tiny --config full --models wan1.3b --variants eager rf_v1   # CPU smoke run
 """
 
@@ -95,11 +102,11 @@ from rf_compile.ops.runtime.clock import step_clock
 from rf_compile.presets import build_preset
 
 
-def _wan_timesteps(num_steps: int) -> torch.Tensor:
-    """WanPipeline's schedule: UniPC on flow sigmas, ``flow_shift`` 3.0 (diffusers' Wan docs: 3.0 at 480p)."""
+def _wan_timesteps(num_steps: int, flow_shift: float = 3.0) -> torch.Tensor:
+    """WanPipeline's schedule: UniPC on flow sigmas, ``flow_shift`` 3.0 at 480p, 5.0 at 720p (diffusers' Wan docs)."""
     from diffusers import UniPCMultistepScheduler
 
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
     scheduler.set_timesteps(num_steps)
     return scheduler.timesteps
 
@@ -143,6 +150,11 @@ WAN_SCHEDULER = "UniPCMultistepScheduler, flow_shift 3.0"
 MODELS = {
     "wan": Model("Wan2.1-14B", "wan", 2, WAN_BLOCKS, WAN_SCHEDULER, _wan_timesteps),
     "wan1.3b": Model("Wan2.1-1.3B", "wan1.3b", 2, WAN_BLOCKS, WAN_SCHEDULER, _wan_timesteps),
+    "wan14b": Model(
+        "Wan2.1-14B", "wan", 2, WAN_BLOCKS, "UniPCMultistepScheduler, flow_shift 5.0",
+        functools.partial(_wan_timesteps, flow_shift=5.0),
+        full_latent=(21, 90, 160),  # 1280x720, 81 frames: 21 x 45 x 80 = 75,600 tokens
+    ),  # fmt: skip
     "cogvideox": Model(
         "CogVideoX-5B", "cogvideox", 2, ("CogVideoXBlock",), "CogVideoXDPMScheduler, trailing", _cogvideox_timesteps
     ),
@@ -168,7 +180,7 @@ MODELS = {
 }
 CONFIGS = {
     "quick": ("cogvideox", "hunyuanvideo", "wan"),
-    "full": ("wan1.3b", "cogvideox", "hunyuanvideo", "hunyuanvideo1.5"),
+    "full": ("wan1.3b", "cogvideox", "hunyuanvideo", "wan14b", "hunyuanvideo1.5"),
 }
 NUM_STEPS = 50  # num_inference_steps of the Wan, CogVideoX and HunyuanVideo pipelines
 VARIANTS = {
@@ -292,16 +304,20 @@ def run_variant(
     regional: tuple[str, ...] | None = None,
     profile: bool = True,
     rf_options: dict | None = None,
+    dense_step: bool = True,
 ) -> dict:
     """Run variant ``name`` over its steps of ``schedule`` (see the module docstring); a record plus ``latent``.
 
-    ``rf_options`` go to every rainfusion variant (the tiny size sets ``min_video_tokens=0``).
+    ``rf_options`` go to every rainfusion variant (the tiny size sets ``min_video_tokens=0, cost_model=False``).
+    ``dense_step=False``: a sparse variant times no dense step (``dense_ms`` NaN: the caller takes inductor's).
     """
     spec = VARIANTS[name]
     sparse = is_sparse(spec)
     num_steps = len(schedule)
     warmup = RainFusionConfig(num_steps=num_steps).warmup_steps
-    timed = [0, *range(warmup + 1, warmup + 1 + steps)]  # schedule indices: the dense step, then sparse-phase ones
+    dense_step = dense_step or not sparse
+    # Schedule indices of the timed steps: the dense step, then sparse-phase ones.
+    timed = [0] * dense_step + [*range(warmup + 1, warmup + 1 + steps)]
     clock = step_clock(preset.args[0].device)
     torch._dynamo.reset()
     counters.clear()
@@ -317,7 +333,7 @@ def run_variant(
         frames_after_compile = counters["frames"]["ok"]
         times = []
         for i, index in enumerate(timed):
-            if i == 1:  # past the dense step: the rest of the warm-up, then the sparse phase
+            if i == int(dense_step):  # past the dense step: the rest of the warm-up, then the sparse phase
                 for t in schedule[1:warmup]:  # steps the run skips: the clock counts them as the pipeline would
                     clock.tick(t)
                 if sparse:
@@ -325,7 +341,7 @@ def run_variant(
                     _call(model, preset, latent, schedule[warmup])
             out, ms = _timed_call(model, preset, latent, schedule[index])
             times.append(ms)
-            phase = "dense" if i == 0 else "sparse" if sparse else "after the warm-up"
+            phase = "dense" if index == 0 else "sparse" if sparse else "after the warm-up"
             _log(f"  {name}: step {index} (t={schedule[index].item():g}, {phase}) {ms:.1f} ms")
             t_next = schedule[timed[i + 1]].item() if i + 1 < len(timed) else 0.0
             # Euler, to the next timed step, of the channels the model predicts (HunyuanVideo 1.5's input also
@@ -335,17 +351,18 @@ def run_variant(
         recompiles = counters["frames"]["ok"] - frames_after_compile
         share = _attention_share(model, preset, latent, schedule[timed[-1] + 1]) if profile else math.nan
         calls = _site_calls(preset.model) if spec is not None and spec["backend"] == "rainfusion" else {}
-    ms_per_step = statistics.median(times[1:] if sparse else times)
+    ms_per_step = statistics.median(times[int(dense_step):] if sparse else times)
+    dense_ms = times[0] if dense_step else math.nan
     return {
         "variant": name,
         "mode": mode if spec is not None else "eager",
         "ms_per_step": ms_per_step,
-        "dense_ms": times[0],
+        "dense_ms": dense_ms,
         "ms_steps": times,
         "timesteps": [schedule[i].item() for i in timed],
         "num_steps": num_steps,
         "warmup_steps": warmup,
-        "video_s": video_seconds(ms_per_step, times[0], num_steps, warmup, sparse),
+        "video_s": video_seconds(ms_per_step, dense_ms, num_steps, warmup, sparse),
         "compile_s": compile_ms / 1e3 if spec is not None else 0.0,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else math.nan,
         "attention_share": share,
@@ -450,6 +467,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--regional", action="store_true", help="compile the repeated blocks, not the whole model")
     parser.add_argument("--budget-minutes", type=float, help="skip variants that would end past this")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled step (no attention share)")
+    parser.add_argument("--dense-from-inductor", action="store_true",
+                        help="sparse variants time no dense step; their warm-up is priced at inductor's step")
     parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: CPU smoke run")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<gpu>)")
     parser.add_argument("--name", default="e2e", help="file stem of the results (default e2e)")
@@ -495,7 +514,8 @@ def main() -> None:
     new: list[dict] = []
     finals: dict[str, dict[str, torch.Tensor]] = {}  # "<model> <mode>" -> variant -> final latent (host)
     table = ""
-    rf_options = {"min_video_tokens": 0} if args.size == "tiny" else {}  # tiny grids are below the default 256
+    # Tiny grids are below the default 256 video tokens, and the cost model would keep them dense on a GPU.
+    rf_options = {"min_video_tokens": 0, "cost_model": False} if args.size == "tiny" else {}
 
     def save() -> None:
         """Merge with the kept old records and write every file (after each variant: a cut-off run keeps it)."""
@@ -516,7 +536,8 @@ def main() -> None:
         grid = spec.full_latent if args.config == "full" and args.size == "full" else None
         layers = args.layers if args.config == "quick" else None
         _log(f"{spec.name}: building ({args.config} config, {args.size} size, {device})")
-        preset = build_preset(key, args.size, batch=spec.batch, device=device, dtype=dtype, layers=layers, latent=grid)
+        preset = build_preset(spec.preset, args.size, batch=spec.batch, device=device, dtype=dtype, layers=layers,
+                              latent=grid)
         preset.model.eval().requires_grad_(False)
         schedule = spec.timesteps(args.num_steps)
         regional = tuple(getattr(preset.model, "_repeated_blocks", None) or spec.blocks) if args.regional else None
@@ -524,6 +545,7 @@ def main() -> None:
         blocks = sum(type(m).__name__ in spec.blocks for m in preset.model.modules())
         group = {"model": spec.name, "layers": blocks, "seq_len": layout.seq_len, "regional": args.regional}
         longest = 0.0  # wall time of this model's longest variant so far: what the budget check expects next
+        inductor_ms: dict[str, float] = {}  # per compile mode: inductor's step, for --dense-from-inductor
         for mode in args.modes:
             for name in names:
                 if name == "eager" and mode != args.modes[0]:
@@ -535,7 +557,13 @@ def main() -> None:
                     continue
                 start = time.perf_counter()
                 result = run_variant(name, preset, schedule, args.steps, mode, regional, not args.no_profile,
-                                     rf_options)  # fmt: skip
+                                     rf_options, dense_step=not args.dense_from_inductor)  # fmt: skip
+                if name == "inductor":
+                    inductor_ms[mode] = result["ms_per_step"]
+                if math.isnan(result["dense_ms"]):  # --dense-from-inductor: the warm-up at inductor's step
+                    result["dense_ms"], result["dense_from"] = inductor_ms.get(mode, math.nan), "inductor"
+                    result["video_s"] = video_seconds(result["ms_per_step"], result["dense_ms"], result["num_steps"],
+                                                      result["warmup_steps"], sparse=True)  # fmt: skip
                 longest = max(longest, time.perf_counter() - start)
                 final = f"{key} {args.modes[0] if name == 'eager' else mode}"
                 finals.setdefault(final, {})[name] = result.pop("latent").double().cpu()

@@ -109,7 +109,7 @@ def run_variant(name: str, spec: dict, preset, timesteps: list[float], device: s
     start_reports = compiled_graphs()
     options = spec.get("options")
     if options is not None and preset.size == "tiny":  # smoke runs: let the tiny grid be sparse
-        options = {**options, "min_video_tokens": 0}
+        options = {**options, "min_video_tokens": 0, "cost_model": False}
     model = torch.compile(preset.model, backend=spec["backend"], options=options)
     x, kwargs = preset.args[0], dict(preset.kwargs)
     times = []

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.attention import PATTERNS, SHAPES, pattern_plan  # noqa: E402
 from benchmarks.plan_stats import pattern_stats  # noqa: E402
 from benchmarks.utils import config_name, do_bench, environment, gpu_slug, markdown_table, write_results  # noqa: E402
-from rf_compile.kernels import block_sparse  # noqa: E402
+from rf_compile.kernels import block_sparse, sparse_config  # noqa: E402
 
 
 def bench_pattern(model: str, pattern: str, rep_ms: float) -> list[dict]:
@@ -44,7 +44,7 @@ def bench_pattern(model: str, pattern: str, rep_ms: float) -> list[dict]:
     # warp-specialised); the masked launch keeps the autotuner's choice.
     for loop, loop_pass in (("split", 0), ("masked", 1), ("two_pass", 2)):
         args = {"HEAD_DIM": D, "BLOCK_N": table.block_n, "USE_TMA": True, "LOOP": loop_pass}
-        for config in block_sparse._prune_configs(block_sparse._CONFIGS, args):
+        for config in sparse_config.prune_configs(sparse_config.CONFIGS, args):
             block_sparse._FORCED_CONFIG = config
             try:
                 run = functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh,

@@ -32,7 +32,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.utils import config_name, environment, markdown_table, write_results  # noqa: E402
-from rf_compile.kernels import block_select, block_sparse  # noqa: E402
+from rf_compile.kernels import block_select, sparse_config, sparse_loop  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "QP", "KP", "VP", "Out", "OP"}  # bf16 tensors; the other capitalised arguments are int32
 SCALARS = {"H", "N"}
@@ -58,7 +58,7 @@ def signature(fn, constants: dict) -> dict[str, str]:
 
 def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget) -> dict:
     """Compile one configuration and read its resource usage from the cubin."""
-    fn = block_sparse._block_sparse_fwd_kernel.fn
+    fn = sparse_loop.block_sparse_fwd_kernel.fn
     constants = dict(N_BUCKET=65536, HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=128, USE_TMA=True,
                      LOOP=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, FP8=False,
                      **config.kwargs)  # fmt: skip
@@ -155,7 +155,7 @@ def main() -> None:
     records = []
     for head_dim in args.head_dims:
         for loop in args.loops:
-            kept = block_sparse._prune_configs(block_sparse.gpu_configs(warp_specialize=True),
+            kept = sparse_config.prune_configs(sparse_config.gpu_configs(warp_specialize=True),
                                                {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True,
                                                 "LOOP": PASSES[loop]})  # fmt: skip
             for config in kept[: args.max_configs]:

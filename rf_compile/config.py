@@ -120,6 +120,12 @@ class RainFusionConfig:
         Explicit ``VideoLayout`` (or dict / tuple) for every video site, overriding inference.
     min_video_tokens:
         Sites with fewer video tokens stay dense (sparsity does not pay there).
+    cost_model:
+        Keep a site dense SDPA at call shapes where the sparse path is expected to be slower (``ops/cost.py``:
+        per-call overheads plus the plan's kept blocks, against dense attention at measured TFLOP/s; sparse
+        only below 0.9x dense). Decided per shape on the host, for the Triton kernel (the CPU reference
+        is never judged); ``rf_compile.stats()`` lists the reason under ``dense_shapes``, the compile report
+        of a static shape under ``reason``. ``False``: sparse wherever a layout allows it.
     kernel:
         ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"`` or ``"reference"``.
     precision:
@@ -162,6 +168,7 @@ class RainFusionConfig:
     sink_frames: int | None = None
     layout: VideoLayout | None = None
     min_video_tokens: int = 256
+    cost_model: bool = True
     kernel: str = "auto"
     precision: str = "bf16"
     report: bool = False
@@ -217,7 +224,7 @@ class RainFusionConfig:
                 f"options 'dense_warmup' ({self.warmup_steps} steps) and 'dense_last_steps' ({self.dense_last_steps}) "
                 f"add up to more than 'num_steps' ({self.num_steps}); accepted: their sum <= num_steps"
             )
-        for name in ("report", "strict", "measure_error"):
+        for name in ("report", "strict", "measure_error", "cost_model"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
 

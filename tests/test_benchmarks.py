@@ -84,6 +84,77 @@ def test_e2e_runs_the_pipelines_steps_and_extrapolates_the_video(tmp_path):
     assert "extrapolated" in (tmp_path / "e2e.md").read_text()
 
 
+def test_e2e_wan14b_is_the_720p_configuration_in_bf16():
+    """Wan2.1-14B's full-config entry is issue 23's configuration, built in bf16 (on meta here: no memory)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from diffusers import UniPCMultistepScheduler
+    from e2e import CONFIGS, MODELS
+
+    from rf_compile.presets import build_preset
+
+    spec = MODELS["wan14b"]
+    assert "wan14b" in CONFIGS["full"] and (spec.name, spec.batch) == ("Wan2.1-14B", 2)
+    preset = build_preset(spec.preset, "full", device="meta", dtype=torch.bfloat16, latent=spec.full_latent)
+    (layout,) = preset.expected_layouts
+    assert (layout.frames, layout.height, layout.width, layout.seq_len) == (21, 45, 80, 75_600)
+    config = preset.model.config
+    assert (config.num_layers, config.num_attention_heads, config.attention_head_dim) == (40, 40, 128)
+    params = list(preset.model.parameters())
+    assert 13e9 < sum(p.numel() for p in params) < 15e9 and {p.dtype for p in params} == {torch.bfloat16}
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    scheduler.set_timesteps(50)
+    assert torch.equal(spec.timesteps(50), scheduler.timesteps)
+
+
+def test_e2e_dense_from_inductor_times_no_dense_step(tmp_path, monkeypatch):
+    """With --dense-from-inductor a sparse variant times no dense step (its first timed step is after the
+    warm-up) and its warm-up is priced at inductor's step of the run. Run in-process with every variant
+    uncompiled: what is under test is which steps are timed and how the video is put together."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import contextlib
+
+    import e2e
+
+    monkeypatch.setattr(e2e, "_compiled", lambda model, *args: contextlib.nullcontext(model))
+    argv = ["e2e.py", "--size", "tiny", "--config", "full", "--models", "wan14b", "--variants", "inductor", "rf_v1",
+            "--steps", "1", "--num-steps", "20", "--no-profile", "--dense-from-inductor", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    e2e.main()
+    inductor, v1 = json.loads((tmp_path / "e2e.json").read_text())["records"]
+    schedule = e2e.MODELS["wan14b"].timesteps(20).tolist()
+    assert inductor["timesteps"] == [schedule[0], schedule[3]]  # dense step, then the first after 2 warm-up + 1
+    assert v1["timesteps"] == [schedule[3]] and v1["dense_from"] == "inductor"
+    assert v1["dense_ms"] == inductor["ms_per_step"] and v1["ms_per_step"] == v1["ms_steps"][0]
+    assert v1["video_s"] == pytest.approx((2 * v1["dense_ms"] + 18 * v1["ms_per_step"]) / 1e3)
+    assert "dense_from" not in inductor
+
+
+def test_crossover_grids_records_and_files(tmp_path):
+    """The sweep's grids hold the token counts they are named by, at Wan's patch size; its files carry the
+    issue's record fields, with speed-ups against inductor of the same model and length."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from crossover import GRIDS, inputs_at, write
+
+    assert all(f * h * w == n for n, (f, h, w) in GRIDS.items()) and min(GRIDS) <= 1024 and max(GRIDS) >= 120_000
+    (layout,) = inputs_at("wan1.3b", 6912, 1, "meta", torch.bfloat16).expected_layouts
+    assert (layout.frames, layout.height, layout.width) == (3, 48, 48)
+
+    def record(variant, tokens, ms, **extra):
+        return {"model": "M", "layers": 2, "seq_len": tokens, "video_tokens": tokens, "heads": 12, "head_dim": 128,
+                "variant": variant, "ms_per_step": ms, **extra}  # fmt: skip
+
+    records = [record("inductor", 1024, 2.0), record("rf", 1024, 2.0, decision="dense", est_ratio=3.0, reason="r"),
+               record("rf_sparse", 1024, 4.0), record("inductor", 32760, 10.0), record("rf", 32760, 5.0)]
+    write(records, {"gpu": "test"}, tmp_path, "crossover")
+    saved = json.loads((tmp_path / "crossover.json").read_text())["records"]
+    fields = {"seq_len", "heads", "head_dim", "variant", "ms_per_step", "speedup_vs_inductor"}
+    assert all(fields <= set(r) for r in saved)
+    assert [r["speedup_vs_inductor"] for r in saved] == [1.0, 1.0, 0.5, 1.0, 2.0]
+    assert "| M | 12 | 128 | 1024 | 1024 | rf | 2.000 | 1.000 | dense | 3.000 | r |" in (
+        tmp_path / "crossover.md").read_text()
+    assert (tmp_path / "crossover.png").stat().st_size > 0
+
+
 def test_e2e_speedups_pair_records_of_one_model_depth_sequence_compilation_and_mode():
     sys.path.insert(0, str(BENCHMARKS))
     from e2e import add_speedups
@@ -122,7 +193,7 @@ def test_e2e_out_of_budget_skips_with_a_note(tmp_path, monkeypatch):
     ).read_text()
 
 
-@pytest.mark.parametrize("script", ["attention.py", "arm.py"])
+@pytest.mark.parametrize("script", ["attention.py", "arm.py", "crossover.py"])
 def test_gpu_benchmarks_parse_their_arguments(script):
     result = run(script, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout

@@ -29,24 +29,26 @@ def forced_blocks(M: int, forced: int, device=DEVICE) -> torch.Tensor:
     return mask.to(device)
 
 
-def ambiguous_rows(pooled_q, pooled_k, scale, config, rtol=1e-5) -> torch.Tensor:
+def ambiguous_rows(pooled_q, pooled_k, scale, config, always, rtol=1e-5) -> torch.Tensor:
     """Bool [P, M]: rows whose selection flips under a relative perturbation ``rtol`` of the probabilities
-    (float64): the last kept and first dropped values, or (mass rule) a prefix sum and ``mass``."""
+    (float64): the last kept and first dropped values among the blocks not forced (``always``, taken first
+    and inside the budget), or (mass rule) a prefix sum and ``mass``."""
     probs = torch.softmax(pooled_q.double() @ pooled_k.double().transpose(-1, -2) * scale, -1)
-    values = probs.sort(-1, descending=True).values
+    forced = always.to(probs.device).expand_as(probs)
+    forced_mass = torch.where(forced, probs, 0.0).sum(-1)
+    values = torch.where(forced, 0.0, probs).sort(-1, descending=True).values
     M = values.shape[-1]
-    keep = v2.keep_count(M, config)
-    count = torch.full(values.shape[:-1], keep, device=values.device)
+    free = M - forced.sum(-1)
+    count = torch.clamp(v2.keep_count(M, config) - forced.sum(-1), min=0)
     near = torch.zeros(values.shape[:-1], dtype=torch.bool, device=values.device)
     if config.select == "mass":
-        before = values.cumsum(-1) - values  # mass above each rank
-        count = torch.clamp((before < config.mass).sum(-1), max=keep)
-        near |= ((before[..., 1 : keep + 1] - config.mass).abs() < rtol * config.mass).any(-1)
-    if keep < M:
-        last = values.gather(-1, count[..., None] - 1)[..., 0]
-        following = values.gather(-1, count[..., None])[..., 0]
-        near |= (last - following) < rtol * last
-    return near
+        before = forced_mass[..., None] + values.cumsum(-1) - values  # mass above each rank, forced first
+        count = torch.minimum((before < config.mass).sum(-1), count)
+        near |= ((before - config.mass).abs() < rtol * config.mass).any(-1)
+    inside = (count > 0) & (count < free)  # a boundary between kept and dropped free blocks
+    last = values.gather(-1, (count - 1).clamp(min=0)[..., None])[..., 0]
+    following = values.gather(-1, count.clamp(max=M - 1)[..., None])[..., 0]
+    return near | (inside & ((last - following) < rtol * last))
 
 
 def assert_same_lists(fused, reference, ambiguous=None):
@@ -89,7 +91,7 @@ def test_fused_lists_equal_the_torch_path(config_name, M, D, lane_dim, monkeypat
     always = forced_blocks(M, forced=min(2, M - 1))
     scale = D**-0.5
     fused, reference = both_paths(pooled_q, pooled_k, always, scale, config)
-    ambiguous = ambiguous_rows(pooled_q, pooled_k, scale, config)
+    ambiguous = ambiguous_rows(pooled_q, pooled_k, scale, config, always)
     assert ambiguous.float().mean() < 0.05
     assert_same_lists(fused, reference, ambiguous)
     if config_name == "mass" and M > 8:  # both branches of the mass rule ran
@@ -202,7 +204,7 @@ def test_gpu_fused_lists_at_wan_720p(select):
     pooled_k = torch.randn(80, 128, M, device="cuda").transpose(1, 2)  # [D, M] memory, as predict_plan's
     scale = 128**-0.5
     fused, reference = both_paths(pooled_q, pooled_k, static.always, scale, config)
-    ambiguous = ambiguous_rows(pooled_q, pooled_k, scale, config)
+    ambiguous = ambiguous_rows(pooled_q, pooled_k, scale, config, static.always)
     assert ambiguous.float().mean() < 0.01
     assert_same_lists(fused, reference, ambiguous)
 
@@ -227,7 +229,7 @@ def test_gpu_predict_plan_fused_equals_torch():
     reference = v2.predict_plan(q, k, layout, config, fused=False)
     static = v2.warm_static(q, layout, config)
     pooled_q, pooled_k = (v2.block_means(x, static, block).reshape(B * H, M, D) for x in (q, k))
-    ambiguous = ambiguous_rows(pooled_q, pooled_k, D**-0.5, config)
+    ambiguous = ambiguous_rows(pooled_q, pooled_k, D**-0.5, config, static.always)
     assert ambiguous.float().mean() < 0.01
     lists = [(t.kv_num_blocks, t.kv_indices, t.block_full) for t in (fused, reference)]
     assert_same_lists(*lists, ambiguous)

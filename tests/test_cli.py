@@ -235,3 +235,19 @@ def test_help_of_installed_script():
     assert result.stdout.startswith("usage: rf-inspect")
     assert "examples:" in result.stdout and "--run N" in result.stdout
     assert all(name in result.stdout for name in PRESETS)
+
+
+def test_calibrate_writes_a_profile_that_the_backend_applies(capsys, tmp_path):
+    path = tmp_path / "wan.json"
+    assert main(["wan", "--calibrate", str(path), "--run", "2", "--target", "0.2", "--option", "order=tokens"]) == 0
+    profile = json.loads(path.read_text())
+    assert profile["model"] == "WanTransformer3DModel" and profile["settings"]["order"] == "tokens"
+    assert sorted(profile["sites"]) == ["blocks.0.attn1", "blocks.1.attn1"]
+    assert f"wrote {path}" in capsys.readouterr().out
+    preset = build_preset("wan")
+    options = {"mode": "v2", "order": "tokens", "profile": str(path), "min_video_tokens": 0, "dense_warmup": 0.0}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(preset.model, backend="rainfusion", options=options)(*preset.args, **preset.kwargs)
+    assert main(["wan", "--calibrate", str(path), "--target", "2"]) == 2
+    assert "target must be a relative error in (0, 1)" in capsys.readouterr().err

@@ -36,7 +36,7 @@ def test_our_keys_are_taken_and_inductor_keys_left():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"mode": "sparse"}, r"'mode' must be one of \['v1', 'v1\+', 'v2', 'dense'\]"),
+        ({"mode": "sparse"}, r"'mode' must be one of \['v1', 'v1\+', 'v2', 'dense', 'calibrate'\]"),
         ({"bandwidth": 0.0}, r"'bandwidth' must be a fraction in \(0, 1\]"),
         ({"bandwidth": 1.5}, r"'bandwidth' must be a fraction"),
         ({"bandwidths": []}, "'bandwidths' must hold at least one"),

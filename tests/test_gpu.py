@@ -79,7 +79,7 @@ def test_op_call_with_stats_never_waits_for_the_device(mode):
 
     layout, heads, dim = REAL["wan"]
     q, k, v = qkv(layout, heads, dim, batch=2)
-    key = register_site(f"gpu.nosync.{mode}", layout, RainFusionConfig(mode=mode, num_steps=10))
+    key = register_site(f"gpu.nosync.{mode}", layout, RainFusionConfig(mode=mode, num_steps=10, cost_model=False))
     timestep = torch.tensor([999.0], device="cuda")
     attention(q, k, v, None, None, timestep, None, None, key, [])  # step 0: dense warm-up
     torch.cuda.synchronize()
@@ -89,3 +89,39 @@ def test_op_call_with_stats_never_waits_for_the_device(mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert (stats()[key]["dense_calls"], stats()[key]["sparse_calls"]) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(mode="v2", order="tokens"), dict(mode="v1", textural="blocks", order="tokens"),
+     dict(mode="v1", textural="blocks")],  # fmt: skip
+    ids=["v2-tokens", "v1-blocks-tokens", "v1-blocks-tiles"],
+)
+def test_new_plans_on_the_triton_kernel_equal_the_reference_path(options):
+    """v2 in the model's token order (read in place) and v1's block-predicted non-local heads (plans appended
+    to the static table) on the Triton kernel, against the PyTorch path with the same plans in float32."""
+    layout = VideoLayout(8, 30, 40, prefix=32)
+    planted = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL, Pattern.TEXTURAL]
+    q, k = planted_qk(layout, planted, head_dim=64, seed=2, dtype=torch.bfloat16)
+    q, k = q.cuda(), k.cuda()
+    v = torch.randn_like(q)
+    config = RainFusionConfig(**options)
+    fast = sparse_attention(q, k, v, layout, config=config)
+    reference = RainFusionConfig(**options, kernel="reference")
+    slow = sparse_attention(q.float(), k.float(), v.float(), layout, config=reference)
+    error = ((fast.float() - slow).norm() / slow.norm()).item()
+    assert error < 2e-2, error
+
+
+def test_per_head_budgets_on_the_fused_selection_at_real_size():
+    from rf_compile.ops.attention import v2_plan
+
+    layout, heads, dim = REAL["wan"]
+    q, k, _ = qkv(layout, heads, dim)
+    densities = torch.linspace(0.05, 1.0, heads, device="cuda")
+    table, _ = v2_plan(q, k, layout, RainFusionConfig(mode="v2", order="tokens", sink_frames=0), None,
+                       densities=densities)  # fmt: skip
+    M = table.kv_num_blocks.shape[-1]
+    expected = torch.clamp(torch.ceil(densities.double() * M - 1e-9), 1, M)
+    # Each head keeps ceil(M * density) blocks per query block, the diagonal inside it.
+    assert torch.equal(table.kv_num_blocks.max(-1).values.double().cpu(), expected.cpu())

@@ -316,10 +316,10 @@ def test_v2_plans_one_per_head(layout_name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("loads", ["gather", "tma"])
 def test_gpu_v2_plans(loads):
-    from rf_compile.kernels.block_sparse import _has_tma
+    from rf_compile.kernels.sparse_config import has_tma
     from rf_compile.ops.v2 import predict_plan
 
-    if loads == "tma" and not _has_tma():
+    if loads == "tma" and not has_tma():
         pytest.skip("TMA needs Hopper and Triton tensor descriptors")
     layout = GPU_LAYOUTS["wan_small"]
     q, k, v = make_qkv(2, 3, layout.seq_len, 128, torch.bfloat16, device="cuda", bnhd=True)
@@ -338,9 +338,9 @@ def test_gpu_v2_plans(loads):
 def test_gpu_bf16_against_dense_sdpa(layout_name, D, loads, loop):
     """Real tile sizes (128x128) in bf16: three-way check, and equal to dense SDPA with the same
     mask given as an additive -inf mask."""
-    from rf_compile.kernels.block_sparse import _has_tma
+    from rf_compile.kernels.sparse_config import has_tma
 
-    if loads == "tma" and not _has_tma():
+    if loads == "tma" and not has_tma():
         pytest.skip("TMA needs Hopper and Triton tensor descriptors")
     layout = GPU_LAYOUTS[layout_name]
     variants = V1_PLUS

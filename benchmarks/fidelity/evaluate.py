@@ -59,6 +59,9 @@ DEFAULT_MODES = {
     "v1 textural=blocks tokens": {"mode": "v1", "textural": "blocks", "order": "tokens"},
     "v1+": {"mode": "v1+"},
     "v2 s=0.8 tokens sink=0": {"mode": "v2", "sparsity": 0.8, "order": "tokens", "sink_frames": 0},
+    "v2 s=0.8 sink=0": {"mode": "v2", "sparsity": 0.8, "sink_frames": 0},
+    "v2 s=0.7 tokens sink=0": {"mode": "v2", "sparsity": 0.7, "order": "tokens", "sink_frames": 0},
+    "v2 s=0.6 tokens sink=0": {"mode": "v2", "sparsity": 0.6, "order": "tokens", "sink_frames": 0},
     "v2 s=0.7 tokens dense_layers=1": {"mode": "v2", "sparsity": 0.7, "order": "tokens", "dense_layers": 1},
     "v1 dense_layers=1": {"mode": "v1", "dense_layers": 1},
     "v1 dense_last_steps=2": {"mode": "v1", "dense_last_steps": 2},
@@ -352,7 +355,8 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
         if time.time() > deadline:
             skipped.append(f"{name}: {label}")
             continue
-        opts = {"num_steps": args.steps, **opts}  # warm-up: the first 10% of this loop's steps
+        # Warm-up: the first 10% of this loop's steps. Quality of the sparse path: never priced dense.
+        opts = {"num_steps": args.steps, "cost_model": False, **opts}
         config = RainFusionConfig.from_options(opts)[0]
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="rainfusion", options={**opts, "measure_error": True}, dynamic=False)

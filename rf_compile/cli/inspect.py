@@ -112,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--plot", metavar="OUT.png", help="heat map of the dominant pattern per head (needs --run)")
     output.add_argument("--export", metavar="GRAPH.graphml|GRAPH.dot", help="write the largest captured FX graph")
     output.add_argument("--json", action="store_true", help="print the report and statistics as JSON")
+    calibration = parser.add_argument_group("calibration")
+    calibration.add_argument(
+        "--calibrate",
+        metavar="PROFILE.json",
+        help="instead of the report: calibrate per-head v2 block densities (rf_compile.calibrate) over --run N "
+        "timesteps (default 8) and write the profile; apply it with --option mode=v2 --option profile=PROFILE.json",
+    )
+    calibration.add_argument(
+        "--target", type=float, default=0.05, help="--calibrate: largest mean relative attention error (default 0.05)"
+    )
     return parser
 
 
@@ -417,6 +427,8 @@ def _main(args: argparse.Namespace) -> int:
     target = load_target(
         args.model, args.size, device, DTYPES[args.dtype], layers=args.layers, batch=args.batch, seed=args.seed
     )
+    if args.calibrate:
+        return _calibrate(target, options, args)
     with torch._dynamo.config.patch(dynamo_config):
         try:
             result = inspect_target(target, options, steps=args.run or 0)
@@ -439,6 +451,22 @@ def _main(args: argparse.Namespace) -> int:
 
         export_graph(result, args.export)
         print(f"wrote {args.export}", file=sys.stderr)
+    return 0
+
+
+def _calibrate(target, options: dict, args: argparse.Namespace) -> int:
+    """``--calibrate``: the timestep sweep of ``rf_compile.calibrate`` on the target's inputs; writes the profile."""
+    from rf_compile.calibrate import calibrate
+
+    if "timestep" not in target.kwargs:
+        raise CliError(f"--calibrate needs a model called with a timestep= keyword; {target.label} has none")
+    options = {key: value for key, value in options.items() if key not in ("mode", "num_steps")}
+    try:
+        calibrate(target.model, *target.args, steps=args.run or 8, target=args.target, out=args.calibrate,
+                  options=options, **target.kwargs)  # fmt: skip
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    print(f"wrote {args.calibrate}; apply it with options={{'mode': 'v2', 'profile': {args.calibrate!r}}}")
     return 0
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.ops import arm, profile, v2
+from rf_compile.ops import arm, cost, profile, v2
 from rf_compile.ops.runtime.models import attach_clock, site_state
 from rf_compile.ops.runtime.sites import get_spec
 from rf_compile.ops.torch_attention import torch_sparse_attention
@@ -309,7 +309,8 @@ def attention(
         return _dense_call(q, k, v, attn_mask, query_mask, scale)
     _check_inputs(q, k, v, layout)
     kernel, reason = choose_kernel(spec.config.kernel, q, k, attn_mask, spec.config.precision)
-    if not kernel:
+    reason = reason if not kernel else cost.dense_reason(spec.config, layout, q, kernel)
+    if reason:  # no kernel for this call, or the cost model expects sparse to be slower at this shape
         state.note_dense(reason)
         return _dense_call(q, k, v, attn_mask, query_mask, scale)
 

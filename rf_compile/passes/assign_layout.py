@@ -15,6 +15,7 @@ import torch
 
 from rf_compile.config import OptionError, RainFusionConfig
 from rf_compile.layout import VideoLayout
+from rf_compile.ops import cost
 from rf_compile.ops.attention import choose_kernel
 from rf_compile.ops.runtime.call_stack import calling_frame_arguments
 from rf_compile.ops.runtime.sites import LayoutResolver
@@ -60,6 +61,8 @@ def assign_layouts(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         site.report.layout = layout
         site.report.layout_source = "graph, per call shape" if site.resolver else "graph"
         reason = layout_dense_reason(layout, config)
+        if not reason and site.resolver is None:  # static shapes: the one call shape is priced now
+            reason = cost.dense_reason(config, layout, _kernel_inputs(site)[0], kernel)
         if reason:
             site.make_dense(reason)
     if config.layout is not None and candidates and not any(s.report.layout or s.resolver for s in candidates):

@@ -80,7 +80,7 @@ class _Recorder(TorchFunctionMode):
         self.graph = torch.fx.Graph()
         self.nodes: dict[int, torch.fx.Node] = {}
         self.alive: list[Any] = []  # keeps recorded values alive, so their ids stay unique
-        self.unreplayable: set[torch.fx.Node] = set()  # values changed by an unrecorded mutation
+        self.unreplayable: set[torch.fx.Node] = set()  # bases of views changed in place
         self.read_values = False
 
     def add_input(self, fake: torch.Tensor, real: torch.Tensor) -> None:
