@@ -9,9 +9,10 @@ where the pipeline uses it) at the timesteps of their pipelines' schedulers. Two
 - ``--config full``: every block of Wan2.1-1.3B (30 blocks, 832x480, 81 frames: 32,760 tokens, CFG
   batch 2), CogVideoX-5B (42, 720x480, 49 frames: 17,550 video + 226 text tokens, CFG batch 2),
   HunyuanVideo (20 dual- + 40 single-stream, 1280x720, 129 frames: 118,800 video + 256 text tokens,
-  batch 1 with embedded guidance) and Wan2.1-14B (``wan14b``: 40 blocks of 40 x 128 heads, 1280x720, 81
+  batch 1 with embedded guidance), Wan2.1-14B (``wan14b``: 40 blocks of 40 x 128 heads, 1280x720, 81
   frames: 21 x 45 x 80 = 75,600 tokens, CFG batch 2, UniPC with flow shift 5.0; 28 GB of bf16 weights,
-  made on the GPU in bf16).
+  made on the GPU in bf16) and HunyuanVideo-1.5 720p T2V (54 blocks, 1280x720, 121 frames: 111,600 video +
+  1,985 text tokens, batch 1: its pipeline makes one such call per CFG branch).
 
 Variants, in one run on one GPU: eager (diffusers' SDPA), inductor, rainfusion ``mode="dense"``, v1, v1+,
 v2 (80% block sparsity) and v2 with FP8 products (``precision="fp8"``). Each runs a few steps of its model's
@@ -44,7 +45,7 @@ Options:
 
 ``--config quick|full``   the configuration above (default quick)
 ``--models KEY ...``      ``wan`` (Wan2.1-14B), ``wan14b`` (Wan2.1-14B, at 720p in the full config), ``wan1.3b``,
-                          ``cogvideox``, ``hunyuanvideo``; default: the config's models
+                          ``cogvideox``, ``hunyuanvideo``, ``hunyuanvideo1.5``; default: the config's models
 ``--variants NAME ...``   eager inductor rf_dense rf_v1 rf_v1plus rf_v2 rf_v2_fp8 (default all; run in this order;
                           rf_v2_fp8: v2 with ``precision="fp8"``, Hopper only: its sites stay dense elsewhere)
 ``--layers N``            quick only: blocks per model (default 4)
@@ -122,11 +123,11 @@ def _cogvideox_timesteps(num_steps: int) -> torch.Tensor:
     return scheduler.timesteps
 
 
-def _hunyuanvideo_timesteps(num_steps: int) -> torch.Tensor:
-    """HunyuanVideoPipeline's schedule: flow-matching Euler, shift 7.0, on the pipeline's linear sigmas."""
+def _flow_euler_timesteps(num_steps: int, shift: float) -> torch.Tensor:
+    """The HunyuanVideo pipelines' schedule: flow-matching Euler with ``shift``, on their linear sigmas."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1])
     return scheduler.timesteps
 
@@ -163,11 +164,24 @@ MODELS = {
         1,
         ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"),
         "FlowMatchEulerDiscreteScheduler, shift 7.0",
-        _hunyuanvideo_timesteps,
+        functools.partial(_flow_euler_timesteps, shift=7.0),
         full_latent=(33, 90, 160),  # 1280x720, 129 frames (the preset's own grid is 640x480, 125 frames)
     ),
+    # HunyuanVideo15Pipeline runs CFG as two batch-1 calls per step (its guider): batch 1 here is half a step,
+    # and keeps the [B, 1, N, N] masks of the dense variants (13 GB each at 113,585 tokens) within memory.
+    "hunyuanvideo1.5": Model(
+        "HunyuanVideo-1.5-720p-T2V",
+        "hunyuanvideo1.5",
+        1,
+        ("HunyuanVideo15TransformerBlock",),
+        "FlowMatchEulerDiscreteScheduler, shift 9.0 (the model card's 720p T2V setting)",
+        functools.partial(_flow_euler_timesteps, shift=9.0),
+    ),
 }
-CONFIGS = {"quick": ("cogvideox", "hunyuanvideo", "wan"), "full": ("wan1.3b", "cogvideox", "hunyuanvideo", "wan14b")}
+CONFIGS = {
+    "quick": ("cogvideox", "hunyuanvideo", "wan"),
+    "full": ("wan1.3b", "cogvideox", "hunyuanvideo", "wan14b", "hunyuanvideo1.5"),
+}
 NUM_STEPS = 50  # num_inference_steps of the Wan, CogVideoX and HunyuanVideo pipelines
 VARIANTS = {
     "eager": None,
@@ -330,7 +344,10 @@ def run_variant(
             phase = "dense" if index == 0 else "sparse" if sparse else "after the warm-up"
             _log(f"  {name}: step {index} (t={schedule[index].item():g}, {phase}) {ms:.1f} ms")
             t_next = schedule[timed[i + 1]].item() if i + 1 < len(timed) else 0.0
-            latent = latent + (t_next - schedule[index].item()) / 1000.0 * out  # Euler, to the next timed step
+            # Euler, to the next timed step, of the channels the model predicts (HunyuanVideo 1.5's input also
+            # holds condition latents and a mask after them).
+            step = (t_next - schedule[index].item()) / 1000.0 * out
+            latent = torch.cat([latent[:, : out.shape[1]] + step, latent[:, out.shape[1] :]], dim=1)
         recompiles = counters["frames"]["ok"] - frames_after_compile
         share = _attention_share(model, preset, latent, schedule[timed[-1] + 1]) if profile else math.nan
         calls = _site_calls(preset.model) if spec is not None and spec["backend"] == "rainfusion" else {}
@@ -440,7 +457,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="quick", choices=list(CONFIGS),
                         help="quick: --layers blocks at the presets' grids; full: every block, usual resolution")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: the config's three models")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: the config's models")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--layers", type=int, help="quick only: transformer blocks per model (default 4)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up (default 2)")

@@ -207,6 +207,58 @@ def _hunyuanvideo(b: _Build) -> tuple[type, dict, tuple, dict, VideoLayout, int,
     return HunyuanVideoTransformer3DModel, config, args, kwargs, layout, double + single, refiner, ""
 
 
+# -- HunyuanVideo 1.5 --------------------------------------------------------------------------
+
+
+def _hunyuanvideo15(b: _Build) -> tuple[type, dict, tuple, dict, VideoLayout, int, int, str]:
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    # HunyuanVideo-1.5 720p T2V at 1280x720, 121 frames (VAE: 4x temporal, 16x spatial, patch size 1).
+    frames, height, width = b.grid((3, 8, 12), (31, 45, 80))
+    # Text as HunyuanVideo15Pipeline passes it: Qwen prompt (1000 tokens), ByT5 glyph text (256) and
+    # the SigLIP image tokens (729, all zero for text-to-video).
+    text, glyph, image = b.pick((10, 6, 5), (1000, 256, 729))
+    layers = b.layers or b.pick(2, 54)
+    refiner = b.pick(1, 2)
+    latent_channels = b.pick(4, 32)
+    config = dict(
+        in_channels=2 * latent_channels + 1,  # latents, condition latents, condition mask
+        out_channels=latent_channels,
+        num_attention_heads=b.pick(2, 16),
+        attention_head_dim=b.pick(16, 128),
+        num_layers=layers,
+        num_refiner_layers=refiner,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=b.pick(16, 3584),
+        text_embed_2_dim=b.pick(8, 1472),
+        image_embed_dim=b.pick(12, 1152),
+        rope_axes_dim=b.pick((4, 6, 6), (16, 56, 56)),
+        target_size=b.pick(640, 960),
+        task_type="t2v",
+    )
+    args = (b.randn(b.batch, config["in_channels"], frames, height, width),)
+    kwargs = dict(
+        timestep=b.timestep(999.0, b.dtype),
+        # The tokenizers' int64 masks, padded at the end of the prompt (the model reorders valid tokens first).
+        encoder_hidden_states=b.randn(b.batch, text, config["text_embed_dim"]),
+        encoder_attention_mask=b.text_mask(text, padding=b.pick(3, 800)).long(),
+        encoder_hidden_states_2=b.randn(b.batch, glyph, config["text_embed_2_dim"]),
+        encoder_attention_mask_2=b.text_mask(glyph, padding=b.pick(2, 250)).long(),
+        image_embeds=torch.zeros(b.batch, image, config["image_embed_dim"], device=b.device, dtype=b.dtype),
+        return_dict=False,
+    )
+    layout = _layout(frames, height, width, suffix=text + glyph + image)
+    notes = (
+        "The forward branches on torch.all(image_embeds == 0) and reorders the text with boolean-mask "
+        "indexing: Dynamo breaks the graph there, so the blocks' graph holds no video grid. Their layout "
+        "comes from one trace of the model on fake tensors, whose data-dependent steps take the call's "
+        "real values. SDPA gets a [B, 1, N, N] mask, the outer product of the text padding."
+    )
+    # The token refiner runs self-attention over the prompt alone: one dense site per refiner layer.
+    return HunyuanVideo15Transformer3DModel, config, args, kwargs, layout, layers, refiner, notes
+
+
 # -- Wan ---------------------------------------------------------------------------------------
 
 
@@ -327,6 +379,7 @@ PRESETS: dict[str, Callable[[_Build], tuple]] = {
     "cogvideox": lambda b: _cogvideox(b, "1.0"),
     "cogvideox1.5": lambda b: _cogvideox(b, "1.5"),
     "hunyuanvideo": _hunyuanvideo,
+    "hunyuanvideo1.5": _hunyuanvideo15,
     "wan": lambda b: _wan(b, "14B"),
     "wan1.3b": lambda b: _wan(b, "1.3B"),
     "ltx": _ltx,

@@ -278,14 +278,51 @@ def test_framepack_window_is_sparse_with_history_tokens_first():
     assert all(stats[site]["layout"] == layout.describe() and stats[site]["sparse_calls"] == 1 for site in sites)
 
 
-def test_framepack_graph_break_says_how_to_make_it_sparse():
-    model, args, kwargs, _ = _framepack()
+def test_framepack_graph_break_is_sparse_without_dynamo_flags():
+    """Without ``capture_scalar_outputs`` the graph breaks at ``.item()``: the blocks' layout then comes from
+    the calling model's trace, whose ``.item()`` takes the call's value."""
+    model, args, kwargs, layout = _framepack()
+    options = {"min_video_tokens": 0, "dense_warmup": 0.0, "bandwidth": 1.0, "alpha": 1e-6}  # full bands: exact
     torch._dynamo.reset()
     rf_compile.reset()
     with torch.no_grad():
-        torch.compile(model, backend="rainfusion", options={"min_video_tokens": 0})(*args, **kwargs)
-    reasons = [reason for entry in rf_compile.stats(model).values() for reason in entry["dense_shapes"]]
-    assert reasons and all("capture_scalar_outputs = True" in reason for reason in reasons)
+        eager = _out(model(*args, **kwargs))
+        out = _out(torch.compile(model, backend="rainfusion", options=options)(*args, **kwargs))
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    stats = rf_compile.stats(model)
+    sites = ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
+    assert all(stats[site]["layout"] == layout.describe() and stats[site]["sparse_calls"] == 1 for site in sites)
+    assert all(stats[site]["layout_source"].startswith("calling model") for site in sites)
+
+
+@pytest.mark.parametrize("regional", [False, True], ids=["whole-model", "compile_repeated_blocks"])
+def test_hunyuanvideo15_is_sparse_on_both_compile_paths(regional):
+    """Its forward branches on ``torch.all(image_embeds == 0)`` and reorders the text by boolean-mask indexing
+    (graph breaks): every block's joint attention still runs sparse over frames x height x width + text."""
+    preset = build_preset("hunyuanvideo1.5", batch=2)
+    model, (layout,) = preset.model, preset.expected_layouts
+
+    def run(options: dict) -> torch.Tensor:
+        torch._dynamo.reset()
+        rf_compile.reset()
+        if regional:
+            model.compile_repeated_blocks(backend="rainfusion", options=options)
+            compiled = model
+        else:
+            compiled = torch.compile(model, backend="rainfusion", options=options)
+        with torch.no_grad():
+            return _out(compiled(*preset.args, **preset.kwargs))
+
+    with torch.no_grad():
+        eager = _out(model(*preset.args, **preset.kwargs))
+    sparse = run(OPTIONS)
+    sites = {k: v for k, v in rf_compile.stats(model).items() if v["calls"]}
+    assert sorted(sites) == [f"transformer_blocks.{i}.attn" for i in range(preset.self_attention_sites)]
+    for entry in sites.values():
+        assert entry["layout"] == layout.describe() and entry["sparse_calls"] == 1, entry
+        assert entry["layout_source"].startswith("calling model")
+    assert (sparse - eager).abs().max() > 1e-4  # really sparse
+    torch.testing.assert_close(run({**OPTIONS, "mode": "dense"}), eager, atol=1e-5, rtol=1e-5)
 
 
 def test_mochi_joint_attention_is_sparse_with_its_data_dependent_text_length():

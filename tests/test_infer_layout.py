@@ -63,7 +63,10 @@ VARIANTS = {
     "wan": dict(latent=(5, 6, 14), batch=2),
     "ltx": dict(latent=(2, 5, 3)),
 }
-CASES = [(name, {}) for name in sorted(PRESETS)] + [(name, kw) for name, kw in VARIANTS.items()]
+# HunyuanVideo 1.5 has no single graph (data-dependent graph breaks): its layout comes from the calling
+# model's trace (test_parent_trace, test_compile_paths).
+CASES = [(name, {}) for name in sorted(set(PRESETS) - {"hunyuanvideo1.5"})]
+CASES += [(name, kw) for name, kw in VARIANTS.items()]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from rf_compile.layout import VideoLayout
 from rf_compile.ops.attention import is_key_padding_mask
 from rf_compile.passes.context import PassContext, Site
 from rf_compile.passes.masks import outer_product_factors
-from rf_compile.passes.nodes import example, is_sdpa, same_size, sdpa_arguments
+from rf_compile.passes.nodes import example, is_sdpa, same_size, sdpa_arguments, without_hooks
 from rf_compile.report import SiteReport
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,7 @@ def module_path(node: torch.fx.Node) -> str:
     path = re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
     path = re.sub(r"(^|\.)(__dict__|_modules)(?=\.)", "", path).strip(".")
-    # A module wrapped by a diffusers hook (context parallelism) is reached through its forward's closure.
-    path = re.sub(r"(\.forward)?(\.func)?\.__closure__\.\d+\.cell_contents(\.forward)?\.__self__(?=\.|$)", "", path)
-    return path or node.name
+    return without_hooks(path) or node.name
 
 
 def source_line(node: torch.fx.Node) -> str:

@@ -6,6 +6,7 @@ One copy of these helpers for ``find_attention``, ``infer_layout``, ``masks`` an
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import torch
@@ -81,3 +82,15 @@ def permutation(node: torch.fx.Node, ndim: int) -> list[int] | None:
     except (TypeError, RuntimeError, IndexError):
         return None
     return [primes.index(size) for size in result.shape]
+
+
+# How the frame of a diffusers hook reaches the module it wraps: through a forward's closure (context
+# parallelism) or through the hook's function reference, when the frame is the hook's ``new_forward``
+# (cache hooks: ``fn_ref.original_forward.__self__``). Neither is part of the module's path in the model.
+_HOOK_CLOSURE = re.compile(r"(\.forward)?(\.func)?\.__closure__\.\d+\.cell_contents(\.forward)?\.__self__(?=\.|$)")
+_HOOK_REFERENCE = re.compile(r"^fn_ref\.(original_)?forward\.(func\.)?__self__(\.|$)")
+
+
+def without_hooks(path: str) -> str:
+    """A dotted module or parameter path with the steps through diffusers hooks taken out."""
+    return _HOOK_REFERENCE.sub("", _HOOK_CLOSURE.sub("", path))

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 from rf_compile.ops.attention import attention, output_like  # noqa: F401  (registers the op)
 from rf_compile.ops.runtime.sites import register_site
 from rf_compile.passes.context import PassContext, Site
-from rf_compile.passes.nodes import example, is_impure
+from rf_compile.passes.nodes import example, is_impure, without_hooks
 from rf_compile.passes.symbols import symbol_readers
 
 log = logging.getLogger(__name__)
@@ -110,4 +110,4 @@ def parameter_path(node: torch.fx.Node) -> str:
     name = source.name if isinstance(source.name, str) else source.name()  # a property in newer torch
     path = re.sub(r"^L\['[^']+'\]\.?", "", name)
     path = re.sub(r"\.?_(modules|parameters|buffers)\['([^']+)'\]", r".\2", path)
-    return path.strip(".")
+    return without_hooks(path.strip("."))
