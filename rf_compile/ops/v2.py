@@ -40,9 +40,8 @@ def default_tile(layout: VideoLayout, block: int = BLOCK_M) -> tuple[int, int, i
 
 
 def sink_frame_count(layout: VideoLayout, config: RainFusionConfig) -> int:
-    if config.sink_frames is not None:
-        return min(config.sink_frames, layout.frames)
-    return 1 if layout.frames > 1 else 0
+    """The option's sink frames, at most the layout's frames."""
+    return min(config.sink_frames, layout.frames)
 
 
 @functools.lru_cache(maxsize=32)
