@@ -117,7 +117,7 @@ class RainFusionConfig:
         2x8x8 for video and 1x8x16 for images.
     sink_frames:
         v2 first latent frames whose blocks are always attended (rows and columns, inside the budget).
-        0 (default): none. RainFusion 2.0 keeps one; on the trained fidelity models it cost 1.9-2.4 dB
+        0 (default): none. RainFusion 2.0 keeps one; on the trained fidelity models it cost 1.6-2.4 dB
         at v2's 0.8 in both orders (README, Quality), since its blocks take the budget of predicted ones.
     layout:
         Explicit ``VideoLayout`` (or dict / tuple) for every video site, overriding inference.
