@@ -161,10 +161,11 @@ def test_cache_hook_stacks_with_the_backend(name):
     # blocks' graphs without the timestep (Dynamo compiles it, and the frames it splits, on later calls).
     ours, base = _per_step(run["graphs"]), _dynamo_graphs(name)
     extra = [a - b for a, b in zip(ours, base)]
-    assert extra[0] == 0 and min(extra) >= 0 and not any(extra[STEPS // 2 + 1 :]), (ours, base)
+    assert extra[0] == 0 and min(extra) >= 0, (ours, base)
     if name in STEADY:  # no recompile after the second step
-        assert not any(ours[2:]), ours
-    else:  # the hook's per-step Python state is guarded: Dynamo recompiles in later steps for every backend
+        assert not any(extra[STEPS // 2 + 1 :]) and not any(ours[2:]), (ours, base)
+    else:  # the hook's per-step Python state is guarded: Dynamo recompiles in later steps for every backend (and
+        # when a recompile of the clock's frames falls varies with what the worker compiled before)
         assert any(base[2:]), base
 
 
