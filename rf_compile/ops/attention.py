@@ -358,13 +358,10 @@ def candidate_config(config: RainFusionConfig, density: float) -> RainFusionConf
 def _measure_candidates(q, k, v, layout, config, scale, kernel, attn_mask, query_mask, dense, shape, sparse) -> None:
     """mode="calibrate": each candidate density's relative error per head against ``dense``, on the device."""
     B, H = q.shape[:2]
-    reference = dense.float().flatten(2)
-    norm = reference.norm(dim=-1).clamp_min(1e-30)
     for c, density in enumerate(config.candidates):
         table, variant_of_head = v2_plan(q, k, layout, candidate_config(config, density), scale)
         out = _zero_masked_rows(run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel), query_mask)
-        error = (out.float().flatten(2) - reference).norm(dim=-1) / norm  # [B, H]
-        shape.candidate_errors[:, c] += error.double().sum(0) * sparse
+        shape.candidate_errors[:, c] += relative_error(out, dense).sum(0) * sparse
     shape.sparse_heads.add_(sparse * (B * H))
 
 
@@ -407,11 +404,17 @@ def _record(shape, sparse: torch.Tensor, table: PlanTable, plan_of_head: torch.T
     shape.sparse_heads.add_(sparse * (B * H))
 
 
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """float64 [B, H]: ``||out - reference|| / ||reference||`` of each (batch element, head) over tokens and dims."""
+    reference = reference.float().flatten(2)
+    difference = (out.float().flatten(2) - reference).norm(dim=-1)
+    return (difference / reference.norm(dim=-1).clamp_min(1e-30)).double()
+
+
 def _record_error(shape, sparse: torch.Tensor, out: torch.Tensor, reference: torch.Tensor) -> None:
     """Accumulate the relative L2 error of each (batch element, head)'s output against dense attention."""
-    difference = (out.float() - reference.float()).flatten(2).norm(dim=-1)
-    error = difference / reference.float().flatten(2).norm(dim=-1).clamp_min(1e-30)  # [B, H]
-    shape.error_sums[:, 0] += error.double().sum(0) * sparse
+    error = relative_error(out, reference)
+    shape.error_sums[:, 0] += error.sum(0) * sparse
     shape.error_sums[:, 1] += error.shape[0] * sparse
 
 
