@@ -22,14 +22,9 @@ DENSE_CALLS = [True, False, False, False, False, True, False]
 
 
 def _model_and_inputs():
-    from diffusers import WanTransformer3DModel
+    from tiny_pipelines import wan_transformer_d64
 
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=64,
-    )  # fmt: skip
-    model = model.to("cuda", torch.bfloat16).eval()
+    model = wan_transformer_d64().to("cuda", torch.bfloat16).eval()
     latent = torch.randn(1, 4, 5, 16, 24, device="cuda", dtype=torch.bfloat16)  # 5 x 8 x 12 = 480 tokens
     text = torch.randn(1, 9, 32, device="cuda", dtype=torch.bfloat16)
     return model, latent, text

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"
 TIMESTEPS = (999.0, 900.0, 800.0)
-OPTIONS = {"min_video_tokens": 0, "dense_warmup": 0.0, "kernel": "triton"}
+OPTIONS = {"min_video_tokens": 0, "dense_warmup": 0.0, "kernel": "triton", "cost_model": False}  # tiny: priced dense
 
 
 def _model_and_inputs():

@@ -91,6 +91,17 @@ def _seeded(build: Callable[[], Any]) -> Any:
 # -- Wan 2.1 ---------------------------------------------------------------------------------------
 
 
+def wan_transformer_d64() -> Any:
+    """A 2-block ``WanTransformer3DModel`` with head dim 64 (the Triton kernel's smallest), for the GPU tests."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=256, num_layers=2, rope_max_seq_len=64,
+    )  # fmt: skip
+
+
 def wan() -> TinyPipeline:
     """WanPipeline (``make demo``'s, from the tiny ``wan`` preset): UMT5 text encoder, AutoencoderKLWan
     (4x temporal, 8x spatial), patch 1x2x2, text in a cross-attention."""
