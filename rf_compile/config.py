@@ -25,6 +25,7 @@ class OptionError(ValueError):
 
 SELECTIONS = ("topk", "mass")
 ORDERS = ("tiles", "tokens")  # v2 blocks: 3-D tiles of the video (RainFusion 2.0) or the model's token order
+BUDGETS = ("query_block", "heads", "call")  # v2: whose key blocks share one budget (ops/shared_budget.py)
 NONLOCAL = ("checkerboard", "blocks")  # v1 heads the ARM finds neither spatial nor temporal
 KERNELS = ("auto", "triton", "reference")
 PRECISIONS = ("bf16", "fp8")  # the attention products: the inputs' dtype, or float8 e4m3 (Hopper)
@@ -89,6 +90,15 @@ class RainFusionConfig:
         (forced ones first) until ``mass`` of it is covered, never more than ``"topk"`` would.
     mass:
         v2 predicted softmax mass to cover with ``select="mass"``, in (0, 1].
+    budget:
+        Who shares v2's budget of key blocks (the same total in each case): ``"query_block"`` (default),
+        every query block of every head keeps its own ``ceil(kv_blocks * (1 - sparsity))``; ``"heads"``,
+        each query block's budget is pooled over the heads of the call; ``"call"``, one budget over every
+        head and query block. Pooled budgets keep the blocks of highest predicted probability wherever they
+        are (concentrated heads give blocks to diffuse ones); ``select="topk"`` only, PyTorch selection.
+    budget_floor:
+        With a pooled ``budget``, the share of its per-row budget every query block keeps at least
+        (forced blocks included), in (0, 1].
     order:
         v2 token order that the 128-token blocks are cut from: ``"tiles"``, compact 3-D tiles of the
         video (RainFusion 2.0's spatio-temporal permutation, ``tile``), or ``"tokens"``, the model's own
@@ -160,6 +170,8 @@ class RainFusionConfig:
     sparsity: float = 0.8
     select: str = "topk"
     mass: float = 0.9
+    budget: str = "query_block"
+    budget_floor: float = 0.25
     order: str = "tiles"
     textural: str = "checkerboard"
     dense_layers: int = 0
@@ -187,6 +199,12 @@ class RainFusionConfig:
         _check_choice("select", self.select, SELECTIONS)
         _check_choice("order", self.order, ORDERS)
         _check_choice("textural", self.textural, NONLOCAL)
+        _check_choice("budget", self.budget, BUDGETS)
+        _check_fraction("budget_floor", self.budget_floor)
+        if self.budget != "query_block" and self.select != "topk":
+            raise OptionError(f"option 'budget'={self.budget!r} pools top-k budgets: use it with select='topk'")
+        if self.budget != "query_block" and self.profile is not None:
+            raise OptionError("option 'profile' sets each head's own budget: use it with budget='query_block'")
         _check_int("dense_layers", self.dense_layers, minimum=0)
         if not self.candidates:
             raise OptionError("option 'candidates' must hold at least one block density in (0, 1]")

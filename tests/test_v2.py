@@ -214,3 +214,71 @@ def test_token_order_plans_are_blocks_of_the_model_order_read_in_place(layout):
         mask = table.to_dense()[h][of[:, None], of[None, :]]  # blocks of consecutive tokens
         assert torch.equal(element_mask(table, h), mask)
         torch.testing.assert_close(out[0, h], F.scaled_dot_product_attention(q[0, h], k[0, h], v[0, h], attn_mask=mask))
+
+
+def reference_shared(scores, forced, keep, floor, budget):
+    """Brute force, float64: floor blocks per row first (forced ones ranking highest), then the pooled
+    budget (heads: per query row; call: per batch element) filled by descending probability."""
+    scores = scores.double()
+    B, H, M, Mk = scores.shape
+    chosen = torch.zeros(B, H, M, Mk, dtype=torch.bool)
+    total_of_row = [max(keep, int(forced[row].sum())) for row in range(M)]
+    groups = [[(b, row)] for b in range(B) for row in range(M)] if budget == "heads" else [
+        [(b, row) for row in range(M)] for b in range(B)
+    ]
+    for group in groups:
+        candidates, total = [], 0
+        for b, row in group:
+            total += H * total_of_row[row]
+            for h in range(H):
+                order = sorted(range(Mk), key=lambda j: (not forced[row, j], -scores[b, h, row, j].item()))
+                for rank, j in enumerate(order):
+                    if forced[row, j] or rank < floor:
+                        chosen[b, h, row, j] = True
+                    else:
+                        candidates.append((scores[b, h, row, j].item(), b, h, row, j))
+        room = total - sum(int(chosen[b, :, row].sum()) for b, row in group)
+        for _, b, h, row, j in sorted(candidates, reverse=True)[:room]:
+            chosen[b, h, row, j] = True
+    return chosen
+
+
+@pytest.mark.parametrize("budget", ["heads", "call"])
+def test_shared_budget_keeps_the_pooled_best_blocks_at_the_same_total(budget):
+    from rf_compile.ops.shared_budget import floor_count, select_shared
+
+    torch.manual_seed(0)
+    B, H, M = 2, 3, 6
+    # Heads of unequal sharpness, so that pooling moves blocks between them.
+    logits = torch.randn(B, H, M, M) * torch.tensor([8.0, 2.0, 0.1]).view(1, H, 1, 1)
+    scores = torch.softmax(logits, dim=-1)
+    forced = torch.eye(M, dtype=torch.bool)
+    forced[0] = True  # a text row, forced whole
+    forced[:, 0] = True
+    config = RainFusionConfig(mode="v2", sparsity=0.5, budget=budget, budget_floor=0.4)
+    keep = v2.keep_count(M, config)
+    chosen = select_shared(scores, config, forced, keep)
+    expected = reference_shared(scores, forced, keep, floor_count(keep, config), budget)
+    assert torch.equal(chosen, expected)
+    per_row_total = B * H * sum(max(keep, int(forced[row].sum())) for row in range(M))
+    assert int(chosen.sum()) == per_row_total  # the same density as per-row top-k
+
+
+@pytest.mark.parametrize("budget", ["heads", "call"])
+def test_shared_budget_plans_keep_more_predicted_mass_at_the_same_density(budget):
+    """What pooling the budget is for: at the same number of kept blocks, the predicted probability
+    mass the call keeps (recomputed here from independent block means) is at least per-row top-k's."""
+    layout = VideoLayout(4, 8, 8, prefix=5)
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 3, layout.seq_len, 16), torch.randn(2, 3, layout.seq_len, 16)
+    q[:, 0] *= 4.0  # a sharp head beside flatter ones
+    positions = torch.arange(layout.seq_len)
+    pooled_q, pooled_k = (reference_block_means(x.double(), positions, 16) for x in (q, k))
+    probs = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) / 4.0, dim=-1).reshape(6, *pooled_q.shape[-2:][:1], -1)
+    kept = {}
+    for name in ("query_block", budget):
+        config = RainFusionConfig(mode="v2", sparsity=0.7, order="tokens", budget=name, budget_floor=0.1)
+        blocks = v2.predict_plan(q, k, layout, config, block=16).to_dense()
+        kept[name] = (int(blocks.sum()), float(probs[blocks].sum()))
+    assert kept[budget][0] == kept["query_block"][0]
+    assert kept[budget][1] > kept["query_block"][1]

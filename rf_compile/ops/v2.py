@@ -28,6 +28,7 @@ import torch
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
+from rf_compile.ops.shared_budget import select_shared
 from rf_compile.plan import BLOCK_M, PlanTable, listed_blocks
 
 
@@ -254,6 +255,24 @@ def block_lists(
     return kv_num_blocks, kv_indices, torch.arange(M, device=always.device) < kv_num_blocks[..., None]
 
 
+def shared_block_lists(
+    pooled_q: torch.Tensor,
+    pooled_k: torch.Tensor,
+    always: torch.Tensor,
+    scale: float,
+    config: RainFusionConfig,
+    dense: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``block_lists`` for a pooled ``budget`` (block means float32 [B, H, M, D]): lists of B * H plans."""
+    B, H, M, _ = pooled_q.shape
+    scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
+    chosen = select_shared(scores, config, always, keep_count(M, config)).reshape(B * H, M, M)
+    if dense is not None:
+        chosen = chosen | dense
+    kv_num_blocks, kv_indices = listed_blocks(chosen)
+    return kv_num_blocks, kv_indices, torch.arange(M, device=always.device) < kv_num_blocks[..., None]
+
+
 def _predict(
     q, k, layout, config, scale, static: _Static, block, dense: torch.Tensor | None, fused: bool,
     densities: torch.Tensor | None,
@@ -266,7 +285,11 @@ def _predict(
     keep = None
     if densities is not None:  # ceil(M * d) per head, on the device
         keep = torch.ceil(densities.double() * M - 1e-9).clamp(1, M).to(torch.int32).repeat(B)
-    lists = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused, keep)
+    if config.budget != "query_block" and densities is None:
+        pooled = pooled_q.reshape(B, H, M, D), pooled_k.reshape(B, H, M, D)
+        lists = shared_block_lists(*pooled, static.always, scale, config, dense)
+    else:
+        lists = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused, keep)
     kv_num_blocks, kv_indices, block_full = lists
     return PlanTable(
         layout=layout,
