@@ -47,14 +47,16 @@ steps_computed, steps_total``; rainfusion: ``sites, sparse_sites`` (sites with s
 ``rf_compile.stats``), ``dense_calls, sparse_calls, sparsity``; float8: ``float8_linears`` ("quantized of all").
 The environment: GPU, torch, triton, diffusers and torchao versions, the command line, the options.
 
-Inductor's caches stay on (unlike ``e2e.py``): the inductor-alone and inductor-with-cache block graphs are the
-same, so the second compiles from the cache; compile time is not what this measures.
+Inductor's caches stay on (unlike ``e2e.py``, which measures compile times): a graph that two combinations share
+(a block's, alone and under the cache's hooks) may compile from the cache the second time; compile time is not
+what this measures, and the device time is short.
 
 Options:
 
 ``--config full|tiny``    full (default): the configuration above; tiny: ``e2e.py``'s tiny Wan2.1-1.3B (2 blocks,
                           3 x 4 x 6 tokens; rainfusion with ``min_video_tokens=0, cost_model=False`` so its sites
-                          run sparse), float32 on CPU: a smoke run in seconds
+                          run sparse), float32 on CPU (bf16 on a GPU): a smoke run, minutes on a CPU for
+                          inductor's C++ compiles (the test stubs them out and takes seconds)
 ``--compilers NAME ...``  inductor rainfusion (default both)
 ``--stacks NAME ...``     alone first_block_cache torchao_float8 (default all; run in this order)
 ``--steps K``             timed steps of the denoising loop (default 10)
