@@ -335,3 +335,19 @@ def test_dense_layers_keeps_the_first_sites_of_the_model_dense():
     first, second = sorted(sites)
     assert (sites[first]["dense_calls"], sites[second]["dense_calls"]) == (1, 0)
     assert sites[second]["sparse_calls"] == 1
+
+
+def test_dense_layers_counts_the_sites_of_its_own_options():
+    """A model compiled and run before with other options (as the quality grid does, mode after mode)
+    keeps those sites; ``dense_layers`` still counts from the first site of its own compile."""
+    preset = build_preset("wan")
+    torch._dynamo.reset()
+    rf_compile.reset()
+    with torch.no_grad():
+        torch.compile(preset.model, backend="rainfusion", options=OPTIONS)(*preset.args, **preset.kwargs)
+        torch._dynamo.reset()
+        compiled = torch.compile(preset.model, backend="rainfusion", options={**OPTIONS, "dense_layers": 1})
+        compiled(*preset.args, **preset.kwargs)
+    sites = {k: v for k, v in rf_compile.stats(preset.model).items() if "#" in k}  # the second compile's
+    first, second = sorted(sites)
+    assert (sites[first]["dense_calls"], sites[second]["dense_calls"]) == (1, 0)

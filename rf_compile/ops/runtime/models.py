@@ -121,7 +121,9 @@ class ModelState:
         name = prefix + spec.name
         state = self.sites.get((name, spec.config))
         if state is None:
-            state = self.sites[(name, spec.config)] = SiteState(spec, self, name, index=len(self.sites))
+            # The order among this config's sites: a model compiled before with other options keeps those too.
+            index = sum(config == spec.config for _, config in self.sites)
+            state = self.sites[(name, spec.config)] = SiteState(spec, self, name, index=index)
         elif state.spec is not spec:  # a recompiled graph: its layouts, same counters
             state.spec = spec
         return state
