@@ -37,6 +37,10 @@ def _run(mode: str) -> tuple[list[torch.Tensor], dict]:
     # cost_model off: at these tiny shapes the GPU cost model would (rightly) keep the sites dense
     options = {"min_video_tokens": 0, "dense_warmup": WARMUP, "compile_mode": mode, "cost_model": False}
     pipe.transformer = torch.compile(model, backend="rainfusion", options=options)
+    if mode != "default":
+        # WanPipeline calls the transformer twice a step (CFG) and reads the first output after the second
+        # call: under CUDA graphs (any backend) that output is overwritten, so clone it outside the graph.
+        pipe.transformer.register_forward_hook(lambda module, args, out: tuple(o.clone() for o in out))
     text = torch.randn(1, 9, 32, device="cuda", dtype=torch.bfloat16)
     videos = []
     with torch.no_grad():
