@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rf_compile.calibrate import calibrate
+from rf_compile.calibrate import calibrate, retarget
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops.arm import classify_heads
@@ -29,6 +29,7 @@ __all__ = [
     "SiteReport",
     "VideoLayout",
     "calibrate",
+    "retarget",
     "classify_heads",
     "inspect",
     "reset",

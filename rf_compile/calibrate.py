@@ -5,8 +5,10 @@ own denoising loop runs once with ``mode="calibrate"``: every attention site ret
 (the trajectory stays the dense one) and, on the sparse steps, measures on the device the relative L2
 error of v2 plans at each candidate block density against that dense output, per head, from the same
 q/k/v. Each head then takes the smallest density whose mean error is within ``target`` (dense where
-none is). The result is a profile (``ops.profile``) that ``options={"mode": "v2", "profile": path}``
-applies; it is refused on any other model, site, layout or v2 setting.
+none is), or, with a ``density`` budget instead, the densities of least summed squared error at that
+mean density. The result is a profile (``ops.profile``) that ``options={"mode": "v2", "profile": path}``
+applies; it is refused on any other model, site, layout or v2 setting. A profile keeps every head's
+measured errors, so ``retarget`` picks another target or budget from it in milliseconds, without a run.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def calibrate(
     *args: Any,
     run: Callable[[torch.nn.Module], Any] | None = None,
     steps: int = 8,
-    target: float = 0.05,
+    target: float | None = 0.05,
+    density: float | None = None,
     out: str | Path | None = None,
     options: dict[str, Any] | None = None,
     progress: bool = True,
@@ -52,6 +55,9 @@ def calibrate(
         Timesteps of the sweep without ``run``.
     target:
         Largest mean relative L2 error of a head's attention output against dense, in (0, 1).
+    density:
+        Instead of ``target``: the mean block density of the profile, in (0, 1]; each head takes the
+        candidate (or dense) that minimises the summed squared error of all heads at that cost.
     out:
         Where to write the profile JSON (optional).
     options:
@@ -60,8 +66,7 @@ def calibrate(
     progress:
         Show a progress bar over the model's forward calls and print a summary table.
     """
-    if not 0.0 < target < 1.0:
-        raise ValueError(f"target must be a relative error in (0, 1), got {target!r}")
+    target = _check_goal(target, density)
     options = {**(options or {}), "mode": "calibrate"}
     if run is None:
         if "timestep" not in kwargs:
@@ -86,7 +91,7 @@ def calibrate(
         if bar is not None:
             bar[0].remove()
             bar[1].close()
-    profile = choose(stats(model), config, target)
+    profile = choose(stats(model), config, target, density)
     profile.update(model=type(model).__name__, seconds=round(time.perf_counter() - start, 1))
     if not profile["sites"]:
         raise RuntimeError("calibration measured no sparse call of a video self-attention site: did the run reach "
@@ -98,32 +103,104 @@ def calibrate(
     return profile
 
 
-def choose(site_stats: dict[str, dict], config: RainFusionConfig, target: float) -> dict:
-    """The profile from ``stats(model)`` after a ``mode="calibrate"`` run: per head the smallest candidate
-    density whose mean error is within ``target``, else 1.0 (dense)."""
-    candidates = list(config.candidates)
-    order = sorted(range(len(candidates)), key=candidates.__getitem__)
-    sites = {}
+def choose(
+    site_stats: dict[str, dict], config: RainFusionConfig, target: float | None, density: float | None = None
+) -> dict:
+    """The profile from ``stats(model)`` after a ``mode="calibrate"`` run (see ``calibrate`` for the two goals)."""
+    measured = {}
     for name, entry in site_stats.items():
         heads = [h.get("candidate_errors") for h in entry.get("heads", [])]
         if not heads or any(h is None for h in heads) or len(entry.get("by_layout", {})) != 1:
             continue  # never sparse here, or measured at several layouts (a profile holds one per site)
-        density, error = [], []
-        for errors in heads:
-            ok = [i for i in order if errors[i] <= target]
-            density.append(candidates[ok[0]] if ok else 1.0)
-            error.append(errors[ok[0]] if ok else 0.0)
-        sites[name] = dict(layout=entry["layout"], heads=len(heads), density=density, error=error,
-                           candidate_errors=heads, sparse_calls=entry["sparse_calls"])  # fmt: skip
-    densities = [d for site in sites.values() for d in site["density"]]
+        measured[name] = dict(layout=entry["layout"], candidate_errors=heads, sparse_calls=entry["sparse_calls"])
+    return _profile(measured, list(config.candidates), settings_of(config), target, density)
+
+
+def retarget(profile: dict | str | Path, target: float | None = None, density: float | None = None) -> dict:
+    """The same calibration at another error ``target`` or mean ``density`` (exactly one), from the errors
+    the profile (a dict or a JSON path) keeps: no model run."""
+    if not isinstance(profile, dict):
+        profile = json.loads(Path(profile).read_text())
+    if profile.get("schema") != SCHEMA:
+        raise ValueError(f"not a calibration profile of schema {SCHEMA} (see rf_compile.calibrate)")
+    target = _check_goal(target, density)
+    measured = {
+        name: {key: site[key] for key in ("layout", "candidate_errors", "sparse_calls")}
+        for name, site in profile["sites"].items()
+    }
+    chosen = _profile(measured, profile["candidates"], profile["settings"], target, density)
+    chosen.update(model=profile.get("model"), seconds=profile.get("seconds"))
+    return chosen
+
+
+def _check_goal(target: float | None, density: float | None) -> float | None:
+    """Exactly one of ``target`` (an error in (0, 1)) and ``density`` (in (0, 1]); returns the target."""
+    if density is not None:
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be a mean block density in (0, 1], got {density!r}")
+        return None
+    if target is None or not 0.0 < target < 1.0:
+        raise ValueError(f"target must be a relative error in (0, 1) (or give density=...), got {target!r}")
+    return target
+
+
+def _profile(measured: dict, candidates: list[float], settings: dict, target: float | None, density: float | None):
+    errors = [head for site in measured.values() for head in site["candidate_errors"]]
+    if density is None:
+        order = sorted(range(len(candidates)), key=candidates.__getitem__)
+        picks = []
+        for head in errors:
+            ok = [i for i in order if head[i] <= target]
+            picks.append((candidates[ok[0]], head[ok[0]]) if ok else (1.0, 0.0))
+    else:
+        picks = allocate(errors, candidates, density)
+    sites, start = {}, 0
+    for name, site in measured.items():
+        heads = len(site["candidate_errors"])
+        chosen, start = picks[start : start + heads], start + heads
+        sites[name] = dict(layout=site["layout"], heads=heads, density=[d for d, _ in chosen],
+                           error=[e for _, e in chosen], candidate_errors=site["candidate_errors"],
+                           sparse_calls=site["sparse_calls"])  # fmt: skip
+    densities = [d for d, _ in picks]
     return dict(
         schema=SCHEMA,
         target=target,
+        density=density,
         candidates=candidates,
-        settings=settings_of(config),
+        settings=settings,
         mean_density=sum(densities) / len(densities) if densities else None,
         sites=sites,
     )
+
+
+def allocate(errors: list[list[float]], candidates: list[float], density: float) -> list[tuple[float, float]]:
+    """Per head (its error at each candidate) the (density, error) that minimise the summed squared error
+    of all heads with their mean density at most ``density``; dense (1.0, error 0) is always a choice.
+
+    The Lagrangian relaxation: for a price ``lam`` of density each head takes ``argmin e^2 + lam * d``,
+    whose mean density falls as ``lam`` rises; the smallest price that meets the budget is found by
+    bisection. Its choices are optimal for the cost they reach (at most ``density``; the points of each
+    head's lower convex hull only).
+    """
+    options = [sorted([(1.0, 0.0), *zip(candidates, head)]) for head in errors]
+    lowest = sum(o[0][0] for o in options) / max(len(options), 1)
+    if lowest > density + 1e-12:
+        raise ValueError(f"density {density} is below the smallest candidate mix ({lowest:.3f}); "
+                         f"accepted: {lowest:.3f} to 1 (add smaller candidates to go lower)")  # fmt: skip
+
+    def pick(lam: float) -> list[tuple[float, float]]:
+        return [min(o, key=lambda c: (c[1] ** 2 + lam * c[0], c[0])) for o in options]
+
+    def mean(chosen: list[tuple[float, float]]) -> float:
+        return sum(d for d, _ in chosen) / max(len(chosen), 1)
+
+    low, high = 0.0, 1.0
+    while mean(pick(high)) > density + 1e-12:
+        high *= 4.0
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean(pick(middle)) > density + 1e-12 else (low, middle)
+    return pick(high)
 
 
 def summary(profile: dict) -> str:
@@ -135,7 +212,8 @@ def summary(profile: dict) -> str:
         for name, site in profile["sites"].items()
     ]
     mean = profile["mean_density"]
-    head = f"calibration of {profile['model']} to error <= {profile['target']} in {profile['seconds']} s"
+    goal = f"error <= {profile['target']}" if profile.get("target") is not None else f"density {profile['density']}"
+    head = f"calibration of {profile['model']} to {goal} in {profile['seconds']} s"
     tail = f"mean block density {mean:.3f} (block sparsity {1 - mean:.3f} on sparse steps)" if mean else ""
     return "\n".join([head, tabulate(rows, ["site", "layout", "head densities", "worst error"]), tail])
 

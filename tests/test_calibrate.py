@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import rf_compile
 from rf_compile import Pattern, RainFusionConfig, VideoLayout
+from rf_compile.calibrate import allocate
 from rf_compile.ops import v2
 from rf_compile.ops.profile import ProfileError
 from rf_compile.reference.synthetic import planted_qk
@@ -128,3 +129,50 @@ def test_per_plan_budgets_keep_the_forced_then_the_best_blocks():
             extra = max(int(keep[p]) - int(expected.sum()), 0)
             expected[free[scores[p, row, free].topk(extra).indices]] = True
             assert torch.equal(chosen[p, row], expected), (p, row)
+
+
+def brute_force_allocation(errors, candidates, density):
+    """Every combination of choices (dense included): the least summed squared error at mean density <= density."""
+    import itertools
+
+    options = [[(1.0, 0.0), *zip(candidates, head)] for head in errors]
+    best = None
+    for chosen in itertools.product(*options):
+        if sum(d for d, _ in chosen) / len(chosen) <= density + 1e-12:
+            cost = sum(e * e for _, e in chosen)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("density", [0.3, 0.45, 0.6, 0.8])
+def test_a_density_budget_takes_the_least_squared_error_at_that_cost(density):
+    """Against brute force over every combination: the allocation's error is optimal for the density it
+    reaches (the relaxation's points), never over budget, and within one step of the best under the budget."""
+    torch.manual_seed(3)
+    candidates = [0.2, 0.4, 0.6]
+    # Heads whose error falls fast, slowly, or not at all with density: the budget should go where it pays.
+    errors = [[0.5, 0.1, 0.02], [0.3, 0.25, 0.2], [0.05, 0.03, 0.01], [0.8, 0.3, 0.05], [0.2, 0.19, 0.18]]
+    chosen = allocate(errors, candidates, density)
+    reached = sum(d for d, _ in chosen) / len(chosen)
+    assert reached <= density + 1e-9
+    cost = sum(e * e for _, e in chosen)
+    assert cost == pytest.approx(brute_force_allocation(errors, candidates, reached))
+    finest_step = max(e * e for head in errors for e in head)
+    assert cost <= brute_force_allocation(errors, candidates, density) + finest_step
+
+
+def test_retarget_chooses_from_the_kept_errors_without_a_run(tmp_path):
+    _, _, path, profile = calibrated(tmp_path, target=0.1)
+    again = rf_compile.retarget(path, target=0.1)
+    assert again["sites"] == profile["sites"] and again["mean_density"] == profile["mean_density"]
+    (site,) = profile["sites"].values()
+    local, diffuse = site["candidate_errors"]
+    budget = rf_compile.retarget(profile, density=0.5)  # two heads at mean 0.5: the diffuse one gains more
+    (chosen,) = budget["sites"].values()
+    assert budget["target"] is None and budget["density"] == 0.5 and budget["mean_density"] <= 0.5
+    expected = brute_force_allocation([local, diffuse], OPTIONS["candidates"], budget["mean_density"])
+    assert sum(e * e for e in chosen["error"]) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="below the smallest candidate mix"):
+        rf_compile.retarget(profile, density=0.1)
+    with pytest.raises(ValueError, match="density must be a mean block density"):
+        rf_compile.retarget(profile, density=1.5)

@@ -252,3 +252,5 @@ def test_calibrate_writes_a_profile_that_the_backend_applies(capsys, tmp_path):
         torch.compile(preset.model, backend="rainfusion", options=options)(*preset.args, **preset.kwargs)
     assert main(["wan", "--calibrate", str(path), "--target", "2"]) == 2
     assert "target must be a relative error in (0, 1)" in capsys.readouterr().err
+    assert main(["wan", "--calibrate", str(path), "--density", "1.5"]) == 2
+    assert "density must be a mean block density in (0, 1]" in capsys.readouterr().err

@@ -340,22 +340,24 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
                             psnr_db=psnr(exact, dense).mean().item(), ssim=ssim(exact, dense).mean().item()))
     # Calibrated profiles: measured on other noise and conditions (held out from the evaluation's), then applied.
     calibrated = {}
-    if args.calibrate_targets:
+    goals = [("target", t) for t in args.calibrate_targets] + [("density", d) for d in args.calibrate_densities]
+    if goals and time.time() > deadline:
+        skipped.extend(f"{name}: profile {kind}={value}" for kind, value in goals)
+    elif goals:
         cal_clips, cal_tokens = sample_batch(args.batch, EVAL_SEED + 1, device=device, **size)
         cal_text = models.conditions(cal_tokens, card, dtype)
         cal_noise = torch.randn(cal_clips.shape, generator=torch.Generator().manual_seed(EVAL_SEED + 1))
         cal_noise = cal_noise.to(device, dtype)
-        for target in args.calibrate_targets:
-            if time.time() > deadline:
-                skipped.append(f"{name}: profile target={target}")
-                continue
-            path = args.out / f"profile_{name}_{target}.json"
-            options = {"num_steps": args.steps, **args.calibrate_options}
-            profile = rf_compile.calibrate(model, run=lambda m: models.sample(m, name, cal_noise, cal_text, args.steps),
-                                           target=target, out=path, options=options, progress=False)  # fmt: skip
-            print(f"[{name}] calibrated to {target}: mean density {profile['mean_density']:.3f} in "
-                  f"{profile['seconds']} s", flush=True)  # fmt: skip
-            calibrated[f"profile target={target}"] = {"mode": "v2", **args.calibrate_options, "profile": str(path)}
+        options = {"num_steps": args.steps, **args.calibrate_options}
+        measured = rf_compile.calibrate(model, run=lambda m: models.sample(m, name, cal_noise, cal_text, args.steps),
+                                        options=options, progress=False, **dict(goals[:1]))  # fmt: skip
+        print(f"[{name}] calibrated in {measured['seconds']} s", flush=True)
+        for kind, value in goals:  # one measurement, every goal chosen from its errors
+            path = args.out / f"profile_{name}_{kind}{value}.json"
+            profile = rf_compile.retarget(measured, **{kind: value})
+            path.write_text(json.dumps(profile, indent=1))
+            print(f"[{name}] profile {kind}={value}: mean density {profile['mean_density']:.3f}", flush=True)
+            calibrated[f"profile {kind}={value}"] = {"mode": "v2", **args.calibrate_options, "profile": str(path)}
     for label, opts in {**calibrated, **modes}.items():
         if time.time() > deadline:
             skipped.append(f"{name}: {label}")
@@ -472,6 +474,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=128, help="block size of the oracle (the kernel's)")
     parser.add_argument("--calibrate-targets", type=lambda v: [float(x) for x in v.split(",")] if v else [],
                         default=[], help="rows of profiles calibrated to these attention errors (comma-separated)")
+    parser.add_argument("--calibrate-densities", type=lambda v: [float(x) for x in v.split(",")] if v else [],
+                        default=[], help="rows of profiles at these mean block densities (least squared error)")
     parser.add_argument("--calibrate-options", type=json.loads, default={"order": "tokens"},
                         help="v2 options (JSON) the profiles are calibrated and applied with")
     parser.add_argument("--budget-minutes", type=float, default=3.0, help="after this, remaining modes are skipped")

@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument(
         "--target", type=float, default=0.05, help="--calibrate: largest mean relative attention error (default 0.05)"
     )
+    calibration.add_argument(
+        "--density",
+        type=float,
+        help="--calibrate: instead of --target, the profile's mean block density (the heads' least squared error "
+        "at that cost); rf_compile.retarget picks another target or density from a profile without a run",
+    )
     return parser
 
 
@@ -465,8 +471,8 @@ def _calibrate(target, options: dict, args: argparse.Namespace) -> int:
         raise CliError(f"--calibrate needs a model called with a timestep= keyword; {target.label} has none")
     options = {key: value for key, value in options.items() if key not in ("mode", "num_steps")}
     try:
-        calibrate(target.model, *target.args, steps=args.run or 8, target=args.target, out=args.calibrate,
-                  options=options, **target.kwargs)  # fmt: skip
+        calibrate(target.model, *target.args, steps=args.run or 8, target=args.target, density=args.density,
+                  out=args.calibrate, options=options, **target.kwargs)  # fmt: skip
     except ValueError as error:
         raise CliError(str(error)) from None
     print(f"wrote {args.calibrate}; apply it with options={{'mode': 'v2', 'profile': {args.calibrate!r}}}")
