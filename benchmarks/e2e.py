@@ -295,6 +295,15 @@ def _site_calls(model: torch.nn.Module) -> dict[str, float]:
     }
 
 
+def _fresh_start() -> None:
+    """Forget compiled graphs, Dynamo's counters, rainfusion's sites and the peak memory: a variant starts clean."""
+    torch._dynamo.reset()
+    counters.clear()
+    rf_compile.reset()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def run_variant(
     name: str,
     preset,
@@ -319,11 +328,7 @@ def run_variant(
     # Schedule indices of the timed steps: the dense step, then sparse-phase ones.
     timed = [0] * dense_step + [*range(warmup + 1, warmup + 1 + steps)]
     clock = step_clock(preset.args[0].device)
-    torch._dynamo.reset()
-    counters.clear()
-    rf_compile.reset()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    _fresh_start()
     latent = preset.args[0]
     with _compiled(preset.model, spec, mode, num_steps, regional, rf_options or {}) as model, torch.no_grad():
         _log(f"  {name} [{mode}]: first call at t={schedule[0].item():g}" + (" (compiles)" if spec else ""))

@@ -94,7 +94,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from e2e import MODELS, _call, _compiled, _log, _site_calls, _sync, _timed_call
+from e2e import MODELS, _call, _compiled, _fresh_start, _log, _site_calls, _sync, _timed_call
 from torch._dynamo.utils import counters
 from utils import environment, gpu_slug, markdown_table, write_results
 
@@ -192,11 +192,7 @@ def run_combination(compiler: str, stack: str, preset, schedule: torch.Tensor, a
     fbc = stack == "first_block_cache"
     timed = list(range(warmup + 1, warmup + 1 + args.steps))
     clock = step_clock(preset.args[0].device)
-    torch._dynamo.reset()
-    counters.clear()
-    rf_compile.reset()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    _fresh_start()
     transformer = preset.model
 
     def context(index: int):

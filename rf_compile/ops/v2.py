@@ -248,11 +248,15 @@ def block_lists(
             budget = keep_count(M, config) if keep is None else keep
             return block_select(pooled_q, pooled_k, always, scale, budget, mass, dense)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    chosen = select_blocks(scores, config, always, keep)
+    return _lists_of(select_blocks(scores, config, always, keep), dense)
+
+
+def _lists_of(chosen: torch.Tensor, dense: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kv_num_blocks, kv_indices, block_full) of chosen blocks bool [P, M, M]; every block where ``dense``."""
     if dense is not None:
         chosen = chosen | dense
     kv_num_blocks, kv_indices = listed_blocks(chosen)
-    return kv_num_blocks, kv_indices, torch.arange(M, device=always.device) < kv_num_blocks[..., None]
+    return kv_num_blocks, kv_indices, torch.arange(chosen.shape[-1], device=chosen.device) < kv_num_blocks[..., None]
 
 
 def shared_block_lists(
@@ -266,11 +270,7 @@ def shared_block_lists(
     """``block_lists`` for a pooled ``budget`` (block means float32 [B, H, M, D]): lists of B * H plans."""
     B, H, M, _ = pooled_q.shape
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    chosen = select_shared(scores, config, always, keep_count(M, config)).reshape(B * H, M, M)
-    if dense is not None:
-        chosen = chosen | dense
-    kv_num_blocks, kv_indices = listed_blocks(chosen)
-    return kv_num_blocks, kv_indices, torch.arange(M, device=always.device) < kv_num_blocks[..., None]
+    return _lists_of(select_shared(scores, config, always, keep_count(M, config)).reshape(B * H, M, M), dense)
 
 
 def _predict(
