@@ -203,14 +203,18 @@ def test_evaluate_tiny_run_writes_one_record_per_setting(tmp_path):
 
     command = [sys.executable, str(FIDELITY / "evaluate.py"), "--tiny", "--models", "wan", "--models-dir",
                str(MODELS_DIR), "--out", str(tmp_path), "--device", "cpu", "--oracle-densities", "0.3,0.7",
-               "--block", "32"]  # fmt: skip
+               "--block", "32", "--budget-minutes", "30", "--calibrate-densities", "0.6",
+               "--calibrate-options", '{"order": "tokens", "candidates": [0.4, 0.7]}']  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=FIDELITY, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "fidelity.json").read_text())["records"]
     assert [(r["mode"], r["setting"]) for r in records] == [
-        ("dense", "dense other-noise"), ("oracle", "oracle d=0.3"), ("oracle", "oracle d=0.7"), ("v1", "v1"),
-        ("random-mask", "random-mask")]  # fmt: skip
-    low, high, v1 = records[1], records[2], records[3]
+        ("dense", "dense other-noise"), ("oracle", "oracle d=0.3"), ("oracle", "oracle d=0.7"),
+        ("v2", "profile density=0.6"), ("v1", "v1"), ("random-mask", "random-mask")]  # fmt: skip
+    low, high, v1 = records[1], records[2], records[4]
+    profile = json.loads((tmp_path / "profile_wan_density0.6.json").read_text())  # calibrated on held-out inputs
+    assert records[3]["options"]["profile"] == str(tmp_path / "profile_wan_density0.6.json")
+    assert profile["density"] == 0.6 and profile["mean_density"] <= 0.6 and profile["sites"]
     # 4x8x12 = 384 tokens in 12 blocks of 32: the oracle keeps ceil(12 d) key blocks per query block.
     assert low["block_density"] == pytest.approx(4 / 12) and high["block_density"] == pytest.approx(9 / 12)
     assert high["psnr_db"] > low["psnr_db"]
