@@ -13,6 +13,8 @@ The total is what per-row top-k keeps (``max(keep, forced)`` a row, so the densi
 Forced blocks (text and sink rows and columns, the diagonal) rank first, and every row keeps at
 least ``budget_floor`` of its per-row budget (forced blocks included), so no head loses its own
 local blocks to another's. PyTorch on the device (a sort of the call's probabilities), no host sync.
+On the trained fidelity models it lost 3.7 dB on Wan at 0.7 and tied on CogVideoX (README, Quality): the
+mass a block is predicted to hold is not the error its absence makes, so it is an option, not the default.
 """
 
 from __future__ import annotations
