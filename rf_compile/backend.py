@@ -64,7 +64,8 @@ def rainfusion(
     mode: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> Callable:
-    """Dynamo backend: RainFusion passes over ``gm``, then ``compile_fx`` with the remaining options."""
+    """Dynamo backend: RainFusion passes over ``gm``, then ``compile_fx`` with the remaining options
+    (or, with ``compiler="eager"``, the rewritten graph as it is)."""
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
@@ -77,6 +78,8 @@ def rainfusion(
     REPORTS.append(report)
     if config.report:
         print(report.table())
+    if config.compiler == "eager":  # torch.compile refuses mode= with options=, so no inductor mode is lost
+        return gm.forward
     mode = mode or config.compile_mode
     patches = {**(list_mode_options(mode) if mode and mode != "default" else {}), **inductor_options}
     return compile_fx(gm, example_inputs, config_patches=patches or None)

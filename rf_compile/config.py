@@ -30,6 +30,7 @@ NONLOCAL = ("checkerboard", "blocks")  # v1 heads the ARM finds neither spatial 
 KERNELS = ("auto", "triton", "reference")
 PRECISIONS = ("bf16", "fp8")  # the attention products: the inputs' dtype, or float8 e4m3 (Hopper)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILERS = ("inductor", "eager")  # what runs the rewritten graph
 DEFAULT_NUM_STEPS = 50  # steps of a video when neither option num_steps nor a calling pipeline gives them
 
 
@@ -154,6 +155,11 @@ class RainFusionConfig:
         The inductor mode (``torch.compile``'s ``mode``) for the rest of the graph. ``torch.compile``
         refuses ``mode=`` together with ``options=``, so with options pass the mode here, e.g.
         ``options={"mode": "v2", "compile_mode": "max-autotune"}``; ``None`` keeps ``mode=`` or the default.
+    compiler:
+        What runs the graph after the passes: ``"inductor"`` (default), or ``"eager"``: the rewritten
+        graph op by op, as Dynamo's ``eager`` backend runs it (the same sites, layouts and sparse calls,
+        no inductor codegen). For bisecting a wrong output (right with ``"eager"``: the fault is
+        downstream of the passes) and for fast CPU checks of the passes. Refuses inductor options.
     """
 
     mode: str = "v1"
@@ -189,6 +195,7 @@ class RainFusionConfig:
     report: bool = False
     strict: bool = False
     compile_mode: str | None = None
+    compiler: str = "inductor"
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -196,6 +203,9 @@ class RainFusionConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         if self.compile_mode is not None:
             _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        _check_choice("compiler", self.compiler, COMPILERS)
+        if self.compiler == "eager" and self.compile_mode not in (None, "default"):
+            raise OptionError(f"option 'compile_mode'={self.compile_mode!r} is an inductor mode: use it with compiler='inductor'")
         _check_choice("select", self.select, SELECTIONS)
         _check_choice("order", self.order, ORDERS)
         _check_choice("textural", self.textural, NONLOCAL)
@@ -288,6 +298,8 @@ class RainFusionConfig:
                 "plus any torch._inductor.config option"
             )
         config = cls(**values)
+        if config.compiler == "eager" and options:
+            raise OptionError(f"inductor option(s) {sorted(options)} need compiler='inductor' (got compiler='eager')")
         log.debug("rainfusion config: %s", config)
         return config, options
 

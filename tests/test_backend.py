@@ -93,6 +93,25 @@ def test_sparse_mode_matches_the_functional_layer():
         assert (sparse - model(*args)).abs().max() > 1e-4  # it really is sparse
 
 
+def test_eager_compiler_runs_the_same_sparse_graph_without_inductor(monkeypatch):
+    import torch._inductor.compile_fx as compile_fx_module
+
+    model = ToyVideoBlock().eval()
+    args = inputs(t=300.0)
+    options = {**OPTIONS, "dense_warmup": 0.0}
+    with torch.no_grad():
+        torch._dynamo.reset()
+        on_inductor = torch.compile(model, backend="rainfusion", options=options, fullgraph=True)(*args)
+        torch._dynamo.reset()
+        monkeypatch.setattr(compile_fx_module, "compile_fx", lambda *a, **k: pytest.fail("inductor was called"))
+        start = compiled_graphs()
+        eager = torch.compile(model, backend="rainfusion", options={**options, "compiler": "eager"}, fullgraph=True)
+        out = eager(*args)
+    torch.testing.assert_close(out, on_inductor, atol=1e-5, rtol=1e-5)
+    assert [s.status for s in reports_since(start)[0].sites] == ["sparse", "dense", "dense"]
+    assert (out - model(*args)).abs().max() > 1e-4  # the sparse site ran sparse
+
+
 def test_warmup_step_is_dense():
     rf_compile.reset()  # the first step of a new video
     model = ToyVideoBlock().eval()

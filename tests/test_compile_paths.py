@@ -15,6 +15,10 @@ from rf_compile.backend import compiled_graphs
 from rf_compile.presets import build_preset
 
 OPTIONS = {"min_video_tokens": 0, "dense_warmup": 0.0}
+# The same passes, the rewritten graph run without inductor: for the tests that repeat a path on the other
+# presets, whose subject is the layouts and sites (inductor's part of that path runs on Wan). On 2 CPU cores
+# their C++ compiles took most of a cold ``make test``.
+PASSES_ONLY = {**OPTIONS, "compiler": "eager"}
 GRIDS = [(3, 8, 12), (5, 6, 10), (2, 10, 14)]  # latent (frames, height, width): 3 resolutions
 
 
@@ -83,7 +87,8 @@ def test_one_compile_serves_three_resolutions_sparse(dynamic):
 @pytest.mark.parametrize("name", ["cogvideox", "cogvideox1.5", "hunyuanvideo", "ltx", "mochi"])
 def test_every_preset_stays_sparse_through_resolution_changes(name):
     """The default ``dynamic=None`` path on the other presets: the second resolution turns the graph
-    symbolic; every site is sparse at every resolution with that resolution's layout, exactly."""
+    symbolic; every site is sparse at every resolution with that resolution's layout, exactly (the passes
+    only: inductor's part is test_one_compile_serves_three_resolutions_sparse's)."""
     # Mochi's text length comes from torch.nonzero: one graph needs the flag its preset notes name.
     flags = {"capture_dynamic_output_shape_ops": True} if name == "mochi" else {}
     model = build_preset(name).model
@@ -91,7 +96,7 @@ def test_every_preset_stays_sparse_through_resolution_changes(name):
     calls = [_inputs(name, latent) for latent in grids]
     torch._dynamo.reset()
     rf_compile.reset()
-    compiled = torch.compile(model, backend="rainfusion", options=OPTIONS)
+    compiled = torch.compile(model, backend="rainfusion", options=PASSES_ONLY)
     with torch.no_grad(), torch._dynamo.config.patch(**flags):
         outputs = [_out(compiled(*args, **kwargs)) for args, kwargs, _ in calls]
     sites = {site: entry for site, entry in rf_compile.stats(model).items() if entry.get("calls")}
@@ -103,7 +108,7 @@ def test_every_preset_stays_sparse_through_resolution_changes(name):
     # The first resolution ran a static graph already: the later ones, on the symbolic graph, are checked.
     for (args, kwargs, _), out in zip(calls[1:], outputs[1:], strict=True):
         torch._dynamo.reset()
-        static = torch.compile(model, backend="rainfusion", options=OPTIONS, dynamic=False)
+        static = torch.compile(model, backend="rainfusion", options=PASSES_ONLY, dynamic=False)
         with torch.no_grad(), torch._dynamo.config.patch(**flags):
             torch.testing.assert_close(out, _out(static(*args, **kwargs)), atol=1e-5, rtol=1e-5)
 
