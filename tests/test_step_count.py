@@ -49,7 +49,7 @@ class Pipeline:
 
 
 def _model(name: str, **options) -> tuple[Attention, str]:
-    key = register_site(name, LAYOUT, RainFusionConfig(dense_warmup=0.5, **options))
+    key = register_site(name, LAYOUT, RainFusionConfig(**{"dense_warmup": 0.5, **options}))
     return Attention(key), key
 
 
@@ -126,3 +126,29 @@ def test_dense_last_steps_count_back_from_the_pipelines_steps():
 )
 def test_steps_are_counted_as_the_step_clock_counts_them(timesteps, steps):
     assert _count_runs(timesteps) == steps
+
+
+class RoundingPipeline(Pipeline):
+    """As HunyuanVideo15Pipeline: the timestep reaches the model in the latents' bfloat16, where the early
+    steps of a shift-9 schedule collide (997.7 and 995.4 are both 996)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=9.0)
+
+    def __call__(self, num_inference_steps: int) -> None:
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        for t in timesteps:
+            for _ in range(2):
+                self.model(t.expand(1).to(torch.bfloat16))
+
+
+def test_a_schedule_rounded_by_the_pipeline_keeps_its_step_counts():
+    schedule = FlowMatchEulerDiscreteScheduler(shift=9.0)
+    schedule.set_timesteps(50)
+    assert _count_runs(schedule.timesteps.to(torch.bfloat16)) < 50  # the clock alone would count fewer steps
+    reset()
+    model, key = _model("step_count.rounded", dense_warmup=0.1, dense_last_steps=2)
+    # 5 warm-up steps and the last 2, two calls each: as the schedule's own 50 steps count them
+    assert _video_dense_calls(key, lambda: RoundingPipeline(model)(50)) == 2 * (5 + 2)

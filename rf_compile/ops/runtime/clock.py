@@ -18,9 +18,11 @@ class StepClock:
             ),
             device,
         )
+        self.dtype: torch.dtype | None = None  # of the timesteps it counts (host metadata, set when a call ticks it)
 
     def tick(self, timestep: torch.Tensor) -> torch.Tensor:
         """Advance on a new timestep value (restart on a larger one); returns the step (int64 scalar)."""
+        self.dtype = timestep.dtype
         t = timestep.reshape(-1)[0].to(device=self.last.device, dtype=torch.float64)
         new_video = torch.isnan(self.last) | (t > self.last)
         advanced = self.step + (t != self.last).long()

@@ -56,9 +56,11 @@ class SiteState:
             shape = self.shapes[(layout, B)] = ShapeState.new(layout, B, H, variants, q.device, made, candidates)
         step = self._step(q.device, timestep)
         config, steps = self.spec.config, self.model.step_count
-        dense = step < steps.warmup(config, q.device)
+        ticked = timestep is not None or self.model.ticks_clock  # else the step is this site's call counter
+        dtype = step_clock(q.device).dtype if ticked else None
+        dense = step < steps.warmup(config, q.device, dtype)
         if config.dense_last_steps:
-            dense = dense | (step >= steps.num_steps(config, q.device) - config.dense_last_steps)
+            dense = dense | (step >= steps.last_steps_start(config, q.device, dtype))
         if self.index < config.dense_layers:
             dense = torch.ones_like(dense)
         shape.calls += 1

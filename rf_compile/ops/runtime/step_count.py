@@ -10,6 +10,12 @@ scheduler that repeats a timestep takes one step for both calls), and is compute
 timesteps live, so a pipeline on the GPU never makes the host wait. Each warm-up threshold is a
 device tensor made outside CUDA-graph pools and updated in place, so a captured graph reads the
 current video's threshold at every replay. With no pipeline on the stack N is 50 again.
+
+The clock counts the values the model receives, and a pipeline may round them first: HunyuanVideo 1.5's
+casts ``t`` to the latents' bfloat16, where 997.7 and 995.4 are both 996 (its 50-step 720p schedule has 46
+distinct values). So a threshold at step k of the pipeline's schedule is the clock's count at that step
+of the schedule rounded to the clock's dtype: the warm-up is k steps, and ``dense_last_steps`` the last
+steps, whatever the rounding merged.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ class StepCount:
         self.pipeline = ""  # class name of the pipeline the count came from ("": the default)
         self._count: int | torch.Tensor = DEFAULT_NUM_STEPS  # a device tensor when counted there
         self._timesteps: object = None  # the pipeline's timesteps the count was taken from
-        self._thresholds: dict[tuple[torch.device, float], torch.Tensor] = {}
+        self._thresholds: dict[tuple, torch.Tensor] = {}  # (device, share, steps back, clock dtype)
         self._buffers: dict[torch.device, torch.Tensor] = {}  # where a count made on a device is kept
 
     def watch(self, module: torch.nn.Module) -> None:
@@ -54,22 +60,23 @@ class StepCount:
             self.pipeline, self._timesteps = type(pipeline).__name__, timesteps
             self._set(_count_runs(timesteps))
 
-    def warmup(self, config: RainFusionConfig, device: torch.device) -> int | torch.Tensor:
-        """Dense steps of each video under ``config``: from option ``num_steps`` if given, else an int64
-        device tensor that follows the pipeline (the step is compared with it on the device)."""
+    def warmup(self, config: RainFusionConfig, device: torch.device, dtype: torch.dtype | None = None):
+        """The clock's count where the dense warm-up ends, for a clock of ``dtype`` values: from option
+        ``num_steps`` a host int, else an int64 device tensor that follows the pipeline (compared there)."""
         if config.num_steps is not None:
             return config.warmup_steps
-        return self._on_device(device, float(config.dense_warmup))
+        return self._on_device(device, float(config.dense_warmup), 0, dtype)
 
-    def num_steps(self, config: RainFusionConfig, device: torch.device) -> int | torch.Tensor:
-        """Steps of each video under ``config`` (``dense_last_steps`` counts back from it), as ``warmup``."""
+    def last_steps_start(self, config: RainFusionConfig, device: torch.device, dtype: torch.dtype | None = None):
+        """The clock's count where the last ``dense_last_steps`` steps begin, as ``warmup``."""
         if config.num_steps is not None:
-            return config.num_steps
-        return self._on_device(device, 1.0)  # ceil(1.0 * count): the count itself
+            return config.num_steps - config.dense_last_steps
+        return self._on_device(device, 1.0, config.dense_last_steps, dtype)
 
-    def _on_device(self, device: torch.device, share: float) -> torch.Tensor:
-        """``ceil(share * count)`` in a persistent int64 scalar on ``device``, rewritten for each video."""
-        key = (device, share)
+    def _on_device(self, device: torch.device, share: float, back: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """The clock's count at step ``ceil(share * count) - back`` in a persistent int64 scalar on ``device``,
+        rewritten for each video."""
+        key = (device, share, back, dtype)
         threshold = self._thresholds.get(key)
         if threshold is None:
             threshold = self._thresholds[key] = _persistent_scalar(device)
@@ -96,12 +103,17 @@ class StepCount:
         for key, threshold in self._thresholds.items():
             _fill(threshold, self._threshold(*key))
 
-    def _threshold(self, device: torch.device, share: float) -> int | torch.Tensor:
-        """``ceil(share * count)``: a host int, or (count on the device) a float64 product rounded up there,
-        so both round as ``config.warmup_steps`` does."""
+    def _threshold(self, device: torch.device, share: float, back: int, dtype: torch.dtype | None):
+        """Step ``ceil(share * count) - back`` (a float64 product rounded up, as ``config.warmup_steps`` rounds),
+        as the clock counts it: through the pipeline's timesteps rounded to ``dtype``, where there are any."""
         if isinstance(self._count, int):
-            return math.ceil(share * self._count)
-        return torch.ceil(self._count.to(device).double() * share).long()
+            step = math.ceil(share * self._count) - back
+        else:
+            step = torch.ceil(self._count.to(device).double() * share).long() - back
+        if self._timesteps is None or dtype is None:
+            return step
+        count = _clock_count_at(self._timesteps, step, dtype)
+        return count if isinstance(count, int) else count.to(device)
 
 
 def _persistent_scalar(device: torch.device) -> torch.Tensor:
@@ -123,3 +135,20 @@ def _count_runs(timesteps: Sequence | torch.Tensor) -> int | torch.Tensor:
         return 0
     runs = (t[1:] != t[:-1]).sum() + 1
     return int(runs) if t.device.type == "cpu" else runs  # on an accelerator it stays there: no sync
+
+
+def _run_index(t: torch.Tensor) -> torch.Tensor:
+    """Per position of a schedule, the clock's count there: the runs of equal values before it."""
+    return torch.cat([t.new_zeros(1, dtype=torch.long), (t[1:] != t[:-1]).long().cumsum(0)])
+
+
+def _clock_count_at(timesteps: Sequence | torch.Tensor, step: int | torch.Tensor, dtype: torch.dtype):
+    """The clock's count at pipeline step ``step`` when the model receives the timesteps in ``dtype``
+    (past the last step: the clock's last count + 1). Stays where the timesteps live: no host sync."""
+    t = timesteps.reshape(-1) if isinstance(timesteps, torch.Tensor) else torch.tensor([float(v) for v in timesteps])
+    if t.numel() == 0:
+        return step
+    steps, counts = _run_index(t), _run_index(t.to(dtype))
+    reached = steps >= (step.to(t.device) if isinstance(step, torch.Tensor) else step)
+    count = torch.where(reached.any(), counts[reached.long().argmax()], counts[-1] + 1)
+    return int(count) if t.device.type == "cpu" else count
