@@ -109,7 +109,7 @@ def run_variant(key: str, name: str, presets: dict, reps_s: float) -> list[dict]
     model = next(iter(presets.values())).model
     layers = sum(type(m).__name__ in model_spec.blocks for m in model.modules())
     regional = tuple(getattr(model, "_repeated_blocks", None) or model_spec.blocks)
-    t = model_spec.timesteps(50)[0]
+    t = model_spec.schedule(50, next(iter(presets.values())).args[0].dtype)[0]
     records = []
     torch._dynamo.reset()
     with _compiled(model, spec, "default", 50, regional, {}) as compiled, torch.no_grad():

@@ -143,6 +143,12 @@ class Model:
     scheduler: str
     timesteps: Callable[[int], torch.Tensor]  # the pipeline's timesteps for num_steps steps, in its dtype
     full_latent: tuple[int, int, int] | None = None  # latent grid of --config full, where the preset's differs
+    latent_dtype_timestep: bool = False  # the pipeline casts the timestep to the latents' dtype (as its model needs)
+
+    def schedule(self, num_steps: int, dtype: torch.dtype) -> torch.Tensor:
+        """The timesteps of ``num_steps`` steps as the pipeline passes them to the transformer."""
+        timesteps = self.timesteps(num_steps)
+        return timesteps.to(dtype) if self.latent_dtype_timestep else timesteps
 
 
 WAN_BLOCKS = ("WanTransformerBlock",)
@@ -176,6 +182,7 @@ MODELS = {
         ("HunyuanVideo15TransformerBlock",),
         "FlowMatchEulerDiscreteScheduler, shift 9.0 (the model card's 720p T2V setting)",
         functools.partial(_flow_euler_timesteps, shift=9.0),
+        latent_dtype_timestep=True,  # HunyuanVideo15Pipeline: t.expand(batch).to(latents.dtype)
     ),
 }
 CONFIGS = {
@@ -219,6 +226,19 @@ def video_seconds(ms_per_step: float, dense_ms: float, num_steps: int, warmup_st
     if not sparse:
         return num_steps * ms_per_step / 1e3
     return (warmup_steps * dense_ms + (num_steps - warmup_steps) * ms_per_step) / 1e3
+
+
+def first_sparse_step(schedule: torch.Tensor, warmup: int) -> int:
+    """The schedule index of the first sparse step under option ``num_steps``: where the step clock, which counts
+    runs of equal timesteps as the model receives them, reaches ``warmup``. Later than ``warmup`` where the
+    schedule's dtype merges steps (HunyuanVideo 1.5's bfloat16: 8 for 5); its pipeline, which rainfusion finds
+    on the stack, keeps ``warmup`` (``step_count.py``), so such a video's extrapolation is conservative."""
+    count = 0
+    for index in range(1, len(schedule)):
+        count += bool(schedule[index] != schedule[index - 1])
+        if count >= warmup:
+            return index
+    return len(schedule)
 
 
 @contextlib.contextmanager
@@ -323,7 +343,7 @@ def run_variant(
     spec = VARIANTS[name]
     sparse = is_sparse(spec)
     num_steps = len(schedule)
-    warmup = RainFusionConfig(num_steps=num_steps).warmup_steps
+    warmup = first_sparse_step(schedule, RainFusionConfig(num_steps=num_steps).warmup_steps)
     dense_step = dense_step or not sparse
     # Schedule indices of the timed steps: the dense step, then sparse-phase ones.
     timed = [0] * dense_step + [*range(warmup + 1, warmup + 1 + steps)]
@@ -544,7 +564,7 @@ def main() -> None:
         preset = build_preset(spec.preset, args.size, batch=spec.batch, device=device, dtype=dtype, layers=layers,
                               latent=grid)
         preset.model.eval().requires_grad_(False)
-        schedule = spec.timesteps(args.num_steps)
+        schedule = spec.schedule(args.num_steps, dtype)
         regional = tuple(getattr(preset.model, "_repeated_blocks", None) or spec.blocks) if args.regional else None
         (layout,) = preset.expected_layouts
         blocks = sum(type(m).__name__ in spec.blocks for m in preset.model.modules())

@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     deadline = math.inf if args.budget_minutes is None else _START + args.budget_minutes * 60
     # Tiny grids are below the default 256 video tokens, and the cost model would keep them dense.
     rf_options = {"min_video_tokens": 0, "cost_model": False} if args.config == "tiny" else {}
-    schedule = spec.timesteps(args.num_steps)
+    schedule = spec.schedule(args.num_steps, dtype)
     unavailable = {"torchao_float8": float8_unavailable()} if "torchao_float8" in args.stacks else {}
     group = describe(args.config, args.regional)
     records: list[dict] = []
