@@ -205,7 +205,8 @@ class RainFusionConfig:
             _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)
         if self.compiler == "eager" and self.compile_mode not in (None, "default"):
-            raise OptionError(f"option 'compile_mode'={self.compile_mode!r} is an inductor mode: use it with compiler='inductor'")
+            mode = self.compile_mode
+            raise OptionError(f"option 'compile_mode'={mode!r} is an inductor mode: use it with compiler='inductor'")
         _check_choice("select", self.select, SELECTIONS)
         _check_choice("order", self.order, ORDERS)
         _check_choice("textural", self.textural, NONLOCAL)

@@ -62,7 +62,7 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"dense_last_steps": 1.5}, "'dense_last_steps' must be an int >= 0"),
         ({"compiler": "aot_eager"}, r"'compiler' must be one of \['inductor', 'eager'\]"),
         ({"compiler": "eager", "compile_mode": "max-autotune"}, "is an inductor mode: use it with compiler='inductor'"),
-        ({"compiler": "eager", "max_autotune": True}, r"inductor option\(s\) \['max_autotune'\] need compiler='inductor'"),
+        ({"compiler": "eager", "max_autotune": True}, r"inductor option\(s\) \['max_autotune'\] need compiler="),
         ({"num_steps": 10, "dense_last_steps": 10}, r"add up to more than 'num_steps' \(10\)"),
         ({"bandwith": 0.25}, r"unknown rainfusion option\(s\) \['bandwith'\]; accepted keys"),
         ({"layout": {"frames": 0, "height": 3, "width": 4}}, "layout frames must be a positive int"),
