@@ -150,5 +150,6 @@ def _clock_count_at(timesteps: Sequence | torch.Tensor, step: int | torch.Tensor
         return step
     steps, counts = _run_index(t), _run_index(t.to(dtype))
     reached = steps >= (step.to(t.device) if isinstance(step, torch.Tensor) else step)
-    count = torch.where(reached.any(), counts[reached.long().argmax()], counts[-1] + 1)
+    at = counts.gather(0, reached.long().argmax().reshape(1))[0]  # a device index: no host read
+    count = torch.where(reached.any(), at, counts[-1] + 1)
     return int(count) if t.device.type == "cpu" else count
