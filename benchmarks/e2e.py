@@ -18,7 +18,8 @@ Variants, in one run on one GPU: eager (diffusers' SDPA), inductor, rainfusion `
 v2 (80% block sparsity) and v2 with FP8 products (``precision="fp8"``). Each runs a few steps of its model's
 real schedule (the diffusers scheduler with the published shift, ``num_steps`` = 50), chosen so that
 rainfusion decides dense or sparse exactly as in the pipeline: w = ceil(0.1 * num_steps) warm-up steps are
-dense (5 of 50).
+dense (5 of 50), counted as the step clock counts the timesteps the model receives (``first_sparse_step``:
+HunyuanVideo 1.5's bf16 timesteps merge early steps, and w is 8 there).
 
 1. a call at t[0] that compiles (``compile_s``; under CUDA graphs one more untimed call, which records them);
 2. one timed dense step at t[0] (``dense_ms``);
