@@ -132,16 +132,38 @@ def estimate(
 ) -> Estimate:
     """Dense and sparse time of one call of ``batch`` x ``heads`` heads of ``head_dim`` over ``layout``."""
     N = layout.seq_len
-    dense_ms = 4 * batch * heads * N * N * head_dim / (costs.tflops(head_dim) * 1e12) * 1e3
-    if config.mode == "v2":
-        density = v2_density_bound(layout, config)
-        rows = batch * heads * N / 1e6 * head_dim / 128
-        fixed = costs.v2_call_ms + costs.v2_ms_per_mrow * rows
-    else:
-        density = v1_density_bound(layout, config)
-        fixed = costs.v1_call_ms
+    dense_ms, fixed = _dense_and_fixed_ms(config, batch, heads, N, head_dim, costs)
+    density = v2_density_bound(layout, config) if config.mode == "v2" else v1_density_bound(layout, config)
     sparse_ms = fixed + dense_ms * density / costs.efficiency
     return Estimate(N, dense_ms, sparse_ms, density, costs.name)
+
+
+def _dense_and_fixed_ms(
+    config: RainFusionConfig, batch: int, heads: int, tokens: int, head_dim: int, costs: DeviceCosts
+) -> tuple[float, float]:
+    """Dense SDPA's time of a call, and what a sparse call costs before its kept blocks (prediction, launches)."""
+    dense_ms = 4 * batch * heads * tokens * tokens * head_dim / (costs.tflops(head_dim) * 1e12) * 1e3
+    if config.mode == "v2":
+        return dense_ms, costs.v2_call_ms + costs.v2_ms_per_mrow * batch * heads * tokens / 1e6 * head_dim / 128
+    return dense_ms, costs.v1_call_ms
+
+
+def shape_dense_reason(config: RainFusionConfig, q: torch.Tensor, kernel: str) -> str | None:
+    """Why a call of ``q``'s static shape stays dense at any layout: what a sparse call costs before its kept
+    blocks is already more than ``SPARSE_BELOW`` of dense. For sites whose layout comes only at the call
+    (regional graphs: from the calling model), so the pass can leave their SDPA in place at small shapes
+    instead of running the op there to decide dense (host time a short step shows)."""
+    if not config.cost_model or config.mode in ("dense", "calibrate") or config.profile is not None:
+        return None
+    costs = costs_for(q.device, kernel)
+    if costs is None:
+        return None
+    B, H, N, D = (int(size) for size in q.shape)
+    dense_ms, fixed = _dense_and_fixed_ms(config, B, H, N, D, costs)
+    if fixed <= SPARSE_BELOW * dense_ms:
+        return None
+    return (f"sparse would be slower at {N:,} tokens whatever the layout (est. its per-call cost alone "
+            f"{fixed / dense_ms:.2f}x dense on {costs.name})")  # fmt: skip
 
 
 @functools.lru_cache(maxsize=64)

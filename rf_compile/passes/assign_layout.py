@@ -46,8 +46,13 @@ def assign_layouts(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         layout = infer_site_layout(gm, site.node, hints)
         seq_symbols = _free_symbols(example(site.args["query"]).shape[2])
         if isinstance(layout, PartialGraph):
-            site.resolver = _calling_model_resolver(config)
             site.report.layout_source = "calling model (traced on the first call of each shape)"
+            static = not site.report.symbolic
+            reason = cost.shape_dense_reason(config, _kernel_inputs(site)[0], kernel) if static else None
+            if reason:  # too short to pay at any layout: SDPA stays in the graph
+                site.make_dense(reason)
+            else:
+                site.resolver = _calling_model_resolver(config)
             continue
         if site.report.symbolic and (not isinstance(layout, str) or not seq_symbols <= hints.keys()):
             snapshot = snapshot or _Snapshot(gm)
