@@ -35,6 +35,7 @@ from e2e import MODELS, _call, _compiled, _log, _timed_call
 from utils import environment, gpu_slug, markdown_table, write_results
 
 import rf_compile
+from rf_compile.backend import compiled_graphs, reports_since
 from rf_compile.config import RainFusionConfig
 from rf_compile.ops import cost
 from rf_compile.presets import build_preset
@@ -74,9 +75,14 @@ def time_steps(model, preset, t: torch.Tensor, reps_s: float) -> list[float]:
     return [_timed_call(model, preset, latent, t)[1] for _ in range(reps)]
 
 
-def site_decision(model: torch.nn.Module) -> tuple[str, str]:
-    """(``"sparse"`` | ``"dense"`` | ``"mixed"``, the dense reasons) of rainfusion's sites since the last reset."""
+def site_decision(model: torch.nn.Module, since_graph: int) -> tuple[str, str]:
+    """(``"sparse"`` | ``"dense"`` | ``"mixed"``, the dense reasons) of rainfusion's sites since the last reset;
+    where no op ran, the video sites the pass kept as SDPA in the graphs compiled since ``since_graph``."""
     sites = [s for s in rf_compile.stats(model).values() if s["calls"] or s["dense_shapes"]]
+    if not sites:
+        kept = [site for report in reports_since(since_graph) for site in report.sites
+                if site.status == "dense" and site.seq_len == site.kv_len]  # fmt: skip
+        return ("dense", "; ".join(sorted({site.reason for site in kept}))) if kept else ("none", "")
     sparse = sum(s["sparse_calls"] for s in sites)
     reasons = sorted({reason for s in sites for reason in s["dense_shapes"]})
     return ("sparse" if not reasons else "dense" if not sparse else "mixed"), "; ".join(reasons)
@@ -115,6 +121,7 @@ def run_variant(key: str, name: str, presets: dict, reps_s: float) -> list[dict]
     with _compiled(model, spec, "default", 50, regional, {}) as compiled, torch.no_grad():
         for n, preset in presets.items():
             rf_compile.reset()
+            since = compiled_graphs()
             times = time_steps(compiled, preset, t, reps_s)
             (layout,) = preset.expected_layouts
             config = model.config
@@ -125,7 +132,7 @@ def run_variant(key: str, name: str, presets: dict, reps_s: float) -> list[dict]
                 "ms_steps": times,
             }  # fmt: skip
             if spec["backend"] == "rainfusion":
-                record["decision"], record["reason"] = site_decision(model)
+                record["decision"], record["reason"] = site_decision(model, since)
                 record["est_ratio"] = estimate_ratio(preset, spec["options"])
             records.append(record)
             _log(f"{model_spec.name} {name} {n:,} tokens: {record['ms_per_step']:.2f} ms a step"

@@ -289,3 +289,34 @@ def test_block_select_compiles_for_sm90_as_launched(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "select.json").read_text())["records"]
     assert {r["select"] for r in records} == {"topk", "mass"} and all(r["blocks"] == 256 for r in records)
+
+
+def test_crossover_decision_reads_the_report_where_the_pass_kept_sdpa(monkeypatch):
+    """A regional graph too short to pay at any layout keeps SDPA (no op, no stats): the sweep's record must say
+    dense, with the report's reason, not sparse."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from crossover import site_decision
+
+    import rf_compile
+    from rf_compile.backend import compiled_graphs
+    from rf_compile.ops import cost
+    from rf_compile.presets import build_preset
+
+    monkeypatch.setattr(cost, "costs_for", lambda device, kernel: cost.HOPPER)
+    preset = build_preset("wan", "tiny")
+    torch._dynamo.reset()
+    rf_compile.reset()
+    since = compiled_graphs()
+    preset.model.compile_repeated_blocks(backend="rainfusion", options={"min_video_tokens": 0})
+    with torch.no_grad():
+        preset.model(*preset.args, **preset.kwargs)
+    decision, reason = site_decision(preset.model, since)
+    assert decision == "dense" and "whatever the layout" in reason
+    preset = build_preset("wan", "tiny")  # the same without the cost model: the op runs sparse, stats say so
+    torch._dynamo.reset()
+    rf_compile.reset()
+    preset.model.compile_repeated_blocks(backend="rainfusion", options={"min_video_tokens": 0, "cost_model": False,
+                                                                        "dense_warmup": 0.0})  # fmt: skip
+    with torch.no_grad():
+        preset.model(*preset.args, **preset.kwargs)
+    assert site_decision(preset.model, compiled_graphs()) == ("sparse", "")
