@@ -348,7 +348,7 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
         cal_text = models.conditions(cal_tokens, card, dtype)
         cal_noise = torch.randn(cal_clips.shape, generator=torch.Generator().manual_seed(EVAL_SEED + 1))
         cal_noise = cal_noise.to(device, dtype)
-        options = {"num_steps": args.steps, **args.calibrate_options}
+        options = {"num_steps": args.steps, **args.compile_options, **args.calibrate_options}
         measured = rf_compile.calibrate(model, run=lambda m: models.sample(m, name, cal_noise, cal_text, args.steps),
                                         options=options, progress=False, **dict(goals[:1]))  # fmt: skip
         print(f"[{name}] calibrated in {measured['seconds']} s", flush=True)
@@ -363,7 +363,7 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
             skipped.append(f"{name}: {label}")
             continue
         # Warm-up: the first 10% of this loop's steps. Quality of the sparse path: never priced dense.
-        opts = {"num_steps": args.steps, "cost_model": False, **opts}
+        opts = {"num_steps": args.steps, "cost_model": False, **args.compile_options, **opts}
         config = RainFusionConfig.from_options(opts)[0]
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="rainfusion", options={**opts, "measure_error": True}, dynamic=False)
@@ -479,12 +479,15 @@ def main() -> None:
     parser.add_argument("--calibrate-options", type=json.loads, default={"order": "tokens"},
                         help="v2 options (JSON) the profiles are calibrated and applied with")
     parser.add_argument("--budget-minutes", type=float, default=3.0, help="after this, remaining modes are skipped")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: 4x16x24, batch 1, 4 steps, v1 only")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke run: 4x16x24, batch 1, 4 steps, v1 only, compiler='eager'")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.tiny:
         args.frames, args.height, args.width = args.frames or 4, args.height or 16, args.width or 24
         args.batch, args.steps, args.modes = 1, 4, args.modes or ["v1"]
+    # The tiny run checks the harness: the rewritten graphs run without inductor's C++ compiles (same sites).
+    args.compile_options = {"compiler": "eager"} if args.tiny else {}
     table = parse_sweep(args.sweep, args.sweep_modes.split(",")) if args.sweep else {}
     if args.modes or not table:
         unknown = set(args.modes or []) - set(DEFAULT_MODES)
