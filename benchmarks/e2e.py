@@ -100,6 +100,7 @@ import rf_compile
 from rf_compile.backend import rainfusion
 from rf_compile.config import RainFusionConfig
 from rf_compile.ops.runtime.clock import step_clock
+from rf_compile.ops.runtime.step_count import clock_counts
 from rf_compile.presets import build_preset
 
 
@@ -234,12 +235,8 @@ def first_sparse_step(schedule: torch.Tensor, warmup: int) -> int:
     runs of equal timesteps as the model receives them, reaches ``warmup``. Later than ``warmup`` where the
     schedule's dtype merges steps (HunyuanVideo 1.5's bfloat16: 8 for 5); its pipeline, which rainfusion finds
     on the stack, keeps ``warmup`` (``step_count.py``), so such a video's extrapolation is conservative."""
-    count = 0
-    for index in range(1, len(schedule)):
-        count += bool(schedule[index] != schedule[index - 1])
-        if count >= warmup:
-            return index
-    return len(schedule)
+    reached = (clock_counts(schedule.reshape(-1)) >= warmup).nonzero()
+    return int(reached[0]) if len(reached) else len(schedule)
 
 
 @contextlib.contextmanager

@@ -138,6 +138,12 @@ def estimate(
     return Estimate(N, dense_ms, sparse_ms, density, costs.name)
 
 
+def _judged(config: RainFusionConfig) -> bool:
+    """Whether the cost model decides for ``config``: not when it is off, in dense mode, when calibration
+    measures (it is not timed), or with a profile (its densities were chosen by measurement)."""
+    return config.cost_model and config.mode not in ("dense", "calibrate") and config.profile is None
+
+
 def _dense_and_fixed_ms(
     config: RainFusionConfig, batch: int, heads: int, tokens: int, head_dim: int, costs: DeviceCosts
 ) -> tuple[float, float]:
@@ -153,7 +159,7 @@ def shape_dense_reason(config: RainFusionConfig, q: torch.Tensor, kernel: str) -
     blocks is already more than ``SPARSE_BELOW`` of dense. For sites whose layout comes only at the call
     (regional graphs: from the calling model), so the pass can leave their SDPA in place at small shapes
     instead of running the op there to decide dense (host time a short step shows)."""
-    if not config.cost_model or config.mode in ("dense", "calibrate") or config.profile is not None:
+    if not _judged(config):
         return None
     costs = costs_for(q.device, kernel)
     if costs is None:
@@ -194,8 +200,8 @@ def dense_reason(config: RainFusionConfig, layout: VideoLayout, q: torch.Tensor,
     Host-side and cached per (config, layout, shape, device, kernel): the first call of a shape prices
     it, later calls look it up. ``q`` may be a fake tensor (the compile-time pass).
     """
-    if not config.cost_model or config.mode in ("dense", "calibrate") or config.profile is not None:
-        return None  # calibration measures, it is not timed; a profile's densities were chosen by measurement
+    if not _judged(config):
+        return None
     B, H, _, D = q.shape
     key = (config, layout, int(B), int(H), int(D), q.device, kernel)
     if key not in _VERDICTS:

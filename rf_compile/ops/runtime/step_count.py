@@ -133,12 +133,12 @@ def _count_runs(timesteps: Sequence | torch.Tensor) -> int | torch.Tensor:
     t = timesteps.reshape(-1)
     if t.numel() == 0:
         return 0
-    runs = (t[1:] != t[:-1]).sum() + 1
+    runs = clock_counts(t)[-1] + 1
     return int(runs) if t.device.type == "cpu" else runs  # on an accelerator it stays there: no sync
 
 
-def _run_index(t: torch.Tensor) -> torch.Tensor:
-    """Per position of a schedule, the clock's count there: the runs of equal values before it."""
+def clock_counts(t: torch.Tensor) -> torch.Tensor:
+    """Per position of a schedule (1-D), the clock's count there: the runs of equal values before it."""
     return torch.cat([t.new_zeros(1, dtype=torch.long), (t[1:] != t[:-1]).long().cumsum(0)])
 
 
@@ -148,7 +148,7 @@ def _clock_count_at(timesteps: Sequence | torch.Tensor, step: int | torch.Tensor
     t = timesteps.reshape(-1) if isinstance(timesteps, torch.Tensor) else torch.tensor([float(v) for v in timesteps])
     if t.numel() == 0:
         return step
-    steps, counts = _run_index(t), _run_index(t.to(dtype))
+    steps, counts = clock_counts(t), clock_counts(t.to(dtype))
     reached = steps >= (step.to(t.device) if isinstance(step, torch.Tensor) else step)
     at = counts.gather(0, reached.long().argmax().reshape(1))[0]  # a device index: no host read
     count = torch.where(reached.any(), at, counts[-1] + 1)
