@@ -250,3 +250,28 @@ def test_block_oracle_equals_a_brute_force_float64_construction():
             best = set((others.topk(2).indices + 1).tolist()) | {0}
             assert set(chosen[0, h, i].nonzero().flatten().tolist()) == best
         assert chosen[0, h, 0].all()
+
+
+def test_step_budget_spends_each_schedules_density_on_its_steps(tmp_path):
+    """``step_budget.py`` on the shipped Wan checkpoint at a tiny size: every schedule spends the whole-trajectory
+    density it was given (oracle blocks of 32 over 4x8x12 tokens: ceil(12 d) key blocks a row, no text blocks),
+    where its dense steps and its sparse steps put it."""
+    import subprocess
+
+    command = [sys.executable, str(FIDELITY / "step_budget.py"), "--models", "wan", "--models-dir", str(MODELS_DIR),
+               "--out", str(tmp_path), "--device", "cpu", "--frames", "4", "--height", "16", "--width", "24",
+               "--batch", "1", "--steps", "4", "--block", "32", "--whole", "0.5",
+               "--schedules", "flat1", "flat0", "ramp0_down"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=FIDELITY, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads((tmp_path / "step_budget.json").read_text())["records"]
+    by_name = {r["schedule"]: r for r in records}
+    assert list(by_name) == ["flat1", "flat0", "ramp0_down"]
+    assert by_name["flat1"]["densities"] == pytest.approx([1.0, 1 / 3, 1 / 3, 1 / 3], abs=1e-4)
+    assert by_name["ramp0_down"]["densities"] == pytest.approx([0.6, 0.5333, 0.4667, 0.4], abs=1e-4)
+    # flat1: one dense step, then 4 of 12 blocks; flat0: 6 of 12; ramp0_down: 8, 7, 6, 5 of 12.
+    assert by_name["flat1"]["whole_density"] == pytest.approx((1 + 3 * 4 / 12) / 4)
+    assert by_name["flat0"]["whole_density"] == pytest.approx(6 / 12)
+    assert by_name["ramp0_down"]["whole_density"] == pytest.approx((8 + 7 + 6 + 5) / 48)
+    assert all(math.isfinite(r["psnr_db"]) and r["psnr_db"] > 0 for r in records)
+    assert "flat0" in (tmp_path / "step_budget.md").read_text()

@@ -1,0 +1,129 @@
+"""Where in the trajectory a fixed attention budget buys the most quality: oracle block masks per step.
+
+The trained fidelity models sample from the same noise as their dense sample, with attention restricted on
+every step to the oracle block mask (``oracle.py``: per query block the key blocks of most true mass) at
+that step's density. Each schedule spends about the same whole-trajectory block density (dense steps count
+1), so the rows compare only *where* it is spent: dense warm-up steps, a flat density, or a ramp from dense
+to sparse (or the reverse). Masks know where the attention is, so what is measured is the schedule, not a
+predictor. PSNR of the final sample against the dense sample, as in ``evaluate.py``.
+
+    python benchmarks/fidelity/step_budget.py --out benchmarks/results/nvidia-h200/trained/step_budget  # GPU, ~1 min
+    python benchmarks/fidelity/step_budget.py --batch 1 --schedules flat2 flat0 --out /tmp/sb            # CPU, ~20 min
+
+Writes ``step_budget.json`` (records ``model, schedule, densities, whole_density, psnr_db``) and
+``step_budget.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import models
+import oracle
+import torch
+from data import sample_batch
+from evaluate import EVAL_SEED
+from metrics import psnr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils import environment, markdown_table  # noqa: E402
+
+
+def ramp(first: float, last: float, dense_steps: int, steps: int) -> list[float]:
+    """``dense_steps`` dense steps, then a linear density from ``first`` to ``last`` over the others."""
+    m = steps - dense_steps
+    return [1.0] * dense_steps + [first + (last - first) * i / max(m - 1, 1) for i in range(m)]
+
+
+def schedules(steps: int, whole: float) -> dict[str, list[float]]:
+    """Per-step densities of each schedule, every one averaging ``whole`` over the trajectory."""
+    warm = max(1, round(0.1 * steps))  # the paper's first 10% dense
+
+    def after(dense_steps: int) -> float:  # the mean density left for the sparse steps
+        return (whole * steps - dense_steps) / (steps - dense_steps)
+
+    return {
+        "flat2": ramp(after(warm), after(warm), warm, steps),  # today's rule: 10% dense, then flat
+        "flat1": ramp(after(1), after(1), 1, steps),
+        "flat0": ramp(whole, whole, 0, steps),  # no dense step: the budget spread evenly
+        "ramp2_down": ramp(after(warm) + 0.2, after(warm) - 0.2, warm, steps),  # then from denser to sparser
+        "ramp2_up": ramp(after(warm) - 0.2, after(warm) + 0.2, warm, steps),
+        "ramp0_down": ramp(whole + 0.1, whole - 0.1, 0, steps),
+        "ramp0_down_steep": ramp(whole + 0.2, whole - 0.2, 0, steps),
+    }
+
+
+def schedule_hook(densities: list[float], layout, step_of, block: int, kept: list):
+    """SDPA hook: attention under the oracle block mask of this step's density (dense at 1.0)."""
+
+    def hook(index, q, k, v, **kwargs):
+        density = densities[step_of()]
+        if density >= 1.0:
+            kept.append(1.0)
+            return None
+        mask = oracle.oracle_mask(q, k, layout, density, block)
+        kept.append(mask.float().mean().item())
+        return oracle.block_masked_attention(q, k, v, mask, block)
+
+    return hook
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    here = Path(__file__).resolve().parent
+    parser.add_argument("--models-dir", type=Path, default=here / "models")
+    parser.add_argument("--models", nargs="+", default=list(models.NAMES))
+    parser.add_argument("--steps", type=int, default=20, help="Euler steps of the sampling loop")
+    parser.add_argument("--batch", type=int, default=4, help="clips per sample")
+    parser.add_argument("--whole", type=float, default=0.4, help="whole-trajectory block density of every schedule")
+    parser.add_argument("--block", type=int, default=128, help="block size of the oracle (the kernel's)")
+    parser.add_argument("--frames", type=int, default=None, help="default: the model card's latent shape")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--schedules", nargs="+", default=None, help="names of the schedules (default: all)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    table = schedules(args.steps, args.whole)
+    unknown = set(args.schedules or []) - set(table)
+    if unknown:
+        parser.error(f"unknown schedules {sorted(unknown)}; known: {list(table)}")
+    table = {name: table[name] for name in (args.schedules or table)}
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    state = {"step": 0}  # the sampling loop's step, read by the hook
+    for name in args.models:
+        model, card = models.load(args.models_dir / name, name, dtype=dtype, device=device)
+        _, f, h, w = card["latent_shape"]
+        size = dict(frames=args.frames or f, height=args.height or h, width=args.width or w)
+        layout = models.layout_of(name, **size)
+        clips, tokens = sample_batch(args.batch, EVAL_SEED, device=device, **size)
+        text = models.conditions(tokens, card, dtype)
+        noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(EVAL_SEED)).to(device, dtype)
+        dense = models.sample(model, name, noise, text, args.steps)
+        for label, densities in table.items():
+            kept: list[float] = []
+            t0 = time.time()
+            with models.CaptureAttention(schedule_hook(densities, layout, lambda: state["step"], args.block, kept)):
+                out = models.sample(model, name, noise, text, args.steps, on_step=lambda i, t: state.update(step=i))
+            records.append(dict(model=name, schedule=label, densities=[round(d, 4) for d in densities],
+                                whole_density=sum(kept) / len(kept), psnr_db=psnr(out, dense).mean().item(),
+                                batch=args.batch, steps=args.steps))  # fmt: skip
+            print(f"[{name}] {label:18s} whole density {records[-1]['whole_density']:.3f} "
+                  f"PSNR {records[-1]['psnr_db']:.2f} dB ({time.time() - t0:.1f}s)", flush=True)  # fmt: skip
+    env = environment()
+    (args.out / "step_budget.json").write_text(json.dumps({"environment": env, "records": records}, indent=1))
+    rows = [dict(r, first=r["densities"][0], last=r["densities"][-1]) for r in records]
+    md = [f"# Oracle block masks, one budget spread over the steps\n\n`{env['command']}`\n",
+          markdown_table(rows, ["model", "schedule", "first", "last", "whole_density", "psnr_db"])]  # fmt: skip
+    (args.out / "step_budget.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
