@@ -275,3 +275,15 @@ def test_step_budget_spends_each_schedules_density_on_its_steps(tmp_path):
     assert by_name["ramp0_down"]["whole_density"] == pytest.approx((8 + 7 + 6 + 5) / 48)
     assert all(math.isfinite(r["psnr_db"]) and r["psnr_db"] > 0 for r in records)
     assert "flat0" in (tmp_path / "step_budget.md").read_text()
+
+
+def test_step_budget_schedules_average_the_budget_and_refuse_densities_outside_0_1():
+    import step_budget
+
+    for whole in (0.3, 0.4, 0.6):
+        table = step_budget.schedules(20, whole)
+        for name, densities in table.items():
+            assert sum(densities) / 20 == pytest.approx(whole), name
+        step_budget.check_schedules(table, whole)  # every density in (0, 1]: no error
+    with pytest.raises(ValueError, match="'ramp2_down' at --whole 0.15 needs per-step densities in"):
+        step_budget.check_schedules(step_budget.schedules(20, 0.15), 0.15)

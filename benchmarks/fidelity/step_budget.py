@@ -7,8 +7,8 @@ that step's density. Each schedule spends about the same whole-trajectory block 
 to sparse (or the reverse). Masks know where the attention is, so what is measured is the schedule, not a
 predictor. PSNR of the final sample against the dense sample, as in ``evaluate.py``.
 
-    python benchmarks/fidelity/step_budget.py --out benchmarks/results/nvidia-h200/trained/step_budget  # GPU, ~1 min
-    python benchmarks/fidelity/step_budget.py --batch 1 --schedules flat2 flat0 --out /tmp/sb            # CPU, ~20 min
+    python benchmarks/fidelity/step_budget.py --out benchmarks/results/nvidia-h200/trained/step_budget  # GPU
+    python benchmarks/fidelity/step_budget.py --batch 1 --schedules flat2 flat0 --out /tmp/sb  # CPU: ~5 min a row
 
 Writes ``step_budget.json`` (records ``model, schedule, densities, whole_density, psnr_db``) and
 ``step_budget.md`` into ``--out``.
@@ -57,6 +57,15 @@ def schedules(steps: int, whole: float) -> dict[str, list[float]]:
     }
 
 
+def check_schedules(table: dict[str, list[float]], whole: float) -> None:
+    """Refuse a schedule whose ramp leaves (0, 1] at this ``whole`` density (a low budget with a steep ramp)."""
+    for name, densities in table.items():
+        if not all(0.0 < d <= 1.0 for d in densities):
+            span = f"{densities[0]:.3f} to {densities[-1]:.3f}"
+            raise ValueError(f"schedule {name!r} at --whole {whole} needs per-step densities in (0, 1]; it would "
+                             f"run from {span}: raise --whole or drop it")  # fmt: skip
+
+
 def schedule_hook(densities: list[float], layout, step_of, block: int, kept: list):
     """SDPA hook: attention under the oracle block mask of this step's density (dense at 1.0)."""
 
@@ -93,6 +102,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown schedules {sorted(unknown)}; known: {list(table)}")
     table = {name: table[name] for name in (args.schedules or table)}
+    try:
+        check_schedules(table, args.whole)
+    except ValueError as error:
+        parser.error(str(error))
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.out.mkdir(parents=True, exist_ok=True)
