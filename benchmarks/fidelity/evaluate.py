@@ -241,12 +241,13 @@ def random_mask_hook(density: float, layout, step_of, config: RainFusionConfig, 
     return hook
 
 
-def oracle_hook(density: float, layout, step_of, config: RainFusionConfig, block: int, kept: list):
-    """SDPA hook: on sparse steps, attention under the oracle block mask of ``density`` (``oracle.py``);
-    appends each call's block density (forced text blocks included) to ``kept``."""
+def oracle_hook(density_at, layout, block: int, kept: list):
+    """SDPA hook: attention under the oracle block mask (``oracle.py``) of ``density_at()``, this call's density
+    (``None``: plain SDPA); appends each masked call's block density (forced text blocks included) to ``kept``."""
 
     def hook(index, q, k, v, **kwargs):
-        if not sparse_step(step_of(), config):
+        density = density_at()
+        if density is None:
             return None
         mask = oracle.oracle_mask(q, k, layout, density, block)
         kept.append(mask.float().mean().item())
@@ -320,7 +321,11 @@ def evaluate_model(name: str, folder: Path, args, deadline: float, device, dtype
             skipped.append(f"{name}: oracle d={density}")
             continue
         kept: list[float] = []
-        hook = oracle_hook(density, layout, lambda: state["step"], config, args.block, kept)
+
+        def sparse_density(d: float = density) -> float | None:  # the oracle's density on the sparse steps
+            return d if sparse_step(state["step"], config) else None
+
+        hook = oracle_hook(sparse_density, layout, args.block, kept)
         t1 = time.time()
         with models.CaptureAttention(hook):
             out = models.sample(model, name, noise, text, args.steps, on_step=lambda i, t: state.update(step=i))

@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 
 import models
-import oracle
 import torch
 from data import sample_batch
-from evaluate import EVAL_SEED
+from evaluate import EVAL_SEED, oracle_hook
 from metrics import psnr
+
+from rf_compile import RainFusionConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from utils import environment, markdown_table  # noqa: E402
@@ -41,7 +42,7 @@ def ramp(first: float, last: float, dense_steps: int, steps: int) -> list[float]
 
 def schedules(steps: int, whole: float) -> dict[str, list[float]]:
     """Per-step densities of each schedule, every one averaging ``whole`` over the trajectory."""
-    warm = max(1, round(0.1 * steps))  # the paper's first 10% dense
+    warm = RainFusionConfig(num_steps=steps).warmup_steps  # the backend's dense warm-up: the first 10%
 
     def after(dense_steps: int) -> float:  # the mean density left for the sparse steps
         return (whole * steps - dense_steps) / (steps - dense_steps)
@@ -64,21 +65,6 @@ def check_schedules(table: dict[str, list[float]], whole: float) -> None:
             span = f"{densities[0]:.3f} to {densities[-1]:.3f}"
             raise ValueError(f"schedule {name!r} at --whole {whole} needs per-step densities in (0, 1]; it would "
                              f"run from {span}: raise --whole or drop it")  # fmt: skip
-
-
-def schedule_hook(densities: list[float], layout, step_of, block: int, kept: list):
-    """SDPA hook: attention under the oracle block mask of this step's density (dense at 1.0)."""
-
-    def hook(index, q, k, v, **kwargs):
-        density = densities[step_of()]
-        if density >= 1.0:
-            kept.append(1.0)
-            return None
-        mask = oracle.oracle_mask(q, k, layout, density, block)
-        kept.append(mask.float().mean().item())
-        return oracle.block_masked_attention(q, k, v, mask, block)
-
-    return hook
 
 
 def main() -> None:
@@ -121,12 +107,22 @@ def main() -> None:
         noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(EVAL_SEED)).to(device, dtype)
         dense = models.sample(model, name, noise, text, args.steps)
         for label, densities in table.items():
-            kept: list[float] = []
+            kept: list[float] = []  # block density of each masked call
+            dense_calls = [0]
+
+            def density_at(densities=densities, dense_calls=dense_calls) -> float | None:
+                density = densities[state["step"]]
+                if density >= 1.0:  # a dense step: plain SDPA
+                    dense_calls[0] += 1
+                    return None
+                return density
+
             t0 = time.time()
-            with models.CaptureAttention(schedule_hook(densities, layout, lambda: state["step"], args.block, kept)):
+            with models.CaptureAttention(oracle_hook(density_at, layout, args.block, kept)):
                 out = models.sample(model, name, noise, text, args.steps, on_step=lambda i, t: state.update(step=i))
+            whole = (sum(kept) + dense_calls[0]) / (len(kept) + dense_calls[0])
             records.append(dict(model=name, schedule=label, densities=[round(d, 4) for d in densities],
-                                whole_density=sum(kept) / len(kept), psnr_db=psnr(out, dense).mean().item(),
+                                whole_density=whole, psnr_db=psnr(out, dense).mean().item(),
                                 batch=args.batch, steps=args.steps))  # fmt: skip
             print(f"[{name}] {label:18s} whole density {records[-1]['whole_density']:.3f} "
                   f"PSNR {records[-1]['psnr_db']:.2f} dB ({time.time() - t0:.1f}s)", flush=True)  # fmt: skip
