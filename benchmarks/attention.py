@@ -208,8 +208,9 @@ def bench_shape(model, heads, D, layout, args, records, log):
                                     first_call_s=first_s, efficiency=best_dense * density / t["ms"], **t))
                 log(f"{model} {pattern} d={density:.3f} rainfusion {name}: {t['ms']:.3f} ms "
                     f"eff {best_dense * density / t['ms']:.3f} err {err:.1e} cfg {cfg}")
-                if args.fp8 and loads == "tma" and loop != "two_pass":  # FP8 refuses two_pass (NaN on the H200)
-                    records.append(bench_fp8(fn, out, t["ms"], rows, ref, common, name, args, log))
+                for precision in args.precisions:  # "fp8" refuses two_pass (NaN on the H200)
+                    if loads == "tma" and not (precision == "fp8" and loop == "two_pass"):
+                        records.append(bench_8bit(precision, fn, out, t["ms"], rows, ref, common, name, args, log))
             except Exception as exc:  # noqa: BLE001
                 log(f"{model} {pattern} rainfusion {name}: failed {exc!r}")
                 traceback.print_exc()
@@ -285,22 +286,25 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
             f"(PyTorch selection {predict_torch_gpu_ms:.3f} ms)")
 
 
-def bench_fp8(bf16_fn, bf16_out, bf16_ms: float, rows, ref, common: dict, name: str, args, log) -> dict:
-    """The same call with ``precision="fp8"``: time, speed-up over bf16, and its error against bf16
-    (relative L1 and cosine over every output) and against the float64 reference rows."""
-    fn = functools.partial(bf16_fn, precision="fp8")
+def bench_8bit(precision: str, bf16_fn, bf16_out, bf16_ms: float, rows, ref, common: dict, name: str, args,
+               log) -> dict:
+    """The same call with an 8-bit ``precision``: time, speed-up over bf16, and its error against bf16
+    (relative L1 and cosine over every output, NaNs counted) and against the float64 reference rows."""
+    fn = functools.partial(bf16_fn, precision=precision)
     out = fn()
     torch.cuda.synchronize()
+    nonfinite = int((~torch.isfinite(out)).sum())
     diff, base = (out.float() - bf16_out.float()), bf16_out.float()
     rel_l1 = float(diff.abs().sum() / base.abs().sum())
     cosine = float(F.cosine_similarity(out.float().flatten(), base.flatten(), dim=0))
     t = do_bench(fn, rep_ms=args.rep_ms)
-    record = dict(common, method="rainfusion", dtype="fp8", variant=name, rel_err=rel_err(out[:, :, rows], ref),
-                  rel_l1_vs_bf16=rel_l1, cosine_vs_bf16=cosine, speedup_vs_bf16=bf16_ms / t["ms"],
-                  config=_tuned_configs(block_sparse_kernel(), out.shape[-1], out.shape[2], fp8=True),
+    record = dict(common, method="rainfusion", dtype=precision, variant=name, rel_err=rel_err(out[:, :, rows], ref),
+                  rel_l1_vs_bf16=rel_l1, cosine_vs_bf16=cosine, nonfinite=nonfinite, speedup_vs_bf16=bf16_ms / t["ms"],
+                  config=_tuned_configs(block_sparse_kernel(), out.shape[-1], out.shape[2], precision),
                   efficiency=common["best_dense_ms"] * common["density"] / t["ms"], **t)  # fmt: skip
-    log(f"{common['model']} {common['pattern']} rainfusion {name} fp8: {t['ms']:.3f} ms "
-        f"({bf16_ms / t['ms']:.2f}x bf16) rel L1 vs bf16 {rel_l1:.3f} cos {cosine:.5f} err {record['rel_err']:.1e}")
+    log(f"{common['model']} {common['pattern']} rainfusion {name} {precision}: {t['ms']:.3f} ms "
+        f"({bf16_ms / t['ms']:.2f}x bf16) rel L1 vs bf16 {rel_l1:.3f} cos {cosine:.5f} err {record['rel_err']:.1e}"
+        f" non-finite {nonfinite}")
     return record
 
 
@@ -310,14 +314,15 @@ def block_sparse_kernel():
     return sparse_loop.block_sparse_fwd_kernel
 
 
-def _tuned_configs(kernel, head_dim: int, seq_len: int, fp8: bool = False) -> str:
+def _tuned_configs(kernel, head_dim: int, seq_len: int, precision: str = "bf16") -> str:
     """The autotuner's choice for each kernel pass (``LOOP``) tuned at this head dim, length and
     precision, e.g. ``"2:w4/s2/ws1/n1 3:w8/s3/ws0/n1"`` after loop="two_pass". Keys follow the
-    kernel's autotune key: HEAD_DIM, BLOCK_M, BLOCK_N, N_BUCKET, USE_TMA, LOOP, HAS_BIAS, FP8, then
-    argument dtypes."""
+    kernel's autotune key: HEAD_DIM, BLOCK_M, BLOCK_N, N_BUCKET, USE_TMA, LOOP, HAS_BIAS, FP8,
+    QK_INT8, then argument dtypes."""
     bucket = triton.next_power_of_2(seq_len)
+    flags = (precision != "bf16", precision == "int8")
     chosen = {key[5]: config for key, config in getattr(kernel, "cache", {}).items()
-              if key[0] == head_dim and key[3] == bucket and bool(key[7]) == fp8}  # fmt: skip
+              if key[0] == head_dim and key[3] == bucket and (bool(key[7]), bool(key[8])) == flags}  # fmt: skip
     return " ".join(f"{loop}:{config_name(config)}" for loop, config in sorted(chosen.items())) or "none"
 
 
@@ -350,12 +355,20 @@ def summarize(records: list[dict]) -> str:
             "speedup_vs_flex", "ours_variant", *(f"{a}/{b}_ms" for a, b in VARIANTS), "predict_ms", "predict_gpu_ms",
             "predict_share", "predict_torch_gpu_ms", "rel_err"]
     dense_rows = [dict(model=r["model"], method=r["method"], ms=r["ms"]) for r in records if r["pattern"] == "dense"]
-    fp8_rows = [r for r in records if r.get("dtype") == "fp8"]
-    fp8 = ("\n\nFP8 (`precision=\"fp8\"`) against bf16, same plan and loop:\n\n" + markdown_table(
-        fp8_rows, ["model", "pattern", "variant", "ms", "speedup_vs_bf16", "efficiency", "rel_l1_vs_bf16",
-                   "cosine_vs_bf16", "rel_err", "config"])) if fp8_rows else ""
+    best_bf16: dict[tuple, float] = {}
+    for r in records:
+        if r["method"] == "rainfusion" and r.get("dtype", "bf16") == "bf16":
+            key = (r["model"], r["pattern"])
+            best_bf16[key] = min(best_bf16.get(key, math.inf), r["ms"])
+    low_rows = [dict(r, vs_bf16_best=best_bf16.get((r["model"], r["pattern"]), math.nan) / r["ms"])
+                for r in records if r.get("dtype", "bf16") != "bf16"]  # fmt: skip
+    low = ("\n\n8-bit precisions (`precision`, the `dtype` column) against bf16 (`speedup_vs_bf16`: over bf16 "
+           "with the same plan and loop; `vs_bf16_best`: over the fastest bf16 form of the pattern):\n\n"
+           + markdown_table(low_rows, ["model", "pattern", "dtype", "variant", "ms", "speedup_vs_bf16",
+                                       "vs_bf16_best", "efficiency", "rel_l1_vs_bf16", "cosine_vs_bf16",
+                                       "nonfinite", "rel_err", "config"])) if low_rows else ""
     return (markdown_table(rows, cols) + "\n\nDense SDPA per backend (ms):\n\n"
-            + markdown_table(dense_rows, ["model", "method", "ms"]) + fp8)
+            + markdown_table(dense_rows, ["model", "method", "ms"]) + low)
 
 
 def main() -> None:
@@ -369,8 +382,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=[f"{a}/{b}" for a, b in VARIANTS],
                         help="forms of ours as loads/loop")
     parser.add_argument("--stem", default="attention", help="result file name (without extension)")
-    parser.add_argument("--fp8", action="store_true",
-                        help="also time each TMA variant with precision='fp8' (records with dtype 'fp8')")
+    parser.add_argument("--precisions", nargs="*", default=[], choices=["fp8", "int8"],
+                        help="also time each TMA variant in these 8-bit precisions (records with that dtype; "
+                             "'fp8' skips two_pass, which it refuses)")
     parser.add_argument("--v2", nargs="*", type=float, default=list(V2_SPARSITIES),
                         help="RainFusion 2.0 sparsities to time (prediction included); none: skip v2")
     args = parser.parse_args()

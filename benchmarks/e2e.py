@@ -47,8 +47,9 @@ Options:
 ``--config quick|full``   the configuration above (default quick)
 ``--models KEY ...``      ``wan`` (Wan2.1-14B), ``wan14b`` (Wan2.1-14B, at 720p in the full config), ``wan1.3b``,
                           ``cogvideox``, ``hunyuanvideo``, ``hunyuanvideo1.5``; default: the config's models
-``--variants NAME ...``   eager inductor rf_dense rf_v1 rf_v1plus rf_v2 rf_v2_fp8 (default all; run in this order;
-                          rf_v2_fp8: v2 with ``precision="fp8"``, Hopper only: its sites stay dense elsewhere)
+``--variants NAME ...``   eager inductor rf_dense rf_v1 rf_v1plus rf_v2 rf_v2_fp8 rf_v2_int8 (default all; run in this
+                          order; rf_v2_fp8 / rf_v2_int8: v2 with ``precision="fp8"`` / ``"int8"``, Hopper only: their
+                          sites stay dense elsewhere)
 ``--layers N``            quick only: blocks per model (default 4)
 ``--steps K``             timed sparse-phase steps per variant (default 2)
 ``--num-steps N``         the pipeline's steps: its schedule, the warm-up and the extrapolation (default 50)
@@ -200,6 +201,7 @@ VARIANTS = {
     "rf_v1plus": {"backend": "rainfusion", "options": {"mode": "v1+"}},
     "rf_v2": {"backend": "rainfusion", "options": {"mode": "v2"}},
     "rf_v2_fp8": {"backend": "rainfusion", "options": {"mode": "v2", "precision": "fp8"}},
+    "rf_v2_int8": {"backend": "rainfusion", "options": {"mode": "v2", "precision": "int8"}},
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")

@@ -40,11 +40,21 @@ SCALARS = {"H", "N"}
 PASSES = {"split": 0, "masked": 1, "unmasked": 2, "fixup": 3}
 
 
-def signature(fn, constants: dict) -> dict[str, str]:
-    """Triton types of the kernel's arguments (bf16 attention, int32 plans, fp32 bias and scale)."""
+# Element types of the attention inputs and their copies per ``precision`` (the output stays bf16).
+INPUT_TYPES = {"bf16": ("*bf16", "*bf16"), "fp8": ("*fp8e4nv", "*fp8e4nv"), "int8": ("*i8", "*fp8e4nv")}
+
+
+def signature(fn, constants: dict, precision: str = "bf16") -> dict[str, str]:
+    """Triton types of the kernel's arguments (bf16 or 8-bit attention inputs, int32 plans, fp32 bias and scale)."""
+    qk_type, v_type = INPUT_TYPES[precision]
+
     def kind(name: str) -> str:
         if name in constants:
             return "constexpr"
+        if name in ("Q", "K", "QP", "KP"):
+            return qk_type
+        if name in ("V", "VP"):
+            return v_type
         if name in TENSORS:
             return "*bf16"
         if name in ("Bias", "Lse", "QScale", "KScale", "VScale"):
@@ -56,17 +66,18 @@ def signature(fn, constants: dict) -> dict[str, str]:
     return {name: kind(name) for name in fn.arg_names}
 
 
-def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget) -> dict:
+def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget, precision: str = "bf16") -> dict:
     """Compile one configuration and read its resource usage from the cubin."""
     fn = sparse_loop.block_sparse_fwd_kernel.fn
     constants = dict(N_BUCKET=65536, HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=128, USE_TMA=True,
-                     LOOP=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, FP8=False,
-                     **config.kwargs)  # fmt: skip
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, constants), constexprs=constants), target=target,
+                     LOOP=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, FP8=precision != "bf16",
+                     QK_INT8=precision == "int8", **config.kwargs)  # fmt: skip
+    types = signature(fn, constants, precision)
+    kernel = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constants), target=target,
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
     regs, stack = cubin_usage(kernel)
     return {
-        "head_dim": head_dim, "loop": loop,
+        "precision": precision, "head_dim": head_dim, "loop": loop,
         "config": config_name(config),
         "registers": regs, "stack_bytes": stack, "shared_bytes": kernel.metadata.shared,
         # Specialised for real when partitions added warps: the loop's attribute stays in the TTGIR even
@@ -142,6 +153,8 @@ def main() -> None:
     parser.add_argument("--loops", nargs="+", default=list(PASSES), choices=list(PASSES),
                         help="kernel passes: split, masked, and two_pass's unmasked and fixup launches")
     parser.add_argument("--max-configs", type=int, default=None, help="only the first N kept configurations")
+    parser.add_argument("--precisions", nargs="+", default=["bf16"], choices=list(INPUT_TYPES),
+                        help="the kernel's input precision (its `precision` option)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--stem", default="kernel_resources")
     parser.add_argument("--kernel", default="block_sparse", choices=["block_sparse", "block_select"])
@@ -154,19 +167,21 @@ def main() -> None:
     if args.kernel == "block_select":
         return main_select(args, target)
     records = []
-    for head_dim in args.head_dims:
-        for loop in args.loops:
-            kept = sparse_config.prune_configs(sparse_config.gpu_configs(warp_specialize=True),
-                                               {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True,
-                                                "LOOP": PASSES[loop]})  # fmt: skip
-            for config in kept[: args.max_configs]:
-                records.append(resources(config, head_dim, loop, target))
-                print(records[-1], flush=True)
+    for precision in args.precisions:
+        for head_dim in args.head_dims:
+            for loop in args.loops:
+                kept = sparse_config.prune_configs(sparse_config.gpu_configs(warp_specialize=True),
+                                                   {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True,
+                                                    "LOOP": PASSES[loop]})  # fmt: skip
+                for config in kept[: args.max_configs]:
+                    records.append(resources(config, head_dim, loop, target, precision))
+                    print(records[-1], flush=True)
     env = environment()
-    columns = ["head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes", "warps", "warp_specialized"]
+    columns = ["precision", "head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes", "warps",
+               "warp_specialized"]
     markdown = (
         f"# Block-sparse kernel resources for sm_90 (compiled offline, triton {triton.__version__})\n\n"
-        f"Command: `{env['command']}`\n\nTMA loads and stores, 128 x 128 blocks, bf16; `stack_bytes` > 0: "
+        f"Command: `{env['command']}`\n\nTMA loads and stores, 128 x 128 blocks; `stack_bytes` > 0: "
         "registers spilled to local memory; Hopper allows 232,448 shared bytes a block.\n\n"
         f"{markdown_table(records, columns)}\n"
     )

@@ -40,7 +40,7 @@ import torch
 import triton
 
 from rf_compile.config import PRECISIONS
-from rf_compile.kernels.fp8_quant import Fp8Copies, quantize_for_attention
+from rf_compile.kernels.fp8_quant import QuantizedCopies, quantize_for_attention
 from rf_compile.kernels.sparse_config import (
     INTERPRET,
     fp8_runs,
@@ -162,7 +162,7 @@ def block_sparse_attention(
         launch adds the masked blocks of the query blocks that have any. ``"auto"`` (default):
         ``"two_pass"`` where warp specialisation runs and pays (TMA loads on Hopper, head dim 128,
         no ``key_bias``; H200: 5-15% faster than "split" at d=128, 5-20% slower at d=64, where the
-        autotuner keeps 8 warps; not with ``precision="fp8"``), else ``"split"``.
+        autotuner keeps 8 warps; not with ``precision="fp8"``, whose two_pass gave NaN), else ``"split"``.
         ``"masked"``: the element mask on every block, trusting no ``block_full`` flag; 1.5-1.9x
         slower on H100 (NOTES.md), kept to check the flags and to measure what skipping the mask
         is worth.
@@ -170,7 +170,8 @@ def block_sparse_attention(
         ``"bf16"`` (default): the products in q's dtype. ``"fp8"``: Q K^T and P V in float8 e4m3
         on the tensor cores (Hopper; or Triton's interpreter) from per-block scaled copies
         (``fp8_quant``: K smoothed by its mean, V scaled per head, P times 448), the same
-        plans and output dtype; TMA loads only.
+        plans and output dtype; TMA loads only. ``"int8"``: the same, but Q K^T in int8 (K with
+        one scale per head), 2.5x less error than e4m3 scores (``fp8_quant``).
     out:
         Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.
 
@@ -218,9 +219,9 @@ def block_sparse_attention(
             raise ValueError("loads='tma' needs a Hopper GPU (or Triton's interpreter), Triton with tensor "
                              "descriptors and 16-byte aligned q/k/v/out rows")
         use_tma = False
-    if precision == "fp8" and not use_tma:
-        raise ValueError("precision='fp8' needs TMA loads: a Hopper GPU (or Triton's interpreter), Triton with "
-                         "tensor descriptors and 16-byte aligned q/k/v/out rows")
+    if precision != "bf16" and not use_tma:
+        raise ValueError(f"precision={precision!r} needs TMA loads: a Hopper GPU (or Triton's interpreter), Triton "
+                         "with tensor descriptors and 16-byte aligned q/k/v/out rows")
     if precision == "fp8" and loop == "two_pass":
         raise ValueError("precision='fp8' runs with loop 'split', 'masked' or 'auto': its two_pass form gave NaN "
                          "on the H200 (benchmarks/results/nvidia-h200/NOTES.md, entry 6)")
@@ -247,12 +248,12 @@ def block_sparse_attention(
 
     copy_block = 64
     copy_grid = (triton.cdiv(N, copy_block), B * H)
-    fp8 = None
-    if precision == "fp8":  # every head reads e4m3 copies in its order: the quantization does the permuting
+    copies = None
+    if precision != "bf16":  # every head reads 8-bit copies in its order: the quantization does the permuting
         _ensure_tma_allocator()
-        fp8 = quantize_for_attention(q, k, v, extras["orders"], extras["q_order"], extras["kv_order"], voh,
-                                     table.block_m, table.block_n)
-        q, k, v = qp, kp, vp = fp8.q, fp8.k, fp8.v
+        copies = quantize_for_attention(q, k, v, extras["orders"], extras["q_order"], extras["kv_order"], voh,
+                                        table.block_m, table.block_n, qk_int8=precision == "int8")
+        q, k, v = qp, kp, vp = copies.q, copies.k, copies.v
         op = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
     elif use_tma:
         _ensure_tma_allocator()
@@ -276,7 +277,7 @@ def block_sparse_attention(
             kernel = block_sparse_fwd_kernel.fn
             meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps,
                         num_stages=_FORCED_CONFIG.num_stages)
-        _launch(kernel, grid, meta, (q, k, v, qp, kp, vp, out, op, bias, lse), fp8, extras, voh, stride_biasb,
+        _launch(kernel, grid, meta, (q, k, v, qp, kp, vp, out, op, bias, lse), copies, extras, voh, stride_biasb,
                 table, N, D, scale, loop_pass, key_bias is not None, use_tma)
     if use_tma:  # rows of the permuted-query heads back to their positions
         permute_rows_kernel[copy_grid](out, op, extras["orders"], extras["q_order"], voh,
@@ -285,21 +286,21 @@ def block_sparse_attention(
     return out
 
 
-def _launch(kernel, grid, meta, tensors: tuple, fp8: Fp8Copies | None, extras, voh, stride_biasb,
+def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, extras, voh, stride_biasb,
             table: PlanTable, N: int, D: int, scale: float | None, loop_pass: int, has_bias: bool,
             use_tma: bool) -> None:
     """One launch of the attention kernel (one ``LOOP`` pass) over every (query block, batch x head).
 
     ``tensors``: q, k, v, their scratch copies, out, its scratch, the bias and the LSE buffer; the
-    strides of q, k, v address both a tensor and its copy (with ``fp8``, both are the e4m3 copy).
+    strides of q, k, v address both a tensor and its copy (with 8-bit ``copies``, both are that copy).
     """
     q, k, v, qp, kp, vp, out, op, bias, lse = tensors
     H = q.shape[1]
     P, Mq, Mk = table.kv_indices.shape
-    if fp8 is None:
+    if copies is None:
         scales, n_pad = (bias, bias, bias), N  # never read
     else:
-        scales, n_pad = (fp8.q_scale, fp8.k_scale, fp8.v_scale), fp8.n_pad
+        scales, n_pad = (copies.q_scale, copies.k_scale, copies.v_scale), copies.n_pad
     kernel[grid](
         q, k, v, qp, kp, vp, out, op, bias, lse, *scales,
         extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
@@ -314,6 +315,7 @@ def _launch(kernel, grid, meta, tensors: tuple, fp8: Fp8Copies | None, extras, v
         N_BUCKET=triton.next_power_of_2(N),
         HEAD_DIM=D, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
         USE_TMA=use_tma, LOOP=loop_pass, HAS_BIAS=has_bias, EVEN_N=N % table.block_n == 0,
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16, FP8=fp8 is not None,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16, FP8=copies is not None,
+        QK_INT8=copies is not None and copies.qk_int8,
         **meta,
     )

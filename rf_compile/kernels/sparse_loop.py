@@ -23,14 +23,15 @@ def attend_blocks(
     lo, hi, q_pos, N, prefix, video_end, band, kv_valid, qk_scale, stride_km, stride_vm, KScale_row,
     HEAD_DIM: tl.constexpr, SUB_N: tl.constexpr, SPLIT_N: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
-    UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FP8: tl.constexpr,
+    UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FP8: tl.constexpr, QK_INT8: tl.constexpr,
 ):
     """Online softmax over the plan's key blocks ``idx_row[lo:hi]``, each walked in SPLIT_N sub-tiles.
 
     ``MASKED`` applies the element mask (partial blocks, the ragged last block); without it the
-    blocks are taken whole. ``qk_scale`` is in log2 units. ``FP8``: q, k, v are e4m3; each key
-    block's scale (``KScale_row``, q's folded into ``qk_scale`` by the caller) rescales its scores,
-    and P enters its product as e4m3 times 448 (the caller divides it out with V's scales).
+    blocks are taken whole. ``qk_scale`` is in log2 units. ``FP8``: q, k, v are 8-bit copies; P
+    enters its product as e4m3 times 448 (the caller divides it out with V's scale). Q K^T is e4m3
+    with each key block's scale (``KScale_row``) rescaling its scores, or (``QK_INT8``) int8 with
+    int32 sums and K's per-head scale folded into ``qk_scale`` by the caller, as Q's always is.
     """
     # Counted from 0, the form of Triton's own specialised kernels.
     if MASKED:
@@ -43,7 +44,7 @@ def attend_blocks(
         row_hi = tl.where(text_q, N - 1, video_hi)
     for t in tl.range(0, hi - lo, warp_specialize=WARP_SPECIALIZE):
         kb = tl.load(idx_row + lo + t)
-        if FP8:
+        if FP8 and not QK_INT8:
             block_scale = qk_scale * tl.load(KScale_row + kb)
         else:
             block_scale = qk_scale
@@ -52,7 +53,9 @@ def attend_blocks(
                                          kb * SPLIT_N + s, N, stride_km, stride_vm,
                                          HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, EVEN_N, FP8)
             # -- scores (base 2) --
-            if UPCAST:  # the interpreter computes bf16 dots wrongly (bf16 held as uint16 in numpy)
+            if QK_INT8:
+                qk = tl.dot(q, tl.trans(k)).to(tl.float32)  # exact int32 sums
+            elif UPCAST:  # the interpreter computes bf16 dots wrongly (bf16 held as uint16 in numpy)
                 qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             else:
                 qk = tl.dot(q, tl.trans(k))
@@ -89,7 +92,7 @@ def attend_blocks(
 
 
 @triton.autotune(configs=CONFIGS,
-                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS", "FP8"],
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS", "FP8", "QK_INT8"],
                  prune_configs_by={"early_config_prune": prune_configs},
                  restore_value=["Out", "OP"])  # the fix-up pass (LOOP 3) adds to the tiles it reads
 @triton.jit
@@ -107,12 +110,14 @@ def block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_N: tl.constexpr, FP8: tl.constexpr,
+    QK_INT8: tl.constexpr,
 ):
     """One (query block, batch x head) program. ``LOOP`` (see ``_LOOPS``): 0 masked then unmasked
     blocks, 1 every block masked, 2 the unmasked blocks alone (stores the tile and its base-2
     log-sum-exp in ``Lse``), 3 the masked blocks added to what pass 2 left (programs without
-    masked blocks return at once). ``FP8``: Q/K/V are ``fp8_quant``'s e4m3 copies (every head
-    reads them in its order; V transposed, [D, n_pad] per head) with their scales."""
+    masked blocks return at once). ``FP8``: Q/K/V are ``fp8_quant``'s 8-bit copies (every head
+    reads them in its order; V transposed, [D, n_pad] per head) with their scales; ``QK_INT8``: Q and
+    K in int8, K with one scale per head."""
     tl.static_assert(BLOCK_N % (16 * SPLIT_N) == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
     SUB_N: tl.constexpr = BLOCK_N // SPLIT_N  # key tile: a plan block is walked in SPLIT_N sub-tiles
     m = tl.program_id(0)
@@ -170,6 +175,8 @@ def block_sparse_fwd_kernel(
     k_scale_row = KScale + bh.to(tl.int64) * (n_pad // BLOCK_N)
     if FP8:
         qk_scale = qk_scale * tl.load(QScale + bh.to(tl.int64) * (n_pad // BLOCK_M) + m)
+        if QK_INT8:  # K's scale is the head's: a loop invariant, like Q's
+            qk_scale = qk_scale * tl.load(KScale + bh)
 
     if LOOP == 3:
         # -- resume from pass 2: its normalised tile and log-sum-exp are the state (acc, l=1, m=lse) --
@@ -195,13 +202,13 @@ def block_sparse_fwd_kernel(
         acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
                                        idx_row, 0, num_blocks, q_pos, N, prefix, video_end, band, kv_valid, qk_scale,
                                        stride_km, stride_vm, k_scale_row, HEAD_DIM, SUB_N, SPLIT_N, True, USE_TMA,
-                                       HAS_BIAS, EVEN_N, UPCAST, False, FP8)
+                                       HAS_BIAS, EVEN_N, UPCAST, False, FP8, QK_INT8)
     else:
         if LOOP != 2:
             acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
                                            bias_row, idx_row, num_unmasked, num_blocks, q_pos, N, prefix, video_end,
                                            band, kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, HEAD_DIM,
-                                           SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False, FP8)
+                                           SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False, FP8, QK_INT8)
         if LOOP != 3:
             # Last, so that nothing but the epilogue follows the loop that may be warp-specialised (pass 2 only:
             # the pruner keeps WARP_SPECIALIZE off elsewhere). It starts at block 0, like Triton's own kernels.
@@ -209,7 +216,8 @@ def block_sparse_fwd_kernel(
             acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
                                            bias_row, idx_row, 0, num_unmasked, q_pos, N, prefix, video_end, band,
                                            kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, HEAD_DIM, SUB_N,
-                                           SPLIT_N, False, USE_TMA, HAS_BIAS, True, UPCAST, WARP_SPECIALIZE, FP8)
+                                           SPLIT_N, False, USE_TMA, HAS_BIAS, True, UPCAST, WARP_SPECIALIZE, FP8,
+                                           QK_INT8)
 
     # -- epilogue: normalise, store rows at their original positions --
     if LOOP == 2:  # base-2 log-sum-exp of the rows for pass 3 (-inf where no key was seen)

@@ -110,16 +110,16 @@ def choose_kernel(
     """``("triton" | "reference", "")``, or ``("", reason)`` when the call must stay dense SDPA.
 
     One policy for the compile-time pass and the run-time op: the O(N^2) PyTorch path is no option
-    at GPU sizes, so a CUDA call the kernel cannot run stays dense rather than going to it. FP8
-    (``precision="fp8"``) runs on the Triton kernel with TMA loads only.
+    at GPU sizes, so a CUDA call the kernel cannot run stays dense rather than going to it. The
+    8-bit precisions (``"fp8"``, ``"int8"``) run on the Triton kernel with TMA loads only.
     """
     kernel, reason = _kernel_for(option, q, k, attn_mask)
-    if kernel and precision == "fp8":
+    if kernel and precision != "bf16":
         from rf_compile.kernels.block_sparse import fp8_runs
 
         if kernel != "triton" or not fp8_runs(q.device):
-            return "", (f"precision='fp8' needs the Triton kernel on a Hopper GPU (TMA loads); this call has the "
-                        f"{kernel} kernel on {q.device.type}: use precision='bf16'")
+            return "", (f"precision={precision!r} needs the Triton kernel on a Hopper GPU (TMA loads); this call has "
+                        f"the {kernel} kernel on {q.device.type}: use precision='bf16'")
     return kernel, reason
 
 
