@@ -340,7 +340,7 @@ def test_stress_two_pass_finds_two_pass_equal_to_split_under_the_interpreter(tmp
 def test_gpu_two_pass_never_gives_a_non_finite_output(tmp_path):
     """Every configuration of two_pass's first launch, repeated on fresh inputs at head dims 64 and 128
     (a bf16 NaN came and went once at d=64: QUALITY_NOTES.md, fourth session)."""
-    result = run("stress_two_pass.py", "--repeats", "10", "--out", str(tmp_path))
+    result = run("stress_two_pass.py", "--repeats", "5", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "stress_two_pass.json").read_text())["records"]
     bad = [r for r in records if r["nonfinite_runs"] or r["worst_rel_vs_split"] > 2e-2]
