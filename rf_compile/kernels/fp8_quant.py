@@ -19,9 +19,10 @@ does in a separate copy is fused in) and writes them scaled into 8 bits:
 
 Why int8 for Q K^T: e4m3 keeps 3 mantissa bits, and the softmax turns a score's absolute error into
 a relative error of its weight; int8 on a block's range is 2-4x finer for the large scores that
-matter (SageAttention's split: int8 Q K^T, fp8 P V). On the trained fidelity models' q/k/v, float64
-emulation: relative L2 error of the attention output 0.035 / 0.032 (Wan / CogVideoX) with e4m3
-Q K^T, 0.014 / 0.014 with int8, of which 0.012 is P V's e4m3 (``benchmarks/results/cpu/fp8_error/``).
+matter (SageAttention's split: int8 Q K^T, fp8 P V). On the trained fidelity models' q/k/v, float
+emulation: relative L2 error of the attention output 0.031 / 0.041 (Wan / CogVideoX) with e4m3
+Q K^T, 0.012 / 0.015 with int8, of which 0.011 / 0.013 is P V's e4m3
+(``benchmarks/results/cpu/fp8_error/``).
 
 Outputs are padded to ``N_pad`` (a multiple of ``block``) with zero rows, so every tile is whole.
 """
