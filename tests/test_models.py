@@ -36,7 +36,10 @@ def _compile_and_run(preset, options, fullgraph=True):
 
 @pytest.fixture(scope="module", params=MODELS)
 def model_run(request):
-    """Eager output, then the dense-mode and v1 compiles of one tiny preset (CFG batch 2)."""
+    """Eager output, then the dense-mode and v1 compiles of one tiny preset (CFG batch 2). The dense
+    compile goes through inductor (its output must equal eager); the v1 compile runs the rewritten graph
+    without inductor (``compiler="eager"``: the same sites and sparse calls, half this module's cold
+    compile time), since test_compile_paths and test_pipelines take the sparse op through inductor."""
     name = request.param
     preset = build_preset(name, "tiny", batch=2)
     preset.model.eval()
@@ -44,7 +47,7 @@ def model_run(request):
         eager = _output(preset.model(*preset.args, **preset.kwargs))
     fullgraph = name != "mochi"  # Mochi breaks on torch.nonzero (see its preset notes)
     dense, dense_sites, dense_graphs = _compile_and_run(preset, {**OPTIONS, "mode": "dense"}, fullgraph)
-    sparse, sites, graphs = _compile_and_run(preset, {**OPTIONS, "dense_warmup": 0.0}, fullgraph)
+    sparse, sites, graphs = _compile_and_run(preset, {**OPTIONS, "dense_warmup": 0.0, "compiler": "eager"}, fullgraph)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(preset.model)(*preset.args, **preset.kwargs)
     return dict(
