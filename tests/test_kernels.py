@@ -429,7 +429,7 @@ def dequantized_inputs(q, k, v, table, voh, precision="fp8"):
             kv_rows = extras["orders"][extras["kv_order"][p]].long()
             bh = b * H + h
             q_scale = copies.q_scale[bh].double().repeat_interleave(table.block_m)[:N, None]
-            if precision == "int8":  # one scale per head
+            if copies.qk_int8:  # one scale per head
                 k_scale = copies.k_scale[bh].double()
             else:
                 k_scale = copies.k_scale[bh].double().repeat_interleave(table.block_n)[:N, None]

@@ -88,7 +88,7 @@ def _quantize_rows_kernel(
 class QuantizedCopies:
     """The 8-bit tensors and scales one attention call reads (all in each head's token order).
 
-    ``q``/``k``: [B, H, N_pad, D], e4m3 or (``qk_int8``) int8; ``v``: [B, H, D, N_pad] e4m3; fp32
+    ``q``/``k``: [B, H, N_pad, D], e4m3 or int8 (``qk_int8``); ``v``: [B, H, D, N_pad] e4m3; fp32
     scales ``q_scale`` [B*H, N_pad/block_m], ``k_scale`` [B*H, N_pad/block_n] (e4m3) or [B*H]
     (int8), ``v_scale`` [B*H]: x ~ x8 * scale (K less its mean).
     """
@@ -99,7 +99,10 @@ class QuantizedCopies:
     q_scale: torch.Tensor
     k_scale: torch.Tensor
     v_scale: torch.Tensor
-    qk_int8: bool
+
+    @property
+    def qk_int8(self) -> bool:
+        return self.q.dtype == torch.int8
 
     @property
     def n_pad(self) -> int:
@@ -155,4 +158,4 @@ def quantize_for_attention(
     else:
         launch(k, k8, k_scale, kv_order, block_n, smooth=True)
     launch(v, v8, v_scale, kv_order, block_n, transpose=True, head_scale=True)
-    return QuantizedCopies(q8, k8, v8, q_scale, k_scale, v_scale, qk_int8)
+    return QuantizedCopies(q8, k8, v8, q_scale, k_scale, v_scale)
