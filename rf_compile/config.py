@@ -86,6 +86,10 @@ class RainFusionConfig:
         sink-frame columns, the diagonal) count inside the budget: a query block keeps at most
         ``ceil(kv_blocks * (1 - sparsity))`` key blocks, forced ones first; only the rows that are
         forced whole (text and sink-frame query blocks) attend densely.
+    sparsity_ramp:
+        v2: over the sparse steps of each video, the sparsity rises linearly from ``sparsity - sparsity_ramp``
+        at the first to ``sparsity + sparsity_ramp`` at the last, so the mean stays ``sparsity``: more blocks
+        while the sample is mostly noise, where a missed block costs most. ``0``: the same every step.
     select:
         v2 block selection: ``"topk"`` keeps ``ceil(kv_blocks * (1 - sparsity))`` key blocks per
         query block (forced ones included); ``"mass"`` keeps blocks by descending predicted score
@@ -176,6 +180,7 @@ class RainFusionConfig:
     num_steps: int | None = None
     arm_every: int = 1
     sparsity: float = 0.8
+    sparsity_ramp: float = 0.0
     select: str = "topk"
     mass: float = 0.9
     budget: str = "query_block"
@@ -198,6 +203,24 @@ class RainFusionConfig:
     strict: bool = False
     compile_mode: str | None = None
     compiler: str = "inductor"
+
+    def _check_ramp(self) -> None:
+        ramp = self.sparsity_ramp
+        if isinstance(ramp, bool) or not isinstance(ramp, (int, float)) or ramp < 0:
+            raise OptionError(f"option 'sparsity_ramp' must be a fraction >= 0, got {ramp!r}")
+        if not ramp:
+            return
+        if not (0 <= self.sparsity - ramp and self.sparsity + ramp < 1):
+            raise OptionError(
+                f"option 'sparsity_ramp' {ramp} takes sparsity {self.sparsity} to "
+                f"[{self.sparsity - ramp:g}, {self.sparsity + ramp:g}]; accepted: both ends in [0, 1)"
+            )
+        if self.mode != "v2" or self.profile is not None or self.budget != "query_block":
+            raise OptionError(
+                "option 'sparsity_ramp' schedules v2's per-head budget: use it with mode='v2', "
+                f"budget='query_block' and no profile (got mode={self.mode!r}, budget={self.budget!r}, "
+                f"profile={self.profile!r})"
+            )
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -230,6 +253,7 @@ class RainFusionConfig:
         _check_int("dense_last_steps", self.dense_last_steps, minimum=0)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise OptionError(f"option 'sparsity' must be a fraction in [0, 1), got {self.sparsity!r}")
+        self._check_ramp()
         _check_fraction("mass", self.mass)
         if self.tile is not None:
             if len(self.tile) != 3 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tile):

@@ -257,3 +257,26 @@ def test_dense_last_steps_makes_the_last_steps_of_each_video_dense():
     outs = [attention(q, k, v, None, None, torch.tensor([t]), None, None, key, []) for t in steps]
     assert [torch.equal(out, dense) for out in outs] == [True, False, False, True, True]  # step 0, then 3 and 4
     assert (stats()["test.last"]["dense_calls"], stats()["test.last"]["sparse_calls"]) == (3, 2)
+
+
+def test_sparsity_ramp_gives_the_early_sparse_steps_more_blocks_and_keeps_the_mean():
+    """v2 with ``sparsity_ramp``: the sparse steps' budgets fall linearly from ``1 - (sparsity - ramp)`` to
+    ``1 - (sparsity + ramp)`` of the key blocks; each step's output is the float64 block plan of its budget."""
+    reset()
+    layout = VideoLayout(8, 16, 16)  # 2,048 tokens: 16 blocks of 128
+    config = RainFusionConfig(
+        mode="v2", sparsity=0.5, sparsity_ramp=0.25, dense_warmup=0.2, num_steps=5, order="tokens", kernel="reference"
+    )
+    key = register_site("test.ramp", layout, config)
+    q, k, v = qkv(layout, batch=1, heads=2, dim=16, dtype=torch.float64)
+    outs = [attention(q, k, v, None, None, torch.tensor([t]), None, None, key, []) for t in (900.0, 700, 500, 300, 100)]
+    torch.testing.assert_close(outs[0], F.scaled_dot_product_attention(q, k, v))  # the warm-up step
+    of = torch.arange(layout.seq_len) // 128
+    # Sparsity 0.25, 0.417, 0.583, 0.75 over the 4 sparse steps: ceil(16 * density) key blocks.
+    for out, keep in zip(outs[1:], (12, 10, 7, 4)):
+        for h in range(2):
+            mask = _block_plan_reference(q[0, h], k[0, h], layout, keep=keep)
+            assert mask.sum(-1).tolist() == [keep] * 16
+            expected = F.scaled_dot_product_attention(q[0, h], k[0, h], v[0, h], attn_mask=mask[of][:, of])
+            torch.testing.assert_close(out[0, h], expected, atol=1e-12, rtol=1e-12)
+    assert stats()["test.ramp"]["block_density"] == pytest.approx((12 + 10 + 7 + 4) / 64)

@@ -474,8 +474,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=None, help="default: the model card's latent shape")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--oracle-densities", type=lambda v: [float(x) for x in v.split(",")],
-                        default=[0.2, 0.3, 0.4, 0.5, 0.6], help="block densities of the oracle rows (comma-separated)")
+    parser.add_argument("--oracle-densities", type=lambda v: [float(x) for x in v.split(",")] if v else [],
+                        default=[0.2, 0.3, 0.4, 0.5, 0.6],
+                        help="block densities of the oracle rows (comma-separated; '': none, no gap column)")
     parser.add_argument("--block", type=int, default=128, help="block size of the oracle (the kernel's)")
     parser.add_argument("--calibrate-targets", type=lambda v: [float(x) for x in v.split(",")] if v else [],
                         default=[], help="rows of profiles calibrated to these attention errors (comma-separated)")

@@ -327,7 +327,10 @@ def attention(
         return dense
     out = output_like(q)
     if config.mode == "v2":
-        table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense, densities=shape.prepared)
+        densities = shape.prepared  # a profile's per-head densities, or None: ``sparsity``
+        if call.progress is not None:
+            densities = v2.ramp_densities(config, call.progress, q.shape[1])
+        table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense, densities=densities)
         density = table.density().view(q.shape[:2]).double()
         shape.block_density_sums.add_(density.sum(0) * sparse)
         shape.kept.add_(density.sum() * sparse)

@@ -23,6 +23,12 @@ from rf_compile.persistent import persistent
 from rf_compile.plan import Variant
 
 
+def _progress(step: torch.Tensor, first: int | torch.Tensor, stop: int | torch.Tensor) -> torch.Tensor:
+    """float64 scalar: 0 at the first sparse step ``first``, 1 at the last (``stop - 1``), on the device."""
+    span = torch.as_tensor(stop - first - 1, device=step.device).clamp_min(1)
+    return ((step - first).double() / span).clamp(0.0, 1.0)
+
+
 @dataclasses.dataclass
 class SiteState:
     """One site of one model instance: its call counter (warm-up without a timestep) and shapes."""
@@ -58,9 +64,13 @@ class SiteState:
         config, steps = self.spec.config, self.model.step_count
         ticked = timestep is not None or self.model.ticks_clock  # else the step is this site's call counter
         dtype = step_clock(q.device).dtype if ticked else None
-        dense = step < steps.warmup(config, q.device, dtype)
+        first_sparse = steps.warmup(config, q.device, dtype)
+        dense = step < first_sparse
         if config.dense_last_steps:
             dense = dense | (step >= steps.last_steps_start(config, q.device, dtype))
+        progress = None
+        if config.sparsity_ramp:
+            progress = _progress(step, first_sparse, steps.last_steps_start(config, q.device, dtype))
         if self.index < config.dense_layers:
             dense = torch.ones_like(dense)
         shape.calls += 1
@@ -68,7 +78,7 @@ class SiteState:
         sparse_index = shape.calls - shape.dense_calls - 1  # of this call, when it is sparse
         run_arm = ~dense & (sparse_index % self.spec.config.arm_every == 0)
         shape.arm_runs += run_arm.long()
-        return CallPlan(shape, dense, run_arm)
+        return CallPlan(shape, dense, run_arm, progress)
 
     def _step(self, device: torch.device, timestep: torch.Tensor | None) -> torch.Tensor:
         if timestep is not None:

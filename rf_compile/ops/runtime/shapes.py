@@ -89,3 +89,4 @@ class CallPlan:
     shape: ShapeState
     dense: torch.Tensor  # bool scalar: a dense call (warm-up, last steps or a dense layer)
     run_arm: torch.Tensor  # bool scalar: the ARM decides anew in this call
+    progress: torch.Tensor | None = None  # float64 scalar in [0, 1]: where this step lies in the sparse steps
