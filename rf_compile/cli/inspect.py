@@ -23,15 +23,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tabulate import tabulate
 
 from rf_compile.backend import apply_passes
-from rf_compile.cli.inspection import Captured, Inspection, Target
+from rf_compile.cli.inspection import Captured, Inspection, Target, timesteps
+from rf_compile.cli.text_output import format_text, to_json
 from rf_compile.config import RainFusionConfig
 from rf_compile.passes.context import PassContext
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PATTERNS = ("spatial", "temporal", "textural")
 # Tiny presets have fewer video tokens than the backend's default threshold: show them sparse.
 TINY_OPTIONS = {"min_video_tokens": 0}
 NO_SITES = "no scaled_dot_product_attention call found in the model"
@@ -254,11 +253,6 @@ def capture(target: Target, options: dict[str, Any]) -> tuple[Callable, list[Cap
     return compiled, graphs
 
 
-def timesteps(steps: int) -> list[float]:
-    """Descending denoising timesteps, 999 -> 0, as the pipelines' linear schedules."""
-    return torch.linspace(999, 0, steps).tolist()
-
-
 def run_steps(compiled: Callable, target: Target, steps: int) -> None:
     """Run ``steps`` forwards with the ``timestep`` input descending (a progress bar on stderr)."""
     from tqdm import tqdm
@@ -294,120 +288,6 @@ def inspect_target(target: Target, options: dict[str, Any], steps: int = 0) -> I
             if site.report.name in measured
         }
     return result
-
-
-# -- output -----------------------------------------------------------------------------------------
-
-
-def site_summary(stats: dict) -> dict[str, Any]:
-    """Pattern shares, mean bandwidth and recall of one site's ``rf_compile.stats()`` entry."""
-    totals = {p: sum(head[p] for head in stats["heads"]) for p in PATTERNS}
-    chosen = sum(totals.values())
-    banded = [(head["mean_bandwidth"], head["spatial"] + head["temporal"]) for head in stats["heads"]]
-    banded_calls = sum(n for b, n in banded if b is not None)
-    recalls = [head["mean_recall"] for head in stats["heads"] if head.get("mean_recall") is not None]
-    return {
-        **{p: totals[p] / chosen if chosen else None for p in PATTERNS},
-        "bandwidth": sum(b * n for b, n in banded if b is not None) / banded_calls if banded_calls else None,
-        "recall": sum(recalls) / len(recalls) if recalls else None,
-        "sparsity": stats["sparsity"],
-        "dense_calls": f"{stats['dense_calls']}/{stats['calls']}",
-    }
-
-
-def site_table(result: Inspection, tablefmt: str = "simple") -> str:
-    """The site table: the compile report, plus the measured statistics after ``--run``."""
-    headers = ["site", "module", "seq", "heads x dim", "layout", "status", "reason", "source"]
-    measured = ["spatial", "temporal", "textural", "bandwidth", "recall", "sparsity", "dense calls"]
-    rows = []
-    for s in result.report.sites:
-        cells = s.cells()
-        row = [cells[h] for h in headers]
-        if result.stats is not None:
-            site = result.stats.get(s.name)
-            summary = site_summary(site) if site else {}
-            row += [_percent(summary.get(p)) for p in ("spatial", "temporal", "textural")]
-            row += [_number(summary.get("bandwidth")), _percent(summary.get("recall"))]
-            row += [_percent(summary.get("sparsity")), summary.get("dense_calls", "")]
-        rows.append(row)
-    if result.stats is not None:
-        headers += measured
-    widths = [None] * 6 + [56] + [None] * (len(headers) - 7)
-    return tabulate(rows, headers=headers, tablefmt=tablefmt, maxcolwidths=widths, disable_numparse=True)
-
-
-def _percent(value: float | None) -> str:
-    return "" if value is None else f"{value:.0%}"
-
-
-def _number(value: float | None) -> str:
-    return "" if value is None else f"{value:.3g}"
-
-
-def format_text(result: Inspection) -> str:
-    """Everything ``rf-inspect`` prints without ``--json``."""
-    report = result.report
-    nodes = sum(len(graph.gm.graph.nodes) for graph in result.graphs)
-    lines = [
-        f"{result.target.label}: {len(result.graphs)} graph(s), {nodes} FX nodes, captured in "
-        f"{result.capture_seconds:.1f} s",
-        f"options: {result.options or '{}'}",
-        "",
-        site_table(result),
-        "",
-        f"{len(report.sparse)} sparse, {len(report.dense)} dense attention sites",
-    ]
-    if len(result.graphs) > 1:
-        lines.append(
-            f"note: Dynamo broke the model into {len(result.graphs)} graphs; attention outside them is not "
-            "rewritten (TORCH_LOGS=graph_breaks shows where)"
-        )
-    preset = result.target.preset
-    if preset is not None:
-        expected = preset.self_attention_sites + preset.dense_sites
-        lines.append(
-            f"expected for this preset: {preset.self_attention_sites} video self-attention, "
-            f"{preset.dense_sites} other (dense) sites"
-            + (
-                f"; {expected - len(report.sites)} missing from the captured graphs"
-                if len(report.sites) < expected
-                else ""
-            )
-        )
-        if preset.notes:
-            lines.append(f"note: {preset.notes}")
-    if report.sparse and any(param.is_meta for param in result.target.model.parameters()):
-        lines.append(
-            "note: captured on the meta device; the kernel in brackets is what kernel='auto' picks off CUDA "
-            "(on CUDA it picks triton where the kernel supports the site)"
-        )
-    models = sorted({entry["model"] for entry in (result.stats or {}).values() if entry.get("model")})
-    if models:
-        lines.append(f"statistics of model instance {', '.join(models)} (rf_compile.stats() names it so)")
-    counts = sorted({(e["warmup_steps"], e["num_steps_from"]) for e in (result.stats or {}).values() if e.get("calls")})
-    for warmup, source in counts:
-        lines.append(f"dense warm-up: the first {warmup} step(s) of each video ({source})")
-    if result.steps and isinstance(result.target.kwargs.get("timestep"), torch.Tensor):
-        lines.append(f"after {result.steps} step(s), timesteps {', '.join(f'{t:g}' for t in timesteps(result.steps))}")
-    elif result.steps:
-        lines.append(
-            f"after {result.steps} step(s) of the same inputs: the model has no 'timestep' keyword input, so the "
-            "dense warm-up counted calls (option num_steps)"
-        )
-    return "\n".join(lines)
-
-
-def to_json(result: Inspection) -> str:
-    """The report (``CompileReport.from_json`` reads it back) plus model, options and statistics."""
-    data = json.loads(result.report.to_json())
-    data.update(
-        model=result.target.label,
-        options={key: list(v) if isinstance(v, tuple) else v for key, v in result.options.items()},
-        graphs=[len(graph.gm.graph.nodes) for graph in result.graphs],
-        steps=result.steps,
-        stats=result.stats,
-    )
-    return json.dumps(data, indent=2, default=str)
 
 
 # -- entry point ------------------------------------------------------------------------------------

@@ -47,3 +47,8 @@ class Inspection:
     @property
     def report(self) -> CompileReport:
         return CompileReport([site.report for graph in self.graphs for site in graph.sites])
+
+
+def timesteps(steps: int) -> list[float]:
+    """Descending denoising timesteps, 999 -> 0, as the pipelines' linear schedules."""
+    return torch.linspace(999, 0, steps).tolist()
