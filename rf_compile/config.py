@@ -33,6 +33,8 @@ PRECISIONS = ("bf16", "fp8", "int8")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILERS = ("inductor", "eager")  # what runs the rewritten graph
 DEFAULT_NUM_STEPS = 50  # steps of a video when neither option num_steps nor a calling pipeline gives them
+DEFAULT_RAMP = 0.15  # v2's sparsity ramp (option sparsity_ramp=None): best of 0-0.3 on the trained models
+MAX_RAMPED_SPARSITY = 0.99  # the default ramp is narrowed to end at most here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,9 @@ class RainFusionConfig:
         v2: over the sparse steps of each video, the sparsity rises linearly from ``sparsity - sparsity_ramp``
         at the first to ``sparsity + sparsity_ramp`` at the last, so the mean stays ``sparsity``: more blocks
         while the sample is mostly noise, where a missed block costs most. ``0``: the same every step.
+        ``None`` (default): 0.15 for v2 with ``budget="query_block"`` and no profile, narrowed to keep both
+        ends in [0, 0.99]; 0 otherwise. A value must keep both ends in [0, 1) and needs v2 with
+        ``budget="query_block"`` and no profile.
     select:
         v2 block selection: ``"topk"`` keeps ``ceil(kv_blocks * (1 - sparsity))`` key blocks per
         query block (forced ones included); ``"mass"`` keeps blocks by descending predicted score
@@ -180,7 +185,7 @@ class RainFusionConfig:
     num_steps: int | None = None
     arm_every: int = 1
     sparsity: float = 0.8
-    sparsity_ramp: float = 0.0
+    sparsity_ramp: float | None = None
     select: str = "topk"
     mass: float = 0.9
     budget: str = "query_block"
@@ -206,21 +211,37 @@ class RainFusionConfig:
 
     def _check_ramp(self) -> None:
         ramp = self.sparsity_ramp
-        if isinstance(ramp, bool) or not isinstance(ramp, (int, float)) or ramp < 0:
-            raise OptionError(f"option 'sparsity_ramp' must be a fraction >= 0, got {ramp!r}")
-        if not ramp:
+        if ramp is None or ramp == 0:
+            if ramp is not None and (isinstance(ramp, bool) or not isinstance(ramp, (int, float))):
+                raise OptionError(f"option 'sparsity_ramp' must be a fraction >= 0 or None, got {ramp!r}")
             return
+        if isinstance(ramp, bool) or not isinstance(ramp, (int, float)) or ramp < 0:
+            raise OptionError(f"option 'sparsity_ramp' must be a fraction >= 0 or None, got {ramp!r}")
         if not (0 <= self.sparsity - ramp and self.sparsity + ramp < 1):
             raise OptionError(
                 f"option 'sparsity_ramp' {ramp} takes sparsity {self.sparsity} to "
                 f"[{self.sparsity - ramp:g}, {self.sparsity + ramp:g}]; accepted: both ends in [0, 1)"
             )
-        if self.mode != "v2" or self.profile is not None or self.budget != "query_block":
+        if not self._ramps:
             raise OptionError(
                 "option 'sparsity_ramp' schedules v2's per-head budget: use it with mode='v2', "
                 f"budget='query_block' and no profile (got mode={self.mode!r}, budget={self.budget!r}, "
                 f"profile={self.profile!r})"
             )
+
+    @property
+    def _ramps(self) -> bool:
+        return self.mode == "v2" and self.budget == "query_block" and self.profile is None
+
+    @property
+    def ramp(self) -> float:
+        """The sparsity ramp in effect: the option's, or for ``None`` the default narrowed to fit (0 where
+        no per-step budget applies)."""
+        if self.sparsity_ramp is not None:
+            return float(self.sparsity_ramp)
+        if not self._ramps:
+            return 0.0
+        return max(0.0, min(DEFAULT_RAMP, self.sparsity, MAX_RAMPED_SPARSITY - self.sparsity))
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)

@@ -60,7 +60,7 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"budget": "heads", "select": "mass"}, "use it with select='topk'"),
         ({"mode": "v2", "budget": "call", "profile": "p.json"}, "use it with budget='query_block'"),
         ({"dense_last_steps": 1.5}, "'dense_last_steps' must be an int >= 0"),
-        ({"mode": "v2", "sparsity_ramp": -0.1}, "'sparsity_ramp' must be a fraction >= 0"),
+        ({"mode": "v2", "sparsity_ramp": -0.1}, "'sparsity_ramp' must be a fraction >= 0 or None"),
         ({"mode": "v2", "sparsity": 0.8, "sparsity_ramp": 0.2}, r"to \[0.6, 1\]; accepted: both ends in \[0, 1\)"),
         ({"mode": "v1", "sparsity_ramp": 0.1}, "use it with mode='v2', budget='query_block' and no profile"),
         ({"compiler": "aot_eager"}, r"'compiler' must be one of \['inductor', 'eager'\]"),
@@ -100,3 +100,21 @@ def test_compile_mode_option_is_checked_and_reaches_inductor(monkeypatch):
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
     rainfusion(gm, [torch.randn(1, 2)], options={"compile_mode": "max-autotune"})
     assert seen["patches"]["max_autotune"] and seen["patches"]["triton.cudagraphs"]
+
+
+@pytest.mark.parametrize(
+    ("options", "ramp"),
+    [
+        ({"mode": "v2"}, 0.15),  # 0.65 -> 0.95 over the sparse steps
+        ({"mode": "v2", "sparsity": 0.9}, 0.09),  # narrowed to end at 0.99
+        ({"mode": "v2", "sparsity": 0.1}, 0.1),  # narrowed to start at 0
+        ({"mode": "v2", "sparsity_ramp": 0}, 0.0),
+        ({"mode": "v2", "sparsity_ramp": 0.3, "sparsity": 0.5}, 0.3),
+        ({"mode": "v2", "budget": "heads"}, 0.0),  # pooled budgets are not scheduled
+        ({"mode": "v1"}, 0.0),
+    ],
+)
+def test_the_default_sparsity_ramp_applies_to_v2_and_fits_its_sparsity(options, ramp):
+    config, _ = RainFusionConfig.from_options(options)
+    assert config.ramp == pytest.approx(ramp)
+    assert 0 <= config.sparsity - config.ramp and config.sparsity + config.ramp <= 0.99 + 1e-12

@@ -30,11 +30,11 @@ def _model_and_inputs():
     return model, latent, text
 
 
-def _run(mode: str) -> tuple[list[torch.Tensor], list[int]]:
+def _run(mode: str, options: dict = OPTIONS) -> tuple[list[torch.Tensor], list[int]]:
     model, latent, text = _model_and_inputs()
     torch._dynamo.reset()
     rf_compile.reset()
-    compiled = torch.compile(model, backend="rainfusion", options={**OPTIONS, "compile_mode": mode})
+    compiled = torch.compile(model, backend="rainfusion", options={**options, "compile_mode": mode})
     outputs, dense_counts = [], []
     # ATen GEMMs only: keeps max-autotune's compile short; what is under test is its CUDA graphs.
     with torch.no_grad(), torch._inductor.config.patch(max_autotune_gemm_backends="ATEN"):
@@ -67,6 +67,22 @@ def test_mode_keeps_the_per_step_decisions_and_outputs(mode, reference):
         dense = model(latent, timestep=torch.tensor([TIMESTEPS[1]], device="cuda"), encoder_hidden_states=text,
                       return_dict=False)[0]  # fmt: skip
     assert (outputs[1].float() - dense.float()).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("num_steps", [5, None], ids=["num_steps option", "counted on the device"])
+def test_v2_sparsity_ramp_under_cuda_graphs_matches_the_default_mode(num_steps):
+    """v2's per-step budget (the default ``sparsity_ramp``) is computed on the device from host step counts
+    (option ``num_steps``) or device ones; a replayed CUDA graph follows it as the default mode does."""
+    options = {**OPTIONS, "mode": "v2", "sparsity": 0.5, "num_steps": num_steps}
+    if num_steps is None:
+        options["dense_warmup"] = 0.02  # 1 of the default 50 steps
+    expected, expected_counts = _run("default", options)
+    outputs, dense_counts = _run("reduce-overhead", options)
+    assert dense_counts == expected_counts
+    # With num_steps=5 the 4 key blocks kept per query block go 3, 3, 2, 2 over the sparse steps: a graph
+    # replaying the first step's budget would differ from step 3 on.
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_compiled_sparse_step_never_waits_for_the_device():

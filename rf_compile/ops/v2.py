@@ -113,7 +113,7 @@ def keep_count(key_blocks: int, config: RainFusionConfig) -> int:
 def ramp_densities(config: RainFusionConfig, progress: torch.Tensor, heads: int) -> torch.Tensor:
     """float64 [heads]: every head's share of key blocks at ``progress`` (0: first sparse step, 1: last)
     through the sparse steps, for option ``sparsity_ramp``; the mean over the steps is ``1 - sparsity``."""
-    sparsity = config.sparsity - config.sparsity_ramp + 2 * config.sparsity_ramp * progress
+    sparsity = config.sparsity - config.ramp + 2 * config.ramp * progress
     return (1.0 - sparsity).expand(heads)
 
 

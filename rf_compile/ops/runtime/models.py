@@ -25,7 +25,8 @@ from rf_compile.plan import Variant
 
 def _progress(step: torch.Tensor, first: int | torch.Tensor, stop: int | torch.Tensor) -> torch.Tensor:
     """float64 scalar: 0 at the first sparse step ``first``, 1 at the last (``stop - 1``), on the device."""
-    span = torch.as_tensor(stop - first - 1, device=step.device).clamp_min(1)
+    span = stop - first - 1  # host ints (option num_steps) or device tensors: no tensor made from the host
+    span = span.clamp_min(1) if isinstance(span, torch.Tensor) else max(span, 1)
     return ((step - first).double() / span).clamp(0.0, 1.0)
 
 
@@ -69,7 +70,7 @@ class SiteState:
         if config.dense_last_steps:
             dense = dense | (step >= steps.last_steps_start(config, q.device, dtype))
         progress = None
-        if config.sparsity_ramp:
+        if config.ramp:
             progress = _progress(step, first_sparse, steps.last_steps_start(config, q.device, dtype))
         if self.index < config.dense_layers:
             dense = torch.ones_like(dense)
