@@ -208,8 +208,8 @@ def bench_shape(model, heads, D, layout, args, records, log):
                                     first_call_s=first_s, efficiency=best_dense * density / t["ms"], **t))
                 log(f"{model} {pattern} d={density:.3f} rainfusion {name}: {t['ms']:.3f} ms "
                     f"eff {best_dense * density / t['ms']:.3f} err {err:.1e} cfg {cfg}")
-                for precision in args.precisions:  # "fp8" refuses two_pass (NaN on the H200)
-                    if loads == "tma" and not (precision == "fp8" and loop == "two_pass"):
+                for precision in args.precisions:
+                    if loads == "tma":
                         records.append(bench_8bit(precision, fn, out, t["ms"], rows, ref, common, name, args, log))
             except Exception as exc:  # noqa: BLE001
                 log(f"{model} {pattern} rainfusion {name}: failed {exc!r}")
@@ -383,8 +383,7 @@ def main() -> None:
                         help="forms of ours as loads/loop")
     parser.add_argument("--stem", default="attention", help="result file name (without extension)")
     parser.add_argument("--precisions", nargs="*", default=[], choices=["fp8", "int8"],
-                        help="also time each TMA variant in these 8-bit precisions (records with that dtype; "
-                             "'fp8' skips two_pass, which it refuses)")
+                        help="also time each TMA variant in these 8-bit precisions (records with that dtype)")
     parser.add_argument("--v2", nargs="*", type=float, default=list(V2_SPARSITIES),
                         help="RainFusion 2.0 sparsities to time (prediction included); none: skip v2")
     args = parser.parse_args()

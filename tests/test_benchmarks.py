@@ -323,7 +323,7 @@ def test_crossover_decision_reads_the_report_where_the_pass_kept_sdpa(monkeypatc
 
 
 def test_stress_two_pass_finds_two_pass_equal_to_split_under_the_interpreter(tmp_path):
-    """The stress script's CPU case: every repetition of loop="two_pass" (bf16 and int8) is finite and
+    """The stress script's CPU case: every repetition of loop="two_pass" (bf16, fp8, int8) is finite and
     equal to loop="split" up to the output's rounding (on a GPU it counts the runs that are not)."""
     env = {**_env(), "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(BENCHMARKS / "stress_two_pass.py"), "--cases", "tiny", "--repeats",
@@ -331,17 +331,20 @@ def test_stress_two_pass_finds_two_pass_equal_to_split_under_the_interpreter(tmp
                             timeout=600, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "stress_two_pass.json").read_text())["records"]
-    assert {r["precision"] for r in records} == {"bf16", "int8"}
+    assert {r["precision"] for r in records} == {"bf16", "fp8", "int8"}
     for record in records:
         assert record["nonfinite_runs"] == 0 and record["worst_rel_vs_split"] < 1e-2, record
 
 
 @pytest.mark.gpu
 def test_gpu_two_pass_never_gives_a_non_finite_output(tmp_path):
-    """Every configuration of two_pass's first launch, repeated on fresh inputs at head dims 64 and 128
-    (a bf16 NaN came and went once at d=64: QUALITY_NOTES.md, fourth session)."""
+    """Every configuration of two_pass's first launch, repeated on fresh inputs at head dims 64 and 128, in
+    every precision (the 3-stage specialised launch, pruned since, gave NaN at d=64: stress_two_pass_run1.log).
+    8-bit two_pass rounds P against another row maximum than split: a few percent apart."""
     result = run("stress_two_pass.py", "--repeats", "5", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads((tmp_path / "stress_two_pass.json").read_text())["records"]
-    bad = [r for r in records if r["nonfinite_runs"] or r["worst_rel_vs_split"] > 2e-2]
+    assert records and all(r["repeats"] == 5 for r in records), records  # none skipped for want of resources
+    bound = {"bf16": 1e-2, "fp8": 0.08, "int8": 0.06}
+    bad = [r for r in records if r["nonfinite_runs"] or r["worst_rel_vs_split"] > bound[r["precision"]]]
     assert not bad, bad
