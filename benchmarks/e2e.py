@@ -15,7 +15,8 @@ where the pipeline uses it) at the timesteps of their pipelines' schedulers. Two
   1,985 text tokens, batch 1: its pipeline makes one such call per CFG branch).
 
 Variants, in one run on one GPU: eager (diffusers' SDPA), inductor, rainfusion ``mode="dense"``, v1, v1+,
-v2 (80% block sparsity) and v2 with FP8 products (``precision="fp8"``). Each runs a few steps of its model's
+v2 (80% block sparsity, flat: ``sparsity_ramp=0``, see ``V2``) and v2 with 8-bit products (``precision="fp8"``,
+``"int8"``). Each runs a few steps of its model's
 real schedule (the diffusers scheduler with the published shift, ``num_steps`` = 50), chosen so that
 rainfusion decides dense or sparse exactly as in the pipeline: w = ceil(0.1 * num_steps) warm-up steps are
 dense (5 of 50), counted as the step clock counts the timesteps the model receives (``first_sparse_step``:
@@ -193,15 +194,18 @@ CONFIGS = {
     "full": ("wan1.3b", "cogvideox", "hunyuanvideo", "wan14b", "hunyuanvideo1.5"),
 }
 NUM_STEPS = 50  # num_inference_steps of the Wan, CogVideoX and HunyuanVideo pipelines
+# v2 runs flat here: the timed steps are the first sparse ones, where the default ramp keeps most blocks; a flat
+# step has the ramp's mean density, so the extrapolated video is the ramped video's to first order.
+V2 = {"mode": "v2", "sparsity_ramp": 0}
 VARIANTS = {
     "eager": None,
     "inductor": {"backend": "inductor"},
     "rf_dense": {"backend": "rainfusion", "options": {"mode": "dense"}},
     "rf_v1": {"backend": "rainfusion", "options": {"mode": "v1"}},
     "rf_v1plus": {"backend": "rainfusion", "options": {"mode": "v1+"}},
-    "rf_v2": {"backend": "rainfusion", "options": {"mode": "v2"}},
-    "rf_v2_fp8": {"backend": "rainfusion", "options": {"mode": "v2", "precision": "fp8"}},
-    "rf_v2_int8": {"backend": "rainfusion", "options": {"mode": "v2", "precision": "int8"}},
+    "rf_v2": {"backend": "rainfusion", "options": V2},
+    "rf_v2_fp8": {"backend": "rainfusion", "options": {**V2, "precision": "fp8"}},
+    "rf_v2_int8": {"backend": "rainfusion", "options": {**V2, "precision": "int8"}},
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
