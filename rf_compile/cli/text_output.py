@@ -14,10 +14,11 @@ PATTERNS = ("spatial", "temporal", "textural")
 
 
 def site_summary(stats: dict) -> dict[str, Any]:
-    """Pattern shares, mean bandwidth and recall of one site's ``rf_compile.stats()`` entry."""
-    totals = {p: sum(head[p] for head in stats["heads"]) for p in PATTERNS}
+    """Pattern shares, mean bandwidth and recall of one site's ``rf_compile.stats()`` entry (v2 heads have no
+    patterns: those columns stay empty)."""
+    totals = {p: sum(head.get(p, 0) for head in stats["heads"]) for p in PATTERNS}
     chosen = sum(totals.values())
-    banded = [(head["mean_bandwidth"], head["spatial"] + head["temporal"]) for head in stats["heads"]]
+    banded = [(head.get("mean_bandwidth"), head.get("spatial", 0) + head.get("temporal", 0)) for head in stats["heads"]]
     banded_calls = sum(n for b, n in banded if b is not None)
     recalls = [head["mean_recall"] for head in stats["heads"] if head.get("mean_recall") is not None]
     return {
@@ -101,6 +102,10 @@ def format_text(result: Inspection) -> str:
     counts = sorted({(e["warmup_steps"], e["num_steps_from"]) for e in (result.stats or {}).values() if e.get("calls")})
     for warmup, source in counts:
         lines.append(f"dense warm-up: the first {warmup} step(s) of each video ({source})")
+    ramps = sorted({tuple(e["sparsity_range"]) for e in (result.stats or {}).values() if e.get("sparsity_range")})
+    for first, last in ramps:
+        lines.append(f"v2 sparsity ramp: {first:.2f} at the first sparse step -> {last:.2f} at the last (option "
+                     "sparsity_ramp)")
     if result.steps and isinstance(result.target.kwargs.get("timestep"), torch.Tensor):
         lines.append(f"after {result.steps} step(s), timesteps {', '.join(f'{t:g}' for t in timesteps(result.steps))}")
     elif result.steps:
