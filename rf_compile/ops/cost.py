@@ -181,7 +181,8 @@ def v1_density_bound(layout: VideoLayout, config: RainFusionConfig) -> float:
 def v2_density_bound(layout: VideoLayout, config: RainFusionConfig, block: int = BLOCK_M) -> float:
     """Most blocks a v2 plan keeps, as a fraction: forced rows (text, sink frames) keep every block, the
     others their top-k budget, inside which the forced columns and the diagonal count (``ops.v2``), or
-    those alone where they are more."""
+    those alone where they are more. Under a ``sparsity_ramp`` the budget of its mean sparsity: the shape is
+    judged over a video, whose early sparse steps keep more blocks and late ones fewer."""
     M = -(-layout.seq_len // block)
     head = layout.prefix + sink_frame_count(layout, config) * layout.frame_tokens  # tokens at the start, forced
     forced = -(-head // block) + (M - (layout.prefix + layout.video_tokens) // block if layout.suffix else 0)
