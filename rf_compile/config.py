@@ -211,12 +211,12 @@ class RainFusionConfig:
 
     def _check_ramp(self) -> None:
         ramp = self.sparsity_ramp
-        if ramp is None or ramp == 0:
-            if ramp is not None and (isinstance(ramp, bool) or not isinstance(ramp, (int, float))):
-                raise OptionError(f"option 'sparsity_ramp' must be a fraction >= 0 or None, got {ramp!r}")
+        if ramp is None:
             return
         if isinstance(ramp, bool) or not isinstance(ramp, (int, float)) or ramp < 0:
             raise OptionError(f"option 'sparsity_ramp' must be a fraction >= 0 or None, got {ramp!r}")
+        if ramp == 0:
+            return
         if not (0 <= self.sparsity - ramp and self.sparsity + ramp < 1):
             raise OptionError(
                 f"option 'sparsity_ramp' {ramp} takes sparsity {self.sparsity} to "
