@@ -39,29 +39,29 @@ def stress(name: str, precision: str, config, repeats: int) -> dict:
     table = build_plan_table(layout, variants_for(RainFusionConfig(mode="v1+")), DEVICE)
     ids = torch.arange(heads) % table.num_plans
     voh = torch.stack([ids, ids.flip(0)]).to(torch.int32).to(DEVICE)
+    record = dict(case=name, head_dim=head_dim, heads=heads, precision=precision, config=config_name(config))
     nonfinite_runs, worst = 0, 0.0
-    for _ in range(repeats):
-        q, k, v = (torch.randn(2, heads, layout.seq_len, head_dim, device=DEVICE, dtype=torch.bfloat16)
-                   for _ in range(3))  # fmt: skip
-        block_sparse._FORCED_CONFIG = None
-        ref = block_sparse.block_sparse_attention(q, k, v, table, voh, loads="tma", loop="split", precision=precision)
-        block_sparse._FORCED_CONFIG = config
-        try:
+    try:
+        for _ in range(repeats):
+            q, k, v = (torch.randn(2, heads, layout.seq_len, head_dim, device=DEVICE, dtype=torch.bfloat16)
+                       for _ in range(3))  # fmt: skip
+            block_sparse._FORCED_CONFIG = None
+            ref = block_sparse.block_sparse_attention(q, k, v, table, voh, loads="tma", loop="split",
+                                                      precision=precision)  # fmt: skip
+            block_sparse._FORCED_CONFIG = config
             out = block_sparse.block_sparse_attention(q, k, v, table, voh, loads="tma", loop="two_pass",
                                                       precision=precision)  # fmt: skip
-        except OutOfResources as error:  # the autotuner skips such a configuration; so does the count
-            block_sparse._FORCED_CONFIG = None
-            return dict(case=name, head_dim=head_dim, heads=heads, precision=precision, config=config_name(config),
-                        repeats=0, nonfinite_runs=None, worst_rel_vs_split=None, note=str(error))
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-        if not torch.isfinite(out).all():
-            nonfinite_runs += 1
-            continue
-        worst = max(worst, float((out.float() - ref.float()).norm() / ref.float().norm()))
-    block_sparse._FORCED_CONFIG = None
-    return dict(case=name, head_dim=head_dim, heads=heads, precision=precision, config=config_name(config),
-                repeats=repeats, nonfinite_runs=nonfinite_runs, worst_rel_vs_split=worst)
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            if not torch.isfinite(out).all():
+                nonfinite_runs += 1
+                continue
+            worst = max(worst, float((out.float() - ref.float()).norm() / ref.float().norm()))
+    except OutOfResources as error:  # the autotuner skips such a configuration; so does the count
+        return dict(record, repeats=0, nonfinite_runs=None, worst_rel_vs_split=None, note=str(error))
+    finally:
+        block_sparse._FORCED_CONFIG = None
+    return dict(record, repeats=repeats, nonfinite_runs=nonfinite_runs, worst_rel_vs_split=worst)
 
 
 def main() -> None:
