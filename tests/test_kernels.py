@@ -519,8 +519,8 @@ def test_8bit_rejects_what_it_cannot_run():
 @pytest.mark.parametrize("pattern", ["spatial", "mix"])
 def test_gpu_8bit_at_full_size(precision, pattern):
     """Wan2.1-1.3B's 480p layout, d=128, 24 heads (FP8's two_pass gave NaN at 24 and 40 heads, never at
-    5): each 8-bit precision with loop="auto" ("split" for fp8, the warp-specialised "two_pass" for
-    int8) against float64 rows (the GPU rounds to nearest)."""
+    5, while a 3-stage specialised launch, pruned since, could be chosen): each 8-bit precision with
+    loop="auto" (the warp-specialised "two_pass") against float64 rows (the GPU rounds to nearest)."""
     layout = VideoLayout(21, 30, 52)
     table = build_plan_table(layout, V1, "cuda")
     H = 24

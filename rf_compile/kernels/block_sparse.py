@@ -162,9 +162,8 @@ def block_sparse_attention(
         launch adds the masked blocks of the query blocks that have any. ``"auto"`` (default):
         ``"two_pass"`` where warp specialisation runs and pays (TMA loads on Hopper, head dim 128,
         no ``key_bias``; H200: 5-15% faster than "split" at d=128, 5-20% slower at d=64, where the
-        autotuner keeps 8 warps; not for ``precision="fp8"``, whose two_pass gave NaN on the H200 while the
-        autotuner could still choose the 3-stage specialised launch, pruned since: asked for by name it runs,
-        not yet checked again on a GPU, ``benchmarks/stress_two_pass.py``), else ``"split"``.
+        autotuner keeps 8 warps; every precision since the 3-stage specialised launch that gave NaN was
+        pruned, ``benchmarks/stress_two_pass.py``), else ``"split"``.
         ``"masked"``: the element mask on every block, trusting no ``block_full`` flag; 1.5-1.9x
         slower on H100 (NOTES.md), kept to check the flags and to measure what skipping the mask
         is worth.
@@ -226,8 +225,8 @@ def block_sparse_attention(
                          "with tensor descriptors and 16-byte aligned q/k/v/out rows")
 
     if loop == "auto":  # two launches pay only where the first is warp-specialised, measured at d=128
-        loop = ("two_pass" if use_tma and key_bias is None and D == 128 and precision != "fp8"
-                and supports_warp_specialize() else "split")
+        loop = ("two_pass" if use_tma and key_bias is None and D == 128 and supports_warp_specialize()
+                else "split")
     extras = plan_extras(table)
     voh = variant_of_head.contiguous()
     if out is None:
