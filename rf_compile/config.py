@@ -94,7 +94,8 @@ class RainFusionConfig:
         while the sample is mostly noise, where a missed block costs most. ``0``: the same every step.
         ``None`` (default): 0.15 for v2 with ``budget="query_block"`` and no profile, narrowed to keep both
         ends in [0, 0.99]; 0 otherwise. A value must keep both ends in [0, 1) and needs v2 with
-        ``budget="query_block"`` and no profile.
+        ``budget="query_block"`` and no profile, or v1 / v1+ with ``textural="blocks"``, whose predicted
+        non-local heads it ramps around their ``1 - 1 / stride`` (the bands stay as they are).
     select:
         v2 block selection: ``"topk"`` keeps ``ceil(kv_blocks * (1 - sparsity))`` key blocks per
         query block (forced ones included); ``"mass"`` keeps blocks by descending predicted score
@@ -217,29 +218,39 @@ class RainFusionConfig:
             raise OptionError(f"option 'sparsity_ramp' must be a fraction >= 0 or None, got {ramp!r}")
         if ramp == 0:
             return
-        if not (0 <= self.sparsity - ramp and self.sparsity + ramp < 1):
+        sparsity = self.ramped_sparsity
+        if sparsity is None:
             raise OptionError(
-                f"option 'sparsity_ramp' {ramp} takes sparsity {self.sparsity} to "
-                f"[{self.sparsity - ramp:g}, {self.sparsity + ramp:g}]; accepted: both ends in [0, 1)"
+                "option 'sparsity_ramp' schedules a per-head budget of predicted blocks: use it with mode='v2', "
+                "or mode='v1' / 'v1+' with textural='blocks', and budget='query_block' and no profile (got "
+                f"mode={self.mode!r}, textural={self.textural!r}, budget={self.budget!r}, profile={self.profile!r})"
             )
-        if not self._ramps:
+        if not (0 <= sparsity - ramp and sparsity + ramp < 1):
             raise OptionError(
-                "option 'sparsity_ramp' schedules v2's per-head budget: use it with mode='v2', "
-                f"budget='query_block' and no profile (got mode={self.mode!r}, budget={self.budget!r}, "
-                f"profile={self.profile!r})"
+                f"option 'sparsity_ramp' {ramp} takes sparsity {sparsity:g} to "
+                f"[{sparsity - ramp:g}, {sparsity + ramp:g}]; accepted: both ends in [0, 1)"
             )
 
     @property
-    def _ramps(self) -> bool:
-        return self.mode == "v2" and self.budget == "query_block" and self.profile is None
+    def ramped_sparsity(self) -> float | None:
+        """The block sparsity that ``sparsity_ramp`` moves over the steps: v2's ``sparsity``; with v1's
+        ``textural="blocks"`` the predicted non-local heads' ``1 - 1 / stride``; None where no per-head
+        budget of predicted blocks applies (a pooled budget, a profile, the checkerboard)."""
+        if self.budget != "query_block" or self.profile is not None:
+            return None
+        if self.mode == "v2":
+            return float(self.sparsity)
+        if self.mode in ("v1", "v1+") and self.textural == "blocks":
+            return 1.0 - 1.0 / self.stride
+        return None
 
     @property
     def ramp(self) -> float:
-        """The sparsity ramp in effect: the option's, or for ``None`` the default narrowed to fit (0 where
-        no per-step budget applies)."""
+        """The sparsity ramp in effect: the option's, or for ``None`` v2's default narrowed to fit (0 where
+        no per-step budget applies, and for v1)."""
         if self.sparsity_ramp is not None:
             return float(self.sparsity_ramp)
-        if not self._ramps:
+        if self.mode != "v2" or self.ramped_sparsity is None:
             return 0.0
         return max(0.0, min(DEFAULT_RAMP, self.sparsity, MAX_RAMPED_SPARSITY - self.sparsity))
 
@@ -274,7 +285,6 @@ class RainFusionConfig:
         _check_int("dense_last_steps", self.dense_last_steps, minimum=0)
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise OptionError(f"option 'sparsity' must be a fraction in [0, 1), got {self.sparsity!r}")
-        self._check_ramp()
         _check_fraction("mass", self.mass)
         if self.tile is not None:
             if len(self.tile) != 3 or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tile):
@@ -288,6 +298,7 @@ class RainFusionConfig:
         _check_fraction("recall_target", self.recall_target)
         _check_fraction("alpha", self.alpha)
         _check_int("stride", self.stride, minimum=2)
+        self._check_ramp()
         if self.sample_stride is not None:
             _check_int("sample_stride", self.sample_stride, minimum=1)
         if self.arm_query_rows is not None:

@@ -232,6 +232,36 @@ def test_textural_blocks_gives_nonlocal_heads_a_predicted_block_plan():
             torch.testing.assert_close(blocks[b, h], expected, atol=1e-12, rtol=1e-12)
 
 
+def test_sparsity_ramp_of_v1_moves_the_predicted_heads_and_keeps_the_bands():
+    """v1 with textural='blocks' and ``sparsity_ramp``: over the sparse steps the non-local heads' share of
+    key blocks falls linearly around the checkerboard's 1 / stride; the heads the ARM finds local keep
+    their band at every step."""
+    reset()
+    layout = VideoLayout(8, 8, 16, prefix=8)  # 1,032 tokens: 9 blocks of 128
+    patterns = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL, None]
+    q, k = planted_qk(layout, patterns, head_dim=32, batch=1, seed=3, dtype=torch.float64)
+    v = torch.randn_like(q)
+    base = RainFusionConfig(kernel="reference", order="tokens", dense_warmup=0.2, num_steps=5)
+    config = dataclasses.replace(base, textural="blocks", sparsity_ramp=0.25)
+    key = register_site("test.v1_ramp", layout, config)
+    outs = [attention(q, k, v, None, None, torch.tensor([t]), None, None, key, []) for t in (900.0, 700, 500, 300, 100)]
+    torch.testing.assert_close(outs[0], F.scaled_dot_product_attention(q, k, v))  # the warm-up step
+    bands = sparse_attention(q, k, v, layout, config=base)
+    chosen = classify_heads(q, k, layout, base)[0]
+    assert (chosen == Pattern.TEXTURAL).any() and (chosen != Pattern.TEXTURAL).any()
+    of = torch.arange(layout.seq_len) // 128
+    # Sparsity 0.25, 0.417, 0.583, 0.75 of the predicted heads' blocks: ceil(9 * density) key blocks.
+    for out, keep in zip(outs[1:], (7, 6, 4, 3)):
+        for h in range(4):
+            if chosen[h] != Pattern.TEXTURAL:
+                torch.testing.assert_close(out[0, h], bands[0, h], atol=1e-12, rtol=1e-12)
+                continue
+            mask = _block_plan_reference(q[0, h], k[0, h], layout, keep=keep)
+            expected = F.scaled_dot_product_attention(q[0, h], k[0, h], v[0, h], attn_mask=mask[of][:, of])
+            torch.testing.assert_close(out[0, h], expected, atol=1e-12, rtol=1e-12)
+    assert stats()["test.v1_ramp"]["sparsity_range"] == pytest.approx([0.25, 0.75])
+
+
 def test_measure_error_records_the_relative_error_against_dense_per_head():
     reset()
     layout = VideoLayout(4, 8, 8)

@@ -127,7 +127,8 @@ def test_run_adds_statistics_and_plot(capsys, tmp_path):
 
 def test_run_of_v2_shows_its_sparsity_ramp(capsys):
     code, out, _ = run(capsys, "wan", "--run", "2", "--option", "mode=v2")
-    assert code == 0 and "v2 sparsity ramp: 0.65 at the first sparse step -> 0.95 at the last" in out
+    line = "sparsity ramp of the predicted blocks: 0.65 at the first sparse step -> 0.95 at the last"
+    assert code == 0 and line in out
     code, out, _ = run(capsys, "wan", "--json", "--run", "2", "--option", "mode=v2", "--option", "sparsity_ramp=0")
     assert code == 0 and not any("sparsity_range" in site for site in json.loads(out)["stats"].values())
 

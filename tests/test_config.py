@@ -62,7 +62,9 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"dense_last_steps": 1.5}, "'dense_last_steps' must be an int >= 0"),
         ({"mode": "v2", "sparsity_ramp": -0.1}, "'sparsity_ramp' must be a fraction >= 0 or None"),
         ({"mode": "v2", "sparsity": 0.8, "sparsity_ramp": 0.2}, r"to \[0.6, 1\]; accepted: both ends in \[0, 1\)"),
-        ({"mode": "v1", "sparsity_ramp": 0.1}, "use it with mode='v2', budget='query_block' and no profile"),
+        ({"mode": "v1", "sparsity_ramp": 0.1}, r"use it with mode='v2', or mode='v1' / 'v1\+' with textural='blocks'"),
+        ({"mode": "v2", "budget": "call", "sparsity_ramp": 0.1}, r"budget='call', profile=None\)"),
+        ({"textural": "blocks", "sparsity_ramp": 0.5}, r"takes sparsity 0.5 to \[0, 1\]; accepted"),
         ({"compiler": "aot_eager"}, r"'compiler' must be one of \['inductor', 'eager'\]"),
         ({"compiler": "eager", "compile_mode": "max-autotune"}, "is an inductor mode: use it with compiler='inductor'"),
         ({"compiler": "eager", "max_autotune": True}, r"inductor option\(s\) \['max_autotune'\] need compiler="),
@@ -112,9 +114,17 @@ def test_compile_mode_option_is_checked_and_reaches_inductor(monkeypatch):
         ({"mode": "v2", "sparsity_ramp": 0.3, "sparsity": 0.5}, 0.3),
         ({"mode": "v2", "budget": "heads"}, 0.0),  # pooled budgets are not scheduled
         ({"mode": "v1"}, 0.0),
+        ({"mode": "v1", "textural": "blocks"}, 0.0),  # v1 ramps only when asked
     ],
 )
 def test_the_default_sparsity_ramp_applies_to_v2_and_fits_its_sparsity(options, ramp):
     config, _ = RainFusionConfig.from_options(options)
     assert config.ramp == pytest.approx(ramp)
     assert 0 <= config.sparsity - config.ramp and config.sparsity + config.ramp <= 0.99 + 1e-12
+
+
+@pytest.mark.parametrize(("stride", "middle"), [(2, 0.5), (3, 2 / 3)])
+def test_a_v1_ramp_moves_the_block_predicted_heads_around_the_checkerboard_share(stride, middle):
+    config, _ = RainFusionConfig.from_options({"textural": "blocks", "stride": stride, "sparsity_ramp": 0.2})
+    assert (config.ramp, config.ramped_sparsity) == (0.2, pytest.approx(middle))
+    assert RainFusionConfig(stride=stride).ramped_sparsity is None  # the checkerboard has no block budget

@@ -70,17 +70,24 @@ def test_mode_keeps_the_per_step_decisions_and_outputs(mode, reference):
 
 
 @pytest.mark.parametrize("num_steps", [5, None], ids=["num_steps option", "counted on the device"])
-def test_v2_sparsity_ramp_under_cuda_graphs_matches_the_default_mode(num_steps):
-    """v2's per-step budget (the default ``sparsity_ramp``) is computed on the device from host step counts
-    (option ``num_steps``) or device ones; a replayed CUDA graph follows it as the default mode does."""
-    options = {**OPTIONS, "mode": "v2", "sparsity": 0.5, "num_steps": num_steps}
+@pytest.mark.parametrize(
+    "ramped",
+    [{"mode": "v2", "sparsity": 0.5}, {"mode": "v1", "textural": "blocks", "sparsity_ramp": 0.25}],
+    ids=["v2 default ramp", "v1 predicted heads"],
+)
+def test_sparsity_ramp_under_cuda_graphs_matches_the_default_mode(num_steps, ramped):
+    """The per-step budget of predicted blocks (v2's default ``sparsity_ramp``; v1's non-local heads with
+    ``textural="blocks"``) is computed on the device from host step counts (option ``num_steps``) or device
+    ones; a replayed CUDA graph follows it as the default mode does."""
+    options = {**OPTIONS, **ramped, "num_steps": num_steps}
     if num_steps is None:
         options["dense_warmup"] = 0.02  # 1 of the default 50 steps
     expected, expected_counts = _run("default", options)
     outputs, dense_counts = _run("reduce-overhead", options)
     assert dense_counts == expected_counts
-    # With num_steps=5 the 4 key blocks kept per query block go 3, 3, 2, 2 over the sparse steps: a graph
-    # replaying the first step's budget would differ from step 3 on.
+    # With num_steps=5 the 4 key blocks kept per query block go 3, 3, 2, 2 over the sparse steps (v2; v1's
+    # non-local heads: 3, 3, 2, 1): a graph replaying the first step's budget would
+    # differ from step 3 on.
     for got, want in zip(outputs, expected, strict=True):
         torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
 

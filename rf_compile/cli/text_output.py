@@ -104,8 +104,8 @@ def format_text(result: Inspection) -> str:
         lines.append(f"dense warm-up: the first {warmup} step(s) of each video ({source})")
     ramps = sorted({tuple(e["sparsity_range"]) for e in (result.stats or {}).values() if e.get("sparsity_range")})
     for first, last in ramps:
-        lines.append(f"v2 sparsity ramp: {first:.2f} at the first sparse step -> {last:.2f} at the last (option "
-                     "sparsity_ramp)")
+        lines.append(f"sparsity ramp of the predicted blocks: {first:.2f} at the first sparse step -> {last:.2f} at "
+                     "the last (option sparsity_ramp)")
     if result.steps and isinstance(result.target.kwargs.get("timestep"), torch.Tensor):
         lines.append(f"after {result.steps} step(s), timesteps {', '.join(f'{t:g}' for t in timesteps(result.steps))}")
     elif result.steps:

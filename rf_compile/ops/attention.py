@@ -229,8 +229,9 @@ def sparse_attention(
 
 @functools.lru_cache(maxsize=16)
 def nonlocal_config(config: RainFusionConfig) -> RainFusionConfig:
-    """The v2 settings of v1's block-predicted non-local heads: the checkerboard's share of key blocks."""
-    return dataclasses.replace(config, mode="v2", sparsity=1.0 - 1.0 / config.stride)
+    """The v2 settings of v1's block-predicted non-local heads: the checkerboard's share of key blocks,
+    ramped over the steps as v1's ``sparsity_ramp`` says."""
+    return dataclasses.replace(config, mode="v2", sparsity=config.ramped_sparsity, sparsity_ramp=config.ramp)
 
 
 def nonlocal_blocks(
@@ -241,14 +242,18 @@ def nonlocal_blocks(
     scale: float | None,
     static: PlanTable,
     variant_of_head: torch.Tensor,
+    progress: torch.Tensor | None = None,
 ) -> tuple[PlanTable, torch.Tensor]:
     """v1 with ``textural="blocks"``: heads the ARM sent to the checkerboard run a predicted block plan.
 
-    Every (batch element, head) gets a v2 plan at the checkerboard's share of key blocks, appended to
-    the static plans; the textural heads' variant ids are redirected to theirs (on the device).
+    Every (batch element, head) gets a v2 plan at the checkerboard's share of key blocks (at ``progress``
+    through the sparse steps, with ``sparsity_ramp``), appended to the static plans; the textural heads'
+    variant ids are redirected to theirs (on the device).
     """
     B, H = q.shape[:2]
-    predicted = v2.predict_plan(q, k, layout, nonlocal_config(config), scale)
+    blocks = nonlocal_config(config)
+    densities = v2.ramp_densities(blocks, progress, H) if progress is not None else None
+    predicted = v2.predict_plan(q, k, layout, blocks, scale, densities=densities)
     textural = static.variants.index(Variant(Pattern.TEXTURAL, stride=config.stride))
     own = static.num_plans + torch.arange(B * H, device=q.device).view(B, H)
     return concat_plans(static, predicted), torch.where(variant_of_head == textural, own, variant_of_head)
@@ -342,7 +347,8 @@ def attention(
         shape.recall.copy_(torch.where(call.run_arm, new_recall, shape.recall))
         variant_of_head = shape.variant
         if config.textural == "blocks":
-            table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head)
+            table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head,
+                                                     call.progress)
         _record(shape, sparse, table, variant_of_head)
         variant_of_head = torch.where(call.dense, len(shape.variants) - 1, variant_of_head)
     out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out, config.precision)

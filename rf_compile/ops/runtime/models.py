@@ -107,7 +107,8 @@ class SiteState:
         """Host-side statistics (reads the device counters: a sync)."""
         total, by_layout = summarize(self.shapes.values())
         config = self.spec.config
-        ramp = {"sparsity_range": [config.sparsity - config.ramp, config.sparsity + config.ramp]} if config.ramp else {}
+        middle = config.ramped_sparsity
+        ramp = {"sparsity_range": [middle - config.ramp, middle + config.ramp]} if config.ramp else {}
         return {
             "model": self.model.name,
             "site": self.name,
@@ -117,7 +118,7 @@ class SiteState:
             **total,
             "dense_shapes": dict(self.dense_reasons),
             "by_layout": by_layout,
-            **ramp,  # v2's sparsity at the first and the last sparse step (``sparsity_ramp``)
+            **ramp,  # predicted blocks' sparsity at the first and the last sparse step (``sparsity_ramp``)
         }
 
 
