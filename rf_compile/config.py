@@ -118,7 +118,11 @@ class RainFusionConfig:
     textural:
         What v1 / v1+ compute for heads the ARM finds neither spatial nor temporal: ``"checkerboard"``
         (the paper's textural pattern, every ``stride``-th key) or ``"blocks"`` (v2's block prediction
-        in ``order``, keeping the same share of key blocks as the checkerboard, ``1 / stride``).
+        in ``order``, keeping ``textural_density`` of the key blocks).
+    textural_density:
+        v1 / v1+ with ``textural="blocks"``: the share of key blocks the predicted non-local heads keep, in
+        (0, 1]. ``None`` (default): the checkerboard's share, ``1 / stride``. Below it, v1's mix with mostly
+        predicted heads (a high ``alpha``) keeps its sparsity.
     dense_layers:
         The first N video self-attention sites of a model (in the order they are first called) stay
         dense, as Sparse VideoGen and Radial Attention keep their first layers dense.
@@ -193,6 +197,7 @@ class RainFusionConfig:
     budget_floor: float = 0.25
     order: str = "tiles"
     textural: str = "checkerboard"
+    textural_density: float | None = None
     dense_layers: int = 0
     dense_last_steps: int = 0
     measure_error: bool = False
@@ -234,15 +239,20 @@ class RainFusionConfig:
     @property
     def ramped_sparsity(self) -> float | None:
         """The block sparsity that ``sparsity_ramp`` moves over the steps: v2's ``sparsity``; with v1's
-        ``textural="blocks"`` the predicted non-local heads' ``1 - 1 / stride``; None where no per-head
+        ``textural="blocks"`` the predicted non-local heads' ``1 - textural_density``; None where no per-head
         budget of predicted blocks applies (a pooled budget, a profile, the checkerboard)."""
         if self.budget != "query_block" or self.profile is not None:
             return None
         if self.mode == "v2":
             return float(self.sparsity)
         if self.mode in ("v1", "v1+") and self.textural == "blocks":
-            return 1.0 - 1.0 / self.stride
+            return 1.0 - self.nonlocal_density
         return None
+
+    @property
+    def nonlocal_density(self) -> float:
+        """Share of key blocks of v1's block-predicted non-local heads (``textural="blocks"``)."""
+        return 1.0 / self.stride if self.textural_density is None else float(self.textural_density)
 
     @property
     def ramp(self) -> float:
@@ -298,6 +308,13 @@ class RainFusionConfig:
         _check_fraction("recall_target", self.recall_target)
         _check_fraction("alpha", self.alpha)
         _check_int("stride", self.stride, minimum=2)
+        if self.textural_density is not None:
+            _check_fraction("textural_density", self.textural_density)
+            if self.textural != "blocks" or self.mode not in ("v1", "v1+"):
+                raise OptionError(
+                    "option 'textural_density' sets the share of v1's block-predicted non-local heads: use it with "
+                    f"mode='v1' or 'v1+' and textural='blocks' (got mode={self.mode!r}, textural={self.textural!r})"
+                )
         self._check_ramp()
         if self.sample_stride is not None:
             _check_int("sample_stride", self.sample_stride, minimum=1)

@@ -262,6 +262,28 @@ def test_sparsity_ramp_of_v1_moves_the_predicted_heads_and_keeps_the_bands():
     assert stats()["test.v1_ramp"]["sparsity_range"] == pytest.approx([0.25, 0.75])
 
 
+
+def test_textural_density_sets_the_share_of_the_predicted_heads():
+    """v1 with textural='blocks' and ``textural_density``: the non-local heads keep ceil(M * density) key
+    blocks of the float64 block plan instead of the checkerboard's half; the bands stay."""
+    layout = VideoLayout(8, 8, 16, prefix=8)  # 1,032 tokens: 9 blocks of 128
+    patterns = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL, None]
+    q, k = planted_qk(layout, patterns, head_dim=32, batch=1, seed=3, dtype=torch.float64)
+    v = torch.randn_like(q)
+    base = RainFusionConfig(kernel="reference", order="tokens")
+    out = sparse_attention(q, k, v, layout, config=dataclasses.replace(base, textural="blocks", textural_density=0.3))
+    bands = sparse_attention(q, k, v, layout, config=base)
+    chosen = classify_heads(q, k, layout, base)[0]
+    of = torch.arange(layout.seq_len) // 128
+    for h in range(4):
+        if chosen[h] != Pattern.TEXTURAL:
+            torch.testing.assert_close(out[0, h], bands[0, h], atol=1e-12, rtol=1e-12)
+            continue
+        mask = _block_plan_reference(q[0, h], k[0, h], layout, keep=3)  # ceil(9 * 0.3)
+        expected = F.scaled_dot_product_attention(q[0, h], k[0, h], v[0, h], attn_mask=mask[of][:, of])
+        torch.testing.assert_close(out[0, h], expected, atol=1e-12, rtol=1e-12)
+
+
 def test_measure_error_records_the_relative_error_against_dense_per_head():
     reset()
     layout = VideoLayout(4, 8, 8)

@@ -65,6 +65,9 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"mode": "v1", "sparsity_ramp": 0.1}, r"use it with mode='v2', or mode='v1' / 'v1\+' with textural='blocks'"),
         ({"mode": "v2", "budget": "call", "sparsity_ramp": 0.1}, r"budget='call', profile=None\)"),
         ({"textural": "blocks", "sparsity_ramp": 0.5}, r"takes sparsity 0.5 to \[0, 1\]; accepted"),
+        ({"textural": "blocks", "textural_density": 0}, r"'textural_density' must be a fraction in \(0, 1\]"),
+        ({"textural_density": 0.4}, r"use it with mode='v1' or 'v1\+' and textural='blocks' \(got mode='v1', textural="),
+        ({"mode": "v2", "textural": "blocks", "textural_density": 0.4}, r"got mode='v2'"),
         ({"compiler": "aot_eager"}, r"'compiler' must be one of \['inductor', 'eager'\]"),
         ({"compiler": "eager", "compile_mode": "max-autotune"}, "is an inductor mode: use it with compiler='inductor'"),
         ({"compiler": "eager", "max_autotune": True}, r"inductor option\(s\) \['max_autotune'\] need compiler="),
@@ -128,3 +131,5 @@ def test_a_v1_ramp_moves_the_block_predicted_heads_around_the_checkerboard_share
     config, _ = RainFusionConfig.from_options({"textural": "blocks", "stride": stride, "sparsity_ramp": 0.2})
     assert (config.ramp, config.ramped_sparsity) == (0.2, pytest.approx(middle))
     assert RainFusionConfig(stride=stride).ramped_sparsity is None  # the checkerboard has no block budget
+    config = RainFusionConfig(textural="blocks", stride=stride, textural_density=0.46, sparsity_ramp=0.2)
+    assert config.ramped_sparsity == pytest.approx(0.54)  # textural_density replaces 1 / stride

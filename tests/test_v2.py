@@ -265,6 +265,13 @@ def test_shared_budget_keeps_the_pooled_best_blocks_at_the_same_total(budget):
     assert int(chosen.sum()) == per_row_total  # the same density as per-row top-k
 
 
+@pytest.mark.parametrize(("blocks", "sparsity", "keep"), [(10, 0.7, 3), (20, 0.9, 2), (48, 0.7, 15), (10, 0.75, 3)])
+def test_keep_count_is_the_ceiling_of_the_exact_share(blocks, sparsity, keep):
+    """``ceil(M * (1 - sparsity))`` of the decimal numbers: ``1 - 0.7`` in floating point is a hair over 0.3."""
+    assert v2.keep_count(blocks, RainFusionConfig(mode="v2", sparsity=sparsity)) == keep
+    assert keep == -(-blocks * round((1 - sparsity) * 100) // 100)  # the same in integers
+
+
 @pytest.mark.parametrize("budget", ["heads", "call"])
 def test_shared_budget_plans_keep_more_predicted_mass_at_the_same_density(budget):
     """What pooling the budget is for: at the same number of kept blocks, the predicted probability

@@ -229,9 +229,10 @@ def sparse_attention(
 
 @functools.lru_cache(maxsize=16)
 def nonlocal_config(config: RainFusionConfig) -> RainFusionConfig:
-    """The v2 settings of v1's block-predicted non-local heads: the checkerboard's share of key blocks,
-    ramped over the steps as v1's ``sparsity_ramp`` says."""
-    return dataclasses.replace(config, mode="v2", sparsity=config.ramped_sparsity, sparsity_ramp=config.ramp)
+    """The v2 settings of v1's block-predicted non-local heads: ``textural_density`` of the key blocks (the
+    checkerboard's share by default), ramped over the steps as v1's ``sparsity_ramp`` says."""
+    return dataclasses.replace(config, mode="v2", sparsity=config.ramped_sparsity, sparsity_ramp=config.ramp,
+                               textural_density=None)
 
 
 def nonlocal_blocks(
@@ -246,7 +247,7 @@ def nonlocal_blocks(
 ) -> tuple[PlanTable, torch.Tensor]:
     """v1 with ``textural="blocks"``: heads the ARM sent to the checkerboard run a predicted block plan.
 
-    Every (batch element, head) gets a v2 plan at the checkerboard's share of key blocks (at ``progress``
+    Every (batch element, head) gets a v2 plan at ``textural_density`` of the key blocks (at ``progress``
     through the sparse steps, with ``sparsity_ramp``), appended to the static plans; the textural heads'
     variant ids are redirected to theirs (on the device).
     """

@@ -106,8 +106,9 @@ def block_means(x: torch.Tensor, static: _Static, block: int, blocks_fastest: bo
 
 
 def keep_count(key_blocks: int, config: RainFusionConfig) -> int:
-    """Most key blocks kept per query block, forced ones included: ``ceil(key_blocks * (1 - sparsity))``, >= 1."""
-    return max(1, math.ceil(key_blocks * (1.0 - config.sparsity)))
+    """Most key blocks kept per query block, forced ones included: ``ceil(key_blocks * (1 - sparsity))``, >= 1
+    (less a rounding tolerance: ``1 - 0.7`` is a hair over 0.3, which would keep a fourth block of ten)."""
+    return max(1, math.ceil(key_blocks * (1.0 - config.sparsity) - 1e-9))
 
 
 def ramp_densities(config: RainFusionConfig, progress: torch.Tensor, heads: int) -> torch.Tensor:
