@@ -66,7 +66,7 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"mode": "v2", "budget": "call", "sparsity_ramp": 0.1}, r"budget='call', profile=None\)"),
         ({"textural": "blocks", "sparsity_ramp": 0.5}, r"takes sparsity 0.5 to \[0, 1\]; accepted"),
         ({"textural": "blocks", "textural_density": 0}, r"'textural_density' must be a fraction in \(0, 1\]"),
-        ({"textural_density": 0.4}, r"use it with mode='v1' or 'v1\+' and textural='blocks' \(got mode='v1', textural="),
+        ({"textural_density": 0.4}, r"with mode='v1' or 'v1\+' and textural='blocks' \(got mode='v1', textural="),
         ({"mode": "v2", "textural": "blocks", "textural_density": 0.4}, r"got mode='v2'"),
         ({"compiler": "aot_eager"}, r"'compiler' must be one of \['inductor', 'eager'\]"),
         ({"compiler": "eager", "compile_mode": "max-autotune"}, "is an inductor mode: use it with compiler='inductor'"),
