@@ -95,7 +95,7 @@ class RainFusionConfig:
         ``None`` (default): 0.15 for v2 with ``budget="query_block"`` and no profile, narrowed to keep both
         ends in [0, 0.99]; 0 otherwise. A value must keep both ends in [0, 1) and needs v2 with
         ``budget="query_block"`` and no profile, or v1 / v1+ with ``textural="blocks"``, whose predicted
-        non-local heads it ramps around their ``1 - 1 / stride`` (the bands stay as they are).
+        non-local heads it ramps around their share ``textural_density`` (the bands stay as they are).
     select:
         v2 block selection: ``"topk"`` keeps ``ceil(kv_blocks * (1 - sparsity))`` key blocks per
         query block (forced ones included); ``"mass"`` keeps blocks by descending predicted score

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rf_compile import Pattern, RainFusionConfig, VideoLayout, classify_heads, sparse_attention
-from rf_compile.ops.attention import attention, key_padding_bias
+from rf_compile.ops.attention import attention, key_padding_bias, nonlocal_config
 from rf_compile.ops.runtime.sites import register_site
 from rf_compile.ops.runtime.stats import reset, stats
 from rf_compile.ops.torch_attention import torch_sparse_attention as sparse_attention_reference
@@ -282,6 +282,9 @@ def test_textural_density_sets_the_share_of_the_predicted_heads():
         mask = _block_plan_reference(q[0, h], k[0, h], layout, keep=3)  # ceil(9 * 0.3)
         expected = F.scaled_dot_product_attention(q[0, h], k[0, h], v[0, h], attn_mask=mask[of][:, of])
         torch.testing.assert_close(out[0, h], expected, atol=1e-12, rtol=1e-12)
+    # A pooled budget (no per-step ramp) keeps the same share for its predicted heads.
+    pooled = nonlocal_config(dataclasses.replace(base, textural="blocks", textural_density=0.3, budget="heads"))
+    assert (pooled.mode, pooled.sparsity, pooled.budget) == ("v2", pytest.approx(0.7), "heads")
 
 
 def test_measure_error_records_the_relative_error_against_dense_per_head():

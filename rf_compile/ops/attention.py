@@ -231,7 +231,7 @@ def sparse_attention(
 def nonlocal_config(config: RainFusionConfig) -> RainFusionConfig:
     """The v2 settings of v1's block-predicted non-local heads: ``textural_density`` of the key blocks (the
     checkerboard's share by default), ramped over the steps as v1's ``sparsity_ramp`` says."""
-    return dataclasses.replace(config, mode="v2", sparsity=config.ramped_sparsity, sparsity_ramp=config.ramp,
+    return dataclasses.replace(config, mode="v2", sparsity=1.0 - config.nonlocal_density, sparsity_ramp=config.ramp,
                                textural_density=None)
 
 
