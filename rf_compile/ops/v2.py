@@ -105,10 +105,13 @@ def block_means(x: torch.Tensor, static: _Static, block: int, blocks_fastest: bo
     return torch.matmul(static.pooling.to(x.dtype), x).float()
 
 
+SHARE_ROUNDING = 1e-9  # taken off M * share before the ceiling, on the host and on the device alike
+
+
 def keep_count(key_blocks: int, config: RainFusionConfig) -> int:
     """Most key blocks kept per query block, forced ones included: ``ceil(key_blocks * (1 - sparsity))``, >= 1
     (less a rounding tolerance: ``1 - 0.7`` is a hair over 0.3, which would keep a fourth block of ten)."""
-    return max(1, math.ceil(key_blocks * (1.0 - config.sparsity) - 1e-9))
+    return max(1, math.ceil(key_blocks * (1.0 - config.sparsity) - SHARE_ROUNDING))
 
 
 def ramp_densities(config: RainFusionConfig, progress: torch.Tensor, heads: int) -> torch.Tensor:
@@ -292,7 +295,7 @@ def _predict(
     pooled_k = block_means(k, static, block, blocks_fastest=True).reshape(B * H, M, D)  # a view
     keep = None
     if densities is not None:  # ceil(M * d) per head, on the device
-        keep = torch.ceil(densities.double() * M - 1e-9).clamp(1, M).to(torch.int32).repeat(B)
+        keep = torch.ceil(densities.double() * M - SHARE_ROUNDING).clamp(1, M).to(torch.int32).repeat(B)
     if config.budget != "query_block" and densities is None:
         pooled = pooled_q.reshape(B, H, M, D), pooled_k.reshape(B, H, M, D)
         lists = shared_block_lists(*pooled, static.always, scale, config, dense)

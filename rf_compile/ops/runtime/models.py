@@ -67,11 +67,10 @@ class SiteState:
         dtype = step_clock(q.device).dtype if ticked else None
         first_sparse = steps.warmup(config, q.device, dtype)
         dense = step < first_sparse
+        stop = steps.last_steps_start(config, q.device, dtype) if config.dense_last_steps or config.ramp else None
         if config.dense_last_steps:
-            dense = dense | (step >= steps.last_steps_start(config, q.device, dtype))
-        progress = None
-        if config.ramp:
-            progress = _progress(step, first_sparse, steps.last_steps_start(config, q.device, dtype))
+            dense = dense | (step >= stop)
+        progress = _progress(step, first_sparse, stop) if config.ramp else None
         if self.index < config.dense_layers:
             dense = torch.ones_like(dense)
         shape.calls += 1
