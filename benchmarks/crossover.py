@@ -11,11 +11,12 @@ lengths), then every length runs:
 - ``rf_sparse``: the same with ``cost_model=False``: sparse at every length, to show where it would have lost.
 
 Both rainfusion variants use ``dense_warmup=0``: every timed call is a sparse-phase call (the warm-up steps of a
-real loop are dense in every variant). Per length: two untimed calls (compile, tune), then timed calls for at
-least 0.3 s (3-20); ``ms_per_step`` is their median, ``speedup_vs_inductor`` inductor's over it. rainfusion's
-records also say what its sites did (``decision``: sparse or dense, with the cost model's reason) and carry the
-cost model's own estimate (``est_ratio``, sparse over dense attention). Writes ``crossover.json``, ``.md`` and
-``.png`` under ``benchmarks/results/<gpu>/`` after every head shape and variant.
+real loop are dense in every variant), and ``sparsity_ramp=0``: the timed calls share one timestep, where a ramp
+would keep its first step's blocks; flat is the ramp's mean. Per length: two untimed calls (compile, tune), then
+timed calls for at least 0.3 s (3-20); ``ms_per_step`` is their median, ``speedup_vs_inductor`` inductor's over
+it. rainfusion's records also say what its sites did (``decision``: sparse or dense, with the cost model's reason)
+and carry the cost model's own estimate (``est_ratio``, sparse over dense attention). Writes ``crossover.json``,
+``.md`` and ``.png`` under ``benchmarks/results/<gpu>/`` after every head shape and variant.
 
     python benchmarks/crossover.py                         # H200: about 4 minutes (estimated)
     python benchmarks/crossover.py --shapes wan --name crossover_wan14b    # 40 x 128 heads: another ~3 minutes
@@ -51,10 +52,13 @@ GRIDS = {
     120120: (77, 30, 52),
 }
 SHAPES = ("wan1.3b", "cogvideox")  # e2e.MODELS keys: 12 x 128 and 48 x 64 heads (``wan``: 40 x 128)
+# Every timed call is at one timestep, so a sparsity ramp would stay at its first (densest) step: flat, at the
+# ramp's mean, as a whole video's sparse steps average.
+RF = {"mode": "v1", "dense_warmup": 0.0, "sparsity_ramp": 0}
 VARIANTS = {
     "inductor": {"backend": "inductor"},
-    "rf": {"backend": "rainfusion", "options": {"mode": "v1", "dense_warmup": 0.0}},
-    "rf_sparse": {"backend": "rainfusion", "options": {"mode": "v1", "dense_warmup": 0.0, "cost_model": False}},
+    "rf": {"backend": "rainfusion", "options": RF},
+    "rf_sparse": {"backend": "rainfusion", "options": {**RF, "cost_model": False}},
 }
 
 

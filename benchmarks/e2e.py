@@ -14,13 +14,13 @@ where the pipeline uses it) at the timesteps of their pipelines' schedulers. Two
   made on the GPU in bf16) and HunyuanVideo-1.5 720p T2V (54 blocks, 1280x720, 121 frames: 111,600 video +
   1,985 text tokens, batch 1: its pipeline makes one such call per CFG branch).
 
-Variants, in one run on one GPU: eager (diffusers' SDPA), inductor, rainfusion ``mode="dense"``, v1, v1+,
-v2 (80% block sparsity, flat: ``sparsity_ramp=0``, see ``V2``) and v2 with 8-bit products (``precision="fp8"``,
-``"int8"``). Each runs a few steps of its model's
-real schedule (the diffusers scheduler with the published shift, ``num_steps`` = 50), chosen so that
-rainfusion decides dense or sparse exactly as in the pipeline: w = ceil(0.1 * num_steps) warm-up steps are
-dense (5 of 50), counted as the step clock counts the timesteps the model receives (``first_sparse_step``:
-HunyuanVideo 1.5's bf16 timesteps merge early steps, and w is 8 there).
+Variants, in one run on one GPU: eager (diffusers' SDPA), inductor, rainfusion ``mode="dense"``, v1 (its predicted
+non-local heads flat: ``sparsity_ramp=0``), the paper's v1 (``textural="checkerboard"``), v1+, v2 (80% block
+sparsity, flat, see ``V2``) and v2 with 8-bit products (``precision="fp8"``, ``"int8"``). Each runs a few steps of
+its model's real schedule (the diffusers scheduler with the published shift, ``num_steps`` = 50), chosen so that
+rainfusion decides dense or sparse exactly as in the pipeline: w = ceil(0.1 * num_steps) warm-up steps are dense
+(5 of 50), counted as the step clock counts the timesteps the model receives (``first_sparse_step``: HunyuanVideo
+1.5's bf16 timesteps merge early steps, and w is 8 there).
 
 1. a call at t[0] that compiles (``compile_s``; under CUDA graphs one more untimed call, which records them);
 2. one timed dense step at t[0] (``dense_ms``);
@@ -48,8 +48,9 @@ Options:
 ``--config quick|full``   the configuration above (default quick)
 ``--models KEY ...``      ``wan`` (Wan2.1-14B), ``wan14b`` (Wan2.1-14B, at 720p in the full config), ``wan1.3b``,
                           ``cogvideox``, ``hunyuanvideo``, ``hunyuanvideo1.5``; default: the config's models
-``--variants NAME ...``   eager inductor rf_dense rf_v1 rf_v1plus rf_v2 rf_v2_fp8 rf_v2_int8 (default all; run in this
-                          order; rf_v2_fp8 / rf_v2_int8: v2 with ``precision="fp8"`` / ``"int8"``, Hopper only: their
+``--variants NAME ...``   eager inductor rf_dense rf_v1 rf_v1_paper rf_v1plus rf_v2 rf_v2_fp8 rf_v2_int8 (default all;
+                          run in this order; rf_v1_paper: v1 with the paper's checkerboard for non-local heads;
+                          rf_v2_fp8 / rf_v2_int8: v2 with ``precision="fp8"`` / ``"int8"``, Hopper only: their
                           sites stay dense elsewhere)
 ``--layers N``            quick only: blocks per model (default 4)
 ``--steps K``             timed sparse-phase steps per variant (default 2)
@@ -201,7 +202,8 @@ VARIANTS = {
     "eager": None,
     "inductor": {"backend": "inductor"},
     "rf_dense": {"backend": "rainfusion", "options": {"mode": "dense"}},
-    "rf_v1": {"backend": "rainfusion", "options": {"mode": "v1"}},
+    "rf_v1": {"backend": "rainfusion", "options": {"mode": "v1", "sparsity_ramp": 0}},  # flat, as V2
+    "rf_v1_paper": {"backend": "rainfusion", "options": {"mode": "v1", "textural": "checkerboard"}},
     "rf_v1plus": {"backend": "rainfusion", "options": {"mode": "v1+"}},
     "rf_v2": {"backend": "rainfusion", "options": V2},
     "rf_v2_fp8": {"backend": "rainfusion", "options": {**V2, "precision": "fp8"}},

@@ -35,6 +35,13 @@ COMPILERS = ("inductor", "eager")  # what runs the rewritten graph
 DEFAULT_NUM_STEPS = 50  # steps of a video when neither option num_steps nor a calling pipeline gives them
 DEFAULT_RAMP = 0.15  # v2's sparsity ramp (option sparsity_ramp=None): best of 0-0.3 on the trained models
 MAX_RAMPED_SPARSITY = 0.99  # the default ramp is narrowed to end at most here
+# v1's defaults (README, Quality: "v1's default since the seventh session"): the ARM's non-local heads get
+# predicted blocks, in the model's token order, at 0.42 of the key blocks (v1's sparsity or more on both
+# trained models), and only heads whose band holds 0.99 of the sampled attention keep a band. With the
+# paper's checkerboard, 0.8 stays the threshold (best of 0.5-0.97 for that pattern).
+ALPHA_CHECKERBOARD = 0.8
+ALPHA_BLOCKS = 0.99
+TEXTURAL_DENSITY = 0.42
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +68,11 @@ class RainFusionConfig:
     stride:
         Textural checkerboard stride tau (>= 2): keeps about 1/tau of the video keys.
     alpha:
-        v1 recall threshold of the ARM (Algorithm 1), in (0, 1]. The paper does not state
-        its value; 0.8 was best of 0.5-0.97 on both trained fidelity models (README, Quality).
+        v1 recall threshold of the ARM (Algorithm 1), in (0, 1]: a head keeps a band only if the band
+        holds this share of its sampled attention. ``None`` (default): 0.99 with ``textural="blocks"``
+        (a non-local head loses little there, so only near-certain bands pay), 0.8 with the
+        checkerboard (the paper does not state its value; 0.8 was best of 0.5-0.97 for it on both
+        trained fidelity models, README, Quality).
     sample_stride:
         omega of the ARM's global sampling (every omega-th video token). ``None`` uses the
         number of frames, so both samples hold about one frame of tokens.
@@ -92,10 +102,11 @@ class RainFusionConfig:
         v2: over the sparse steps of each video, the sparsity rises linearly from ``sparsity - sparsity_ramp``
         at the first to ``sparsity + sparsity_ramp`` at the last, so the mean stays ``sparsity``: more blocks
         while the sample is mostly noise, where a missed block costs most. ``0``: the same every step.
-        ``None`` (default): 0.15 for v2 with ``budget="query_block"`` and no profile, narrowed to keep both
-        ends in [0, 0.99]; 0 otherwise. A value must keep both ends in [0, 1) and needs v2 with
-        ``budget="query_block"`` and no profile, or v1 / v1+ with ``textural="blocks"``, whose predicted
-        non-local heads it ramps around their share ``textural_density`` (the bands stay as they are).
+        ``None`` (default): 0.15 for v2 with ``budget="query_block"`` and no profile, and for v1 / v1+ with
+        ``textural="blocks"``, narrowed to keep both ends in [0, 0.99]; 0 otherwise. A value must keep both
+        ends in [0, 1) and needs v2 with ``budget="query_block"`` and no profile, or v1 / v1+ with
+        ``textural="blocks"``, whose predicted non-local heads it ramps around their share
+        ``textural_density`` (the bands stay as they are).
     select:
         v2 block selection: ``"topk"`` keeps ``ceil(kv_blocks * (1 - sparsity))`` key blocks per
         query block (forced ones included); ``"mass"`` keeps blocks by descending predicted score
@@ -112,17 +123,20 @@ class RainFusionConfig:
         With a pooled ``budget``, the share of its per-row budget every query block keeps at least
         (forced blocks included), in (0, 1].
     order:
-        v2 token order that the 128-token blocks are cut from: ``"tiles"``, compact 3-D tiles of the
+        Token order that predicted 128-token blocks are cut from: ``"tiles"``, compact 3-D tiles of the
         video (RainFusion 2.0's spatio-temporal permutation, ``tile``), or ``"tokens"``, the model's own
-        (frame-major) order, read in place.
+        (frame-major) order, read in place. ``None`` (default): ``"tiles"`` for v2, ``"tokens"`` for the
+        predicted heads of v1 / v1+ (1.1 / 0.7 dB better there than tiles on the trained models).
     textural:
         What v1 / v1+ compute for heads the ARM finds neither spatial nor temporal: ``"checkerboard"``
         (the paper's textural pattern, every ``stride``-th key) or ``"blocks"`` (v2's block prediction
-        in ``order``, keeping ``textural_density`` of the key blocks).
+        in ``order``, keeping ``textural_density`` of the key blocks). ``None`` (default): ``"blocks"`` for
+        v1 (4.4 / 4.3 dB over the checkerboard at more sparsity on the trained models), ``"checkerboard"``
+        for v1+ (blocks lost 0.2 / 0.4 dB there at its ``recall_target``).
     textural_density:
         v1 / v1+ with ``textural="blocks"``: the share of key blocks the predicted non-local heads keep, in
-        (0, 1]. ``None`` (default): the checkerboard's share, ``1 / stride``. Below it, v1's mix with mostly
-        predicted heads (a high ``alpha``) keeps its sparsity.
+        (0, 1]. ``None`` (default): 0.42, where v1's mix of bands and predicted heads is at least as sparse
+        as the paper's v1 on both trained models.
     dense_layers:
         The first N video self-attention sites of a model (in the order they are first called) stay
         dense, as Sparse VideoGen and Radial Attention keep their first layers dense.
@@ -183,7 +197,7 @@ class RainFusionConfig:
     bandwidths: tuple[float, ...] = (0.5, 0.25, 0.125)
     recall_target: float = 0.9
     stride: int = 2
-    alpha: float = 0.8
+    alpha: float | None = None
     sample_stride: int | None = None
     arm_query_rows: int | None = 384
     dense_warmup: float = 0.1
@@ -195,8 +209,8 @@ class RainFusionConfig:
     mass: float = 0.9
     budget: str = "query_block"
     budget_floor: float = 0.25
-    order: str = "tiles"
-    textural: str = "checkerboard"
+    order: str | None = None
+    textural: str | None = None
     textural_density: float | None = None
     dense_layers: int = 0
     dense_last_steps: int = 0
@@ -228,7 +242,8 @@ class RainFusionConfig:
             raise OptionError(
                 "option 'sparsity_ramp' schedules a per-head budget of predicted blocks: use it with mode='v2', "
                 "or mode='v1' / 'v1+' with textural='blocks', and budget='query_block' and no profile (got "
-                f"mode={self.mode!r}, textural={self.textural!r}, budget={self.budget!r}, profile={self.profile!r})"
+                f"mode={self.mode!r}, textural={self.textural_pattern!r}, budget={self.budget!r}, "
+                f"profile={self.profile!r})"
             )
         if not (0 <= sparsity - ramp and sparsity + ramp < 1):
             raise OptionError(
@@ -245,24 +260,46 @@ class RainFusionConfig:
             return None
         if self.mode == "v2":
             return float(self.sparsity)
-        if self.mode in ("v1", "v1+") and self.textural == "blocks":
+        if self.predicts_nonlocal:
             return 1.0 - self.nonlocal_density
         return None
 
     @property
+    def textural_pattern(self) -> str:
+        """What v1 / v1+ compute for non-local heads: the option's, or for ``None`` v1's ``"blocks"`` and
+        v1+'s ``"checkerboard"``."""
+        if self.textural is not None:
+            return self.textural
+        return "blocks" if self.mode == "v1" else "checkerboard"
+
+    @property
+    def predicts_nonlocal(self) -> bool:
+        """Whether v1 / v1+ give the heads the ARM finds neither spatial nor temporal predicted blocks."""
+        return self.mode in ("v1", "v1+") and self.textural_pattern == "blocks"
+
+    @property
+    def block_order(self) -> str:
+        """The token order of predicted blocks: the option's, or for ``None`` ``"tokens"`` for v1 / v1+ and
+        ``"tiles"`` otherwise."""
+        if self.order is not None:
+            return self.order
+        return "tokens" if self.mode in ("v1", "v1+") else "tiles"
+
+    @property
     def nonlocal_density(self) -> float:
         """Share of key blocks of v1's block-predicted non-local heads (``textural="blocks"``)."""
-        return 1.0 / self.stride if self.textural_density is None else float(self.textural_density)
+        return TEXTURAL_DENSITY if self.textural_density is None else float(self.textural_density)
 
     @property
     def ramp(self) -> float:
-        """The sparsity ramp in effect: the option's, or for ``None`` v2's default narrowed to fit (0 where
-        no per-step budget applies, and for v1)."""
+        """The sparsity ramp in effect: the option's, or for ``None`` the default narrowed to fit (0 where
+        no per-step budget of predicted blocks applies)."""
         if self.sparsity_ramp is not None:
             return float(self.sparsity_ramp)
-        if self.mode != "v2" or self.ramped_sparsity is None:
+        sparsity = self.ramped_sparsity
+        if sparsity is None:
             return 0.0
-        return max(0.0, min(DEFAULT_RAMP, self.sparsity, MAX_RAMPED_SPARSITY - self.sparsity))
+        return max(0.0, min(DEFAULT_RAMP, sparsity, MAX_RAMPED_SPARSITY - sparsity))
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -275,8 +312,10 @@ class RainFusionConfig:
             mode = self.compile_mode
             raise OptionError(f"option 'compile_mode'={mode!r} is an inductor mode: use it with compiler='inductor'")
         _check_choice("select", self.select, SELECTIONS)
-        _check_choice("order", self.order, ORDERS)
-        _check_choice("textural", self.textural, NONLOCAL)
+        if self.order is not None:
+            _check_choice("order", self.order, ORDERS)
+        if self.textural is not None:
+            _check_choice("textural", self.textural, NONLOCAL)
         _check_choice("budget", self.budget, BUDGETS)
         _check_fraction("budget_floor", self.budget_floor)
         if self.budget != "query_block" and self.select != "topk":
@@ -306,14 +345,16 @@ class RainFusionConfig:
         for b in self.bandwidths:
             _check_fraction("bandwidths", b)
         _check_fraction("recall_target", self.recall_target)
-        _check_fraction("alpha", self.alpha)
+        if self.alpha is not None:
+            _check_fraction("alpha", self.alpha)
         _check_int("stride", self.stride, minimum=2)
         if self.textural_density is not None:
             _check_fraction("textural_density", self.textural_density)
-            if self.textural != "blocks" or self.mode not in ("v1", "v1+"):
+            if not self.predicts_nonlocal:
                 raise OptionError(
                     "option 'textural_density' sets the share of v1's block-predicted non-local heads: use it with "
-                    f"mode='v1' or 'v1+' and textural='blocks' (got mode={self.mode!r}, textural={self.textural!r})"
+                    f"mode='v1' (textural='blocks' by default) or mode='v1+' and textural='blocks' (got "
+                    f"mode={self.mode!r}, textural={self.textural_pattern!r})"
                 )
         self._check_ramp()
         if self.sample_stride is not None:
@@ -348,8 +389,13 @@ class RainFusionConfig:
 
     @property
     def threshold(self) -> float:
-        """Recall a spatial/temporal mask must reach for the ARM to choose it."""
-        return self.recall_target if self.mode == "v1+" else self.alpha
+        """Recall a spatial/temporal mask must reach for the ARM to choose it: v1+'s ``recall_target``, v1's
+        ``alpha`` (for ``None``, 0.99 with predicted non-local heads, 0.8 with the checkerboard)."""
+        if self.mode == "v1+":
+            return self.recall_target
+        if self.alpha is not None:
+            return float(self.alpha)
+        return ALPHA_BLOCKS if self.predicts_nonlocal else ALPHA_CHECKERBOARD
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> tuple[RainFusionConfig, dict[str, Any]]:

@@ -53,7 +53,9 @@ def test_planted_types_are_recognised(layout):
     planted = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL, Pattern.TEMPORAL, Pattern.SPATIAL]
     q, k = planted_qk(layout, planted, head_dim=64, batch=2, seed=7)
     expected = torch.tensor(planted).expand(2, -1)
-    assert torch.equal(classify_heads(q, k, layout), expected)
+    # The paper's threshold (0.8, with its checkerboard): at v1's default 0.99 a band over so few tokens holds
+    # less of a planted head's mass, and such a head goes to the predicted blocks instead.
+    assert torch.equal(classify_heads(q, k, layout, RainFusionConfig(textural="checkerboard")), expected)
 
 
 def test_cfg_batch_elements_are_classified_separately():

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from rf_compile import Pattern, RainFusionConfig, VideoLayout, classify_heads, sparse_attention
-from rf_compile.ops.attention import attention, key_padding_bias, nonlocal_config
+from rf_compile.ops.attention import attention, key_padding_bias
 from rf_compile.ops.runtime.sites import register_site
 from rf_compile.ops.runtime.stats import reset, stats
 from rf_compile.ops.torch_attention import torch_sparse_attention as sparse_attention_reference
+from rf_compile.ops.v2 import nonlocal_config
 from rf_compile.plan import build_plan_table, variants_for
 from rf_compile.reference import masks
 from rf_compile.reference.synthetic import planted_qk
@@ -36,8 +37,9 @@ def test_sparse_output_equals_sdpa_with_the_chosen_pattern_as_additive_mask(layo
     patterns = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL]
     q, k = planted_qk(layout, patterns, head_dim=32, batch=2, seed=5, dtype=torch.float64)
     v = torch.randn_like(q)
-    out = sparse_attention(q, k, v, layout, scale=0.2)
-    chosen = classify_heads(q, k, layout)
+    paper = RainFusionConfig(textural="checkerboard")  # the paper's three masks and its ARM threshold, 0.8
+    out = sparse_attention(q, k, v, layout, scale=0.2, config=paper)
+    chosen = classify_heads(q, k, layout, paper)
     pattern_masks = {
         Pattern.SPATIAL: masks.spatial_mask(layout, 0.25),
         Pattern.TEMPORAL: masks.temporal_mask(layout, 0.25),
@@ -98,13 +100,16 @@ def test_dense_mode_is_exact_sdpa():
 def test_op_warmup_follows_the_timestep_and_records_stats():
     reset()
     layout = VideoLayout(3, 4, 4, prefix=4)
-    key = register_site("test.warmup", layout, RainFusionConfig(dense_warmup=0.2, num_steps=5))
+    # The paper's v1: its checkerboard is sparse inside the one kernel block of this layout (predicted blocks
+    # would keep it whole).
+    config = RainFusionConfig(dense_warmup=0.2, num_steps=5, textural="checkerboard")
+    key = register_site("test.warmup", layout, config)
     q, k, v = qkv(layout)
     dense = F.scaled_dot_product_attention(q, k, v)
     out_early = attention(q, k, v, None, None, torch.tensor([950.0, 950.0]), None, None, key, [])
     torch.testing.assert_close(out_early, dense)
     out_late = attention(q, k, v, None, None, torch.tensor([300.0, 300.0]), None, None, key, [])
-    expected = sparse_attention(q, k, v, layout)
+    expected = sparse_attention(q, k, v, layout, config=config)
     torch.testing.assert_close(out_late, expected)
     site = stats()["test.warmup"]
     assert (site["calls"], site["dense_calls"], site["sparse_calls"], site["arm_runs"]) == (2, 1, 1, 1)
@@ -210,14 +215,15 @@ def _block_plan_reference(q, k, layout, keep, block=128):
 
 
 def test_textural_blocks_gives_nonlocal_heads_a_predicted_block_plan():
-    """v1 with textural='blocks': heads the ARM finds local keep their band; the others attend the key
-    blocks of most pooled score at the checkerboard's share (1 / stride of the blocks)."""
+    """v1 with textural='blocks' (its default): heads the ARM finds local keep their band; the others attend the
+    key blocks of most pooled score at the default share, ``textural_density`` 0.42 of the blocks."""
     layout = VideoLayout(8, 8, 16, prefix=8)  # 1,032 tokens: 9 blocks of 128
     patterns = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL, None]
     q, k = planted_qk(layout, patterns, head_dim=32, batch=2, seed=3, dtype=torch.float64)
     v = torch.randn_like(q)
-    base = RainFusionConfig(kernel="reference", order="tokens", sink_frames=0)
-    blocks = sparse_attention(q, k, v, layout, config=dataclasses.replace(base, textural="blocks"))
+    # One ARM threshold for both, so that the same heads keep a band.
+    base = RainFusionConfig(kernel="reference", sink_frames=0, alpha=0.8, textural="checkerboard")
+    blocks = sparse_attention(q, k, v, layout, config=dataclasses.replace(base, textural=None))
     checkerboard = sparse_attention(q, k, v, layout, config=base)
     chosen = classify_heads(q, k, layout, base)
     assert (chosen == Pattern.TEXTURAL).any() and (chosen != Pattern.TEXTURAL).any()
@@ -227,22 +233,22 @@ def test_textural_blocks_gives_nonlocal_heads_a_predicted_block_plan():
             if chosen[b, h] != Pattern.TEXTURAL:
                 torch.testing.assert_close(blocks[b, h], checkerboard[b, h], atol=1e-12, rtol=1e-12)
                 continue
-            mask = _block_plan_reference(q[b, h], k[b, h], layout, keep=5)  # ceil(9 / 2)
+            mask = _block_plan_reference(q[b, h], k[b, h], layout, keep=4)  # ceil(9 * 0.42), in token order
             expected = F.scaled_dot_product_attention(q[b, h], k[b, h], v[b, h], attn_mask=mask[of][:, of])
             torch.testing.assert_close(blocks[b, h], expected, atol=1e-12, rtol=1e-12)
 
 
 def test_sparsity_ramp_of_v1_moves_the_predicted_heads_and_keeps_the_bands():
     """v1 with textural='blocks' and ``sparsity_ramp``: over the sparse steps the non-local heads' share of
-    key blocks falls linearly around the checkerboard's 1 / stride; the heads the ARM finds local keep
-    their band at every step."""
+    key blocks falls linearly around ``textural_density``; the heads the ARM finds local keep their band at
+    every step."""
     reset()
     layout = VideoLayout(8, 8, 16, prefix=8)  # 1,032 tokens: 9 blocks of 128
     patterns = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL, None]
     q, k = planted_qk(layout, patterns, head_dim=32, batch=1, seed=3, dtype=torch.float64)
     v = torch.randn_like(q)
-    base = RainFusionConfig(kernel="reference", order="tokens", dense_warmup=0.2, num_steps=5)
-    config = dataclasses.replace(base, textural="blocks", sparsity_ramp=0.25)
+    base = RainFusionConfig(kernel="reference", dense_warmup=0.2, num_steps=5, alpha=0.8, textural="checkerboard")
+    config = dataclasses.replace(base, textural="blocks", textural_density=0.5, sparsity_ramp=0.25)
     key = register_site("test.v1_ramp", layout, config)
     outs = [attention(q, k, v, None, None, torch.tensor([t]), None, None, key, []) for t in (900.0, 700, 500, 300, 100)]
     torch.testing.assert_close(outs[0], F.scaled_dot_product_attention(q, k, v))  # the warm-up step
@@ -270,7 +276,7 @@ def test_textural_density_sets_the_share_of_the_predicted_heads():
     patterns = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL, None]
     q, k = planted_qk(layout, patterns, head_dim=32, batch=1, seed=3, dtype=torch.float64)
     v = torch.randn_like(q)
-    base = RainFusionConfig(kernel="reference", order="tokens")
+    base = RainFusionConfig(kernel="reference", alpha=0.8, textural="checkerboard")
     out = sparse_attention(q, k, v, layout, config=dataclasses.replace(base, textural="blocks", textural_density=0.3))
     bands = sparse_attention(q, k, v, layout, config=base)
     chosen = classify_heads(q, k, layout, base)[0]
@@ -305,7 +311,8 @@ def test_measure_error_records_the_relative_error_against_dense_per_head():
 def test_dense_last_steps_makes_the_last_steps_of_each_video_dense():
     reset()
     layout = VideoLayout(3, 4, 4)
-    key = register_site("test.last", layout, RainFusionConfig(dense_warmup=0.2, num_steps=5, dense_last_steps=2))
+    config = RainFusionConfig(dense_warmup=0.2, num_steps=5, dense_last_steps=2, textural="checkerboard")
+    key = register_site("test.last", layout, config)  # the checkerboard: sparse inside this layout's one block
     q, k, v = qkv(layout, batch=1)
     dense = F.scaled_dot_product_attention(q, k, v)
     steps = (900.0, 700.0, 500.0, 300.0, 100.0)

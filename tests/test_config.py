@@ -62,11 +62,14 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"dense_last_steps": 1.5}, "'dense_last_steps' must be an int >= 0"),
         ({"mode": "v2", "sparsity_ramp": -0.1}, "'sparsity_ramp' must be a fraction >= 0 or None"),
         ({"mode": "v2", "sparsity": 0.8, "sparsity_ramp": 0.2}, r"to \[0.6, 1\]; accepted: both ends in \[0, 1\)"),
-        ({"mode": "v1", "sparsity_ramp": 0.1}, r"use it with mode='v2', or mode='v1' / 'v1\+' with textural='blocks'"),
+        ({"textural": "checkerboard", "sparsity_ramp": 0.1}, r"use it with mode='v2', or mode='v1' / 'v1\+' with "
+         r"textural='blocks', and budget='query_block' and no profile \(got mode='v1', textural='checkerboard'"),
+        ({"mode": "v1+", "sparsity_ramp": 0.1}, r"got mode='v1\+', textural='checkerboard'"),  # v1+'s default
         ({"mode": "v2", "budget": "call", "sparsity_ramp": 0.1}, r"budget='call', profile=None\)"),
-        ({"textural": "blocks", "sparsity_ramp": 0.5}, r"takes sparsity 0.5 to \[0, 1\]; accepted"),
+        ({"textural": "blocks", "sparsity_ramp": 0.6}, r"takes sparsity 0.58 to \[-0.02, 1.18\]; accepted"),
         ({"textural": "blocks", "textural_density": 0}, r"'textural_density' must be a fraction in \(0, 1\]"),
-        ({"textural_density": 0.4}, r"with mode='v1' or 'v1\+' and textural='blocks' \(got mode='v1', textural="),
+        ({"textural": "checkerboard", "textural_density": 0.4}, r"\(got mode='v1', textural='checkerboard'\)"),
+        ({"mode": "v1+", "textural_density": 0.4}, r"mode='v1\+' and textural='blocks' \(got mode='v1\+', textural="),
         ({"mode": "v2", "textural": "blocks", "textural_density": 0.4}, r"got mode='v2'"),
         ({"compiler": "aot_eager"}, r"'compiler' must be one of \['inductor', 'eager'\]"),
         ({"compiler": "eager", "compile_mode": "max-autotune"}, "is an inductor mode: use it with compiler='inductor'"),
@@ -116,20 +119,51 @@ def test_compile_mode_option_is_checked_and_reaches_inductor(monkeypatch):
         ({"mode": "v2", "sparsity_ramp": 0}, 0.0),
         ({"mode": "v2", "sparsity_ramp": 0.3, "sparsity": 0.5}, 0.3),
         ({"mode": "v2", "budget": "heads"}, 0.0),  # pooled budgets are not scheduled
-        ({"mode": "v1"}, 0.0),
-        ({"mode": "v1", "textural": "blocks"}, 0.0),  # v1 ramps only when asked
+        ({"mode": "v1"}, 0.15),  # its predicted heads: 0.43 -> 0.73
+        ({"mode": "v1", "textural_density": 0.1}, 0.09),  # narrowed to end at 0.99
+        ({"mode": "v1", "textural": "checkerboard"}, 0.0),  # the checkerboard has no block budget
+        ({"mode": "v1+"}, 0.0),  # v1+'s default is the checkerboard
     ],
 )
 def test_the_default_sparsity_ramp_applies_to_v2_and_fits_its_sparsity(options, ramp):
     config, _ = RainFusionConfig.from_options(options)
     assert config.ramp == pytest.approx(ramp)
-    assert 0 <= config.sparsity - config.ramp and config.sparsity + config.ramp <= 0.99 + 1e-12
+    sparsity = config.ramped_sparsity if config.ramped_sparsity is not None else config.sparsity
+    assert 0 <= sparsity - config.ramp and sparsity + config.ramp <= 0.99 + 1e-12
 
 
-@pytest.mark.parametrize(("stride", "middle"), [(2, 0.5), (3, 2 / 3)])
-def test_a_v1_ramp_moves_the_block_predicted_heads_around_the_checkerboard_share(stride, middle):
+@pytest.mark.parametrize("stride", [2, 3])
+def test_a_v1_ramp_moves_the_block_predicted_heads_around_their_share(stride):
     config, _ = RainFusionConfig.from_options({"textural": "blocks", "stride": stride, "sparsity_ramp": 0.2})
-    assert (config.ramp, config.ramped_sparsity) == (0.2, pytest.approx(middle))
-    assert RainFusionConfig(stride=stride).ramped_sparsity is None  # the checkerboard has no block budget
+    assert (config.ramp, config.ramped_sparsity) == (0.2, pytest.approx(0.58))  # the default share, 0.42
+    assert RainFusionConfig(stride=stride, textural="checkerboard").ramped_sparsity is None  # no block budget
     config = RainFusionConfig(textural="blocks", stride=stride, textural_density=0.46, sparsity_ramp=0.2)
-    assert config.ramped_sparsity == pytest.approx(0.54)  # textural_density replaces 1 / stride
+    assert config.ramped_sparsity == pytest.approx(0.54)
+
+
+@pytest.mark.parametrize(
+    ("options", "pattern", "order", "threshold"),
+    [
+        ({"mode": "v1"}, "blocks", "tokens", 0.99),  # v1's defaults
+        ({"mode": "v1", "textural": "checkerboard"}, "checkerboard", "tokens", 0.8),  # the paper's v1
+        ({"mode": "v1", "alpha": 0.9}, "blocks", "tokens", 0.9),
+        ({"mode": "v1+"}, "checkerboard", "tokens", 0.9),  # v1+'s threshold is recall_target
+        ({"mode": "v1+", "textural": "blocks", "order": "tiles"}, "blocks", "tiles", 0.9),
+        ({"mode": "v2"}, "checkerboard", "tiles", 0.8),  # no ARM: the unused threshold stays the paper's
+    ],
+)
+def test_the_defaults_left_as_none_resolve_per_mode(options, pattern, order, threshold):
+    config = RainFusionConfig(**options)
+    assert (config.textural_pattern, config.block_order, config.threshold) == (pattern, order, threshold)
+    assert config.predicts_nonlocal == (pattern == "blocks" and config.mode != "v2")
+
+
+def test_the_predicted_heads_take_v1s_order_share_and_ramp():
+    """v2 settings of v1's predicted heads: v1's token order (not v2's tiles), its share, its ramp."""
+    from rf_compile.ops.v2 import nonlocal_config
+
+    blocks = nonlocal_config(RainFusionConfig())
+    assert (blocks.mode, blocks.block_order, blocks.ramp) == ("v2", "tokens", pytest.approx(0.15))
+    assert blocks.sparsity == pytest.approx(0.58)
+    tiles = nonlocal_config(RainFusionConfig(order="tiles", textural_density=0.3, sparsity_ramp=0))
+    assert (tiles.block_order, tiles.sparsity, tiles.ramp) == ("tiles", pytest.approx(0.7), 0.0)

@@ -76,6 +76,19 @@ def test_v2_bound_holds_for_predicted_plans():
     assert bound < achieved + 0.15  # a bound, not a guess far above what plans keep
 
 
+def test_v1_with_predicted_heads_pays_for_the_arm_and_the_prediction():
+    """v1's default predicts a plan for every head besides running the ARM: its per-call cost is both, and
+    its kept-block bound the larger of the band variants' and the predicted share's."""
+    paper, blocks = RainFusionConfig(textural="checkerboard"), RainFusionConfig()
+    flat = RainFusionConfig(mode="v2", sparsity=1 - blocks.nonlocal_density, order="tokens", sparsity_ramp=0)
+    for layout in (SMALL, WAN_480P):
+        est, est_paper, est_v2 = (cost.estimate(c, layout, 2, 12, 128, cost.HOPPER) for c in (blocks, paper, flat))
+        prediction = est_v2.sparse_ms - est_v2.dense_ms * est_v2.density / cost.HOPPER.efficiency
+        fixed = est.sparse_ms - est.dense_ms * est.density / cost.HOPPER.efficiency
+        assert fixed == pytest.approx(cost.HOPPER.v1_call_ms + prediction)
+        assert est.density == pytest.approx(max(est_paper.density, est_v2.density))
+
+
 def test_reference_kernel_is_not_judged():
     q = torch.randn(1, 8, SMALL.seq_len, 128)
     assert cost.costs_for(q.device, "reference") is None
@@ -107,7 +120,8 @@ def test_kept_dense_site_computes_sdpa_and_stats_say_why(priced):
 
 
 def test_site_with_the_option_off_runs_sparse(priced):
-    key, (q, k, v), out = _op_call(RainFusionConfig(dense_warmup=0.0, cost_model=False), "cost.forced_sparse")
+    key, (q, k, v), out = _op_call(RainFusionConfig(dense_warmup=0.0, cost_model=False, textural="checkerboard"),
+                                 "cost.forced_sparse")  # the checkerboard: sparse inside one block
     entry = rf_compile.stats()[key]
     assert entry["sparse_calls"] == 1 and entry["dense_shapes"] == {}
     assert not torch.allclose(out, F.scaled_dot_product_attention(q, k, v), atol=1e-4)

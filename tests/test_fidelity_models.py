@@ -186,7 +186,9 @@ def test_arm_finds_structure_in_trained_weights_but_not_in_random_ones(name):
     x = 0.5 * clips + 0.5 * noise
 
     def textural_share(m) -> float:
-        picks = torch.cat([classify_heads(q, k, layout) for q, k, _ in models.capture_qkv(m, name, x, t, text)])
+        paper = RainFusionConfig(textural="checkerboard")  # the paper's threshold, 0.8
+        qkv = models.capture_qkv(m, name, x, t, text)
+        picks = torch.cat([classify_heads(q, k, layout, paper) for q, k, _ in qkv])
         return (picks == oracle.TEXTURAL).double().mean().item()
 
     trained, random = textural_share(model), textural_share(models.build(name).eval())

@@ -41,7 +41,8 @@ def test_triton_arm_recognises_planted_heads_at_real_size():
     layout = REAL["hunyuanvideo"][0]
     planted = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL] * 2
     q, k = planted_qk(layout, planted, head_dim=128, seed=1, dtype=torch.bfloat16)
-    variants = arm.classify_variants(q.cuda(), k.cuda(), layout, RainFusionConfig())
+    config = RainFusionConfig(textural="checkerboard")  # the paper's ARM threshold, 0.8
+    variants = arm.classify_variants(q.cuda(), k.cuda(), layout, config)
     assert variants.cpu().tolist() == [list(map(int, planted))]
 
 
@@ -71,7 +72,7 @@ def test_v2_plan_on_gpu_equals_cpu():
     assert agree > 0.999
 
 
-@pytest.mark.parametrize("mode", ["v1+", "v2"])
+@pytest.mark.parametrize("mode", ["v1", "v1+", "v2"])
 def test_op_call_with_stats_never_waits_for_the_device(mode):
     from rf_compile.ops.attention import attention
     from rf_compile.ops.runtime.sites import register_site
@@ -93,9 +94,9 @@ def test_op_call_with_stats_never_waits_for_the_device(mode):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(mode="v2", order="tokens"), dict(mode="v1", textural="blocks", order="tokens"),
-     dict(mode="v1", textural="blocks")],  # fmt: skip
-    ids=["v2-tokens", "v1-blocks-tokens", "v1-blocks-tiles"],
+    [dict(mode="v2", order="tokens"), dict(mode="v1"), dict(mode="v1", order="tiles", textural_density=0.3),
+     dict(mode="v1+", textural="blocks")],  # fmt: skip
+    ids=["v2-tokens", "v1-default", "v1-tiles-0.3", "v1plus-blocks"],
 )
 def test_new_plans_on_the_triton_kernel_equal_the_reference_path(options):
     """v2 in the model's token order (read in place) and v1's block-predicted non-local heads (plans appended

@@ -22,6 +22,9 @@ from data import sample_batch
 
 from rf_compile import RainFusionConfig
 
+# The paper's ARM: its three masks, the checkerboard for textural heads, threshold 0.8.
+PAPER_V1 = RainFusionConfig(textural="checkerboard")
+
 KINDS = ("spatial", "temporal", "textural")
 
 
@@ -36,7 +39,7 @@ def head_recalls(
     config: RainFusionConfig | None = None,
 ) -> dict:
     """Per layer and head: mean exact recall of each mask and the ARM's picks, over clips x timesteps."""
-    config = config or RainFusionConfig()
+    config = config or PAPER_V1
     variants = [("spatial", config.bandwidth), ("temporal", config.bandwidth), ("textural", config.stride)]
     dtype = next(model.parameters()).dtype
     text = models.conditions(tokens, {}, dtype)
@@ -74,7 +77,7 @@ def head_recalls(
         "layers": layers,
         "mean_recall": {kind: round(float(sums[..., i].mean()), 4) for i, kind in enumerate(KINDS)},
         "arm_share": {kind: round(float(all_picks[i] / all_picks.sum()), 4) for i, kind in enumerate(KINDS)},
-        "heads_above_alpha": {kind: int((sums[..., i] >= config.alpha).sum()) for i, kind in enumerate(KINDS)},
+        "heads_above_alpha": {kind: int((sums[..., i] >= config.threshold).sum()) for i, kind in enumerate(KINDS)},
     }
 
 
@@ -91,14 +94,14 @@ def recall_report(
     ts: tuple[float, ...] = (0.25, 0.5, 0.75),
 ) -> dict:
     """Trained model vs the same architecture with random weights (diffusers' initialisation)."""
-    config = RainFusionConfig()
+    config = PAPER_V1
     video, tokens = sample_batch(clips, seed, frames, height, width, device)
     layout = models.layout_of(name, frames, height, width)
     dtype = next(model.parameters()).dtype
     random_model = models.build(name, seed=0).to(device=device, dtype=dtype).eval()
     return {
         "settings": {
-            "bandwidth": config.bandwidth, "stride": config.stride, "alpha": config.alpha, "clips": clips,
+            "bandwidth": config.bandwidth, "stride": config.stride, "alpha": config.threshold, "clips": clips,
             "data_seed": seed, "timesteps": list(ts), "layout": layout.describe(),
             "note": "recall = softmax mass inside the mask, mean over video query rows, clips and timesteps",
         },

@@ -222,17 +222,9 @@ def sparse_attention(
     else:
         table = build_plan_table(layout, variants_for(config), q.device)
         variant_of_head = arm.classify_variants(q, k, layout, config, scale)
-        if config.textural == "blocks":
+        if config.predicts_nonlocal:
             table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head)
     return run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, precision=config.precision)
-
-
-@functools.lru_cache(maxsize=16)
-def nonlocal_config(config: RainFusionConfig) -> RainFusionConfig:
-    """The v2 settings of v1's block-predicted non-local heads: ``textural_density`` of the key blocks (the
-    checkerboard's share by default), ramped over the steps as v1's ``sparsity_ramp`` says."""
-    return dataclasses.replace(config, mode="v2", sparsity=1.0 - config.nonlocal_density, sparsity_ramp=config.ramp,
-                               textural_density=None)
 
 
 def nonlocal_blocks(
@@ -245,14 +237,15 @@ def nonlocal_blocks(
     variant_of_head: torch.Tensor,
     progress: torch.Tensor | None = None,
 ) -> tuple[PlanTable, torch.Tensor]:
-    """v1 with ``textural="blocks"``: heads the ARM sent to the checkerboard run a predicted block plan.
+    """v1 with ``textural="blocks"`` (its default): heads the ARM sent to the textural variant run a predicted
+    block plan instead of the checkerboard.
 
     Every (batch element, head) gets a v2 plan at ``textural_density`` of the key blocks (at ``progress``
     through the sparse steps, with ``sparsity_ramp``), appended to the static plans; the textural heads'
     variant ids are redirected to theirs (on the device).
     """
     B, H = q.shape[:2]
-    blocks = nonlocal_config(config)
+    blocks = v2.nonlocal_config(config)
     densities = v2.ramp_densities(blocks, progress, H) if progress is not None else None
     predicted = v2.predict_plan(q, k, layout, blocks, scale, densities=densities)
     textural = static.variants.index(Variant(Pattern.TEXTURAL, stride=config.stride))
@@ -347,7 +340,7 @@ def attention(
         shape.variant.copy_(torch.where(call.run_arm, new_variant, shape.variant))
         shape.recall.copy_(torch.where(call.run_arm, new_recall, shape.recall))
         variant_of_head = shape.variant
-        if config.textural == "blocks":
+        if config.predicts_nonlocal:
             table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head,
                                                      call.progress)
         _record(shape, sparse, table, variant_of_head)

@@ -5,11 +5,13 @@ op's bookkeeping launches, its host time) costs more than the attention it saves
 a 4-block Wan at 6,912 tokens 1.33x slower than inductor. So each call shape is priced before it runs:
 
     dense_ms  = 4 B H N^2 D / (dense TFLOP/s at head dim D)                  (cuDNN SDPA, measured)
-    sparse_ms = call_ms (+ v2: prediction per row) + dense_ms * density / efficiency
+    sparse_ms = call_ms (+ v2, and v1's predicted non-local heads: prediction per row)
+                + dense_ms * density / efficiency
 
 where ``density`` bounds the kept blocks from the plan alone, never from device data: v1 the worst
-block density over the variants the ARM may pick (``PlanTable.density``), v2 its top-k budget plus
-the forced text, sink and diagonal blocks. A shape stays dense unless sparse is expected at most
+block density over the variants the ARM may pick (``PlanTable.density``; with ``textural="blocks"``
+the predicted heads' budget among them), v2 its top-k budget plus the forced text, sink and diagonal
+blocks. A shape stays dense unless sparse is expected at most
 ``SPARSE_BELOW`` of dense. The answer depends only on the shape, the config and the GPU, so it is
 cached, makes no device read (CUDA graphs replay a call unchanged) and is the same at compile time
 (static shapes: the pass leaves SDPA in place) and at run time (symbolic shapes: the op computes
@@ -28,7 +30,7 @@ import torch
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
-from rf_compile.ops.v2 import keep_count, sink_frame_count
+from rf_compile.ops.v2 import keep_count, nonlocal_config, sink_frame_count
 from rf_compile.plan import BLOCK_M, build_plan_table, variants_for
 
 # Sparse only where it is expected to take at most this share of dense: the constants below carry
@@ -133,7 +135,12 @@ def estimate(
     """Dense and sparse time of one call of ``batch`` x ``heads`` heads of ``head_dim`` over ``layout``."""
     N = layout.seq_len
     dense_ms, fixed = _dense_and_fixed_ms(config, batch, heads, N, head_dim, costs)
-    density = v2_density_bound(layout, config) if config.mode == "v2" else v1_density_bound(layout, config)
+    if config.mode == "v2":
+        density = v2_density_bound(layout, config)
+    else:
+        density = v1_density_bound(layout, config)
+        if config.predicts_nonlocal:
+            density = max(density, v2_density_bound(layout, nonlocal_config(config)))
     sparse_ms = fixed + dense_ms * density / costs.efficiency
     return Estimate(N, dense_ms, sparse_ms, density, costs.name)
 
@@ -147,11 +154,13 @@ def _judged(config: RainFusionConfig) -> bool:
 def _dense_and_fixed_ms(
     config: RainFusionConfig, batch: int, heads: int, tokens: int, head_dim: int, costs: DeviceCosts
 ) -> tuple[float, float]:
-    """Dense SDPA's time of a call, and what a sparse call costs before its kept blocks (prediction, launches)."""
+    """Dense SDPA's time of a call, and what a sparse call costs before its kept blocks (prediction, launches):
+    v2's prediction, v1's ARM, or both where v1 predicts its non-local heads (every head is predicted)."""
     dense_ms = 4 * batch * heads * tokens * tokens * head_dim / (costs.tflops(head_dim) * 1e12) * 1e3
+    prediction = costs.v2_call_ms + costs.v2_ms_per_mrow * batch * heads * tokens / 1e6 * head_dim / 128
     if config.mode == "v2":
-        return dense_ms, costs.v2_call_ms + costs.v2_ms_per_mrow * batch * heads * tokens / 1e6 * head_dim / 128
-    return dense_ms, costs.v1_call_ms
+        return dense_ms, prediction
+    return dense_ms, costs.v1_call_ms + (prediction if config.predicts_nonlocal else 0.0)
 
 
 def shape_dense_reason(config: RainFusionConfig, q: torch.Tensor, kernel: str) -> str | None:

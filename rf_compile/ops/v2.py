@@ -114,6 +114,14 @@ def keep_count(key_blocks: int, config: RainFusionConfig) -> int:
     return max(1, math.ceil(key_blocks * (1.0 - config.sparsity) - SHARE_ROUNDING))
 
 
+@functools.lru_cache(maxsize=16)
+def nonlocal_config(config: RainFusionConfig) -> RainFusionConfig:
+    """The v2 settings of v1's block-predicted non-local heads: ``textural_density`` of the key blocks, in v1's
+    ``order`` (v2's own default order is another), ramped over the steps as v1's ``sparsity_ramp`` says."""
+    return dataclasses.replace(config, mode="v2", sparsity=1.0 - config.nonlocal_density, sparsity_ramp=config.ramp,
+                               order=config.block_order, textural=None, textural_density=None)
+
+
 def ramp_densities(config: RainFusionConfig, progress: torch.Tensor, heads: int) -> torch.Tensor:
     """float64 [heads]: every head's share of key blocks at ``progress`` (0: first sparse step, 1: last)
     through the sparse steps, for option ``sparsity_ramp``; the mean over the steps is ``1 - sparsity``."""
@@ -183,7 +191,7 @@ def warm_static(q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, 
     if math.prod(tile) != block:
         raise ValueError(f"option 'tile' {tile} holds {math.prod(tile)} tokens; a kernel block holds {block}")
     B, H = q.shape[:2]
-    return _static(layout, tile, sink_frame_count(layout, config), block, str(q.device), B * H, config.order)
+    return _static(layout, tile, sink_frame_count(layout, config), block, str(q.device), B * H, config.block_order)
 
 
 @dataclasses.dataclass(frozen=True)
