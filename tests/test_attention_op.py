@@ -139,6 +139,22 @@ def test_op_reuses_the_arm_decision_with_arm_every():
     assert stats()["test.arm_every"]["arm_runs"] == 2
 
 
+def test_v1_site_builds_its_predicted_heads_tensors_with_its_state(monkeypatch):
+    """v1's predicted heads read v2's per-layout tensors. They are cached across calls, so they must be built
+    with the site's state (outside CUDA-graph pools), not on first use inside a call that a graph warms up."""
+    from rf_compile.ops import attention as attention_module
+    from rf_compile.ops import v2
+
+    layout = VideoLayout(4, 8, 16)
+    q = torch.randn(2, 3, layout.seq_len, 16)
+    built = []
+    warm = v2.warm_static
+    monkeypatch.setattr(v2, "warm_static", lambda q, layout, config: built.append(config) or warm(q, layout, config))
+    for config in (RainFusionConfig(), RainFusionConfig(textural="checkerboard")):
+        attention_module._prepare(q, layout, config, variants_for(config), "reference", "test.prepare")
+    assert built == [nonlocal_config(RainFusionConfig())]  # the checkerboard needs none
+
+
 def test_op_passes_opcheck():
     layout = VideoLayout(2, 3, 4, prefix=2)
     key = register_site("test.opcheck", layout, RainFusionConfig(dense_warmup=0.0))

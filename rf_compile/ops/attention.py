@@ -372,8 +372,11 @@ def _prepare(
     q: torch.Tensor, layout: VideoLayout, config: RainFusionConfig, variants: tuple, kernel: str, site: str
 ) -> PlanTable | torch.Tensor | None:
     """What a site keeps per (layout, batch size), built once with its state (outside CUDA-graph pools):
-    v1's plan table with its cached densities and kernel tensors; v2's per-layout tensors (cached in v2)
-    and, with a calibration profile, its heads' block densities (which also checks the profile)."""
+    v1's plan table with its cached densities and kernel tensors, and with predicted non-local heads their
+    v2 per-layout tensors; v2's per-layout tensors (cached in v2) and, with a calibration profile, its
+    heads' block densities (which also checks the profile)."""
+    if config.predicts_nonlocal:
+        v2.warm_static(q, layout, v2.nonlocal_config(config))
     if config.mode in ("v2", "calibrate"):
         v2.warm_static(q, layout, config)
         if config.profile is not None and config.mode == "v2":
