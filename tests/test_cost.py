@@ -77,16 +77,26 @@ def test_v2_bound_holds_for_predicted_plans():
 
 
 def test_v1_with_predicted_heads_pays_for_the_arm_and_the_prediction():
-    """v1's default predicts a plan for every head besides running the ARM: its per-call cost is both, and
-    its kept-block bound the larger of the band variants' and the predicted share's."""
+    """v1's default predicts a plan for every head besides running the ARM: its per-call cost is its own
+    measured constant plus v2's prediction per row, and its kept-block bound the larger of the band variants'
+    and the predicted share's."""
     paper, blocks = RainFusionConfig(textural="checkerboard"), RainFusionConfig()
     flat = RainFusionConfig(mode="v2", sparsity=1 - blocks.nonlocal_density, order="tokens", sparsity_ramp=0)
     for layout in (SMALL, WAN_480P):
         est, est_paper, est_v2 = (cost.estimate(c, layout, 2, 12, 128, cost.HOPPER) for c in (blocks, paper, flat))
         prediction = est_v2.sparse_ms - est_v2.dense_ms * est_v2.density / cost.HOPPER.efficiency
         fixed = est.sparse_ms - est.dense_ms * est.density / cost.HOPPER.efficiency
-        assert fixed == pytest.approx(cost.HOPPER.v1_call_ms + prediction)
+        per_row = prediction - cost.HOPPER.v2_call_ms
+        assert fixed == pytest.approx(cost.HOPPER.nonlocal_call_ms + per_row)
         assert est.density == pytest.approx(max(est_paper.density, est_v2.density))
+
+
+@pytest.mark.parametrize(("tokens", "grid", "measured"), [(6912, (3, 48, 48), 0.62), (14040, (9, 30, 52), 1.10)])
+def test_v1_default_decides_as_measured_on_the_h100(tokens, grid, measured):
+    """The H100 crossover of v1's default with the cost model off (Wan2.1-1.3B heads, CFG batch 2): sparse
+    lost at 6,912 tokens (0.62x inductor a step) and won at 14,040 (1.10x); the model keeps the first dense."""
+    est = cost.estimate(RainFusionConfig(), VideoLayout(*grid), 2, 12, 128, cost.HOPPER)
+    assert est.tokens == tokens and est.sparse_pays == (measured > 1)
 
 
 def test_reference_kernel_is_not_judged():

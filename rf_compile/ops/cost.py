@@ -49,6 +49,7 @@ class DeviceCosts:
     v1_call_ms: float  # per v1 / v1+ call: ARM, bookkeeping launches, host time
     v2_call_ms: float  # per v2 call: prediction launches, bookkeeping, host time
     v2_ms_per_mrow: float  # v2 prediction per million (batch x head x token) rows at head dim 128
+    nonlocal_call_ms: float  # per v1 call with predicted non-local heads: the ARM and the prediction's launches
 
     def tflops(self, head_dim: int) -> float:
         """Dense TFLOP/s at ``head_dim``: the measured value of the nearest head dim at or below it."""
@@ -78,6 +79,12 @@ HOPPER = DeviceCosts(
     # attention_final.md predict_gpu_ms: Wan2.1-14B 0.455 ms for 1.31 M rows (40 heads x 32,760),
     # HunyuanVideo 0.488 ms for 0.93 M rows; the larger per-row cost of the two.
     v2_ms_per_mrow=0.52,
+    # v1's default (the ARM, then a predicted plan for every head), a 2-block Wan2.1-1.3B (12 x 128 heads, CFG
+    # batch 2) with the cost model off on an H100 (nvidia-h100-80gb-hbm3/crossover_v1_blocks_sparse.md): 0.62x
+    # inductor at 6,912 tokens, 1.10x at 14,040. With its kept blocks at v1's worst density (0.5) and the
+    # prediction per row, any per-call cost from 0.21 to 1.04 ms decides both lengths right; the ARM's 0.80
+    # plus v2's 0.80 (1.6) kept 14,040 dense. Near the upper end, erring towards dense.
+    nonlocal_call_ms=0.90,
 )
 # Checked against whole models (benchmarks/results/nvidia-h200/e2e_full*.md, time saved a call = (inductor -
 # sparse step) / blocks): Wan2.1-1.3B v1 / v2 10.7 / 15.4 ms measured, 8.3 / 13.1 estimated; CogVideoX-5B
@@ -155,12 +162,14 @@ def _dense_and_fixed_ms(
     config: RainFusionConfig, batch: int, heads: int, tokens: int, head_dim: int, costs: DeviceCosts
 ) -> tuple[float, float]:
     """Dense SDPA's time of a call, and what a sparse call costs before its kept blocks (prediction, launches):
-    v2's prediction, v1's ARM, or both where v1 predicts its non-local heads (every head is predicted)."""
+    v2's prediction, v1's ARM, or where v1 predicts its non-local heads the ARM and a prediction of every head."""
     dense_ms = 4 * batch * heads * tokens * tokens * head_dim / (costs.tflops(head_dim) * 1e12) * 1e3
-    prediction = costs.v2_call_ms + costs.v2_ms_per_mrow * batch * heads * tokens / 1e6 * head_dim / 128
+    per_row = costs.v2_ms_per_mrow * batch * heads * tokens / 1e6 * head_dim / 128
     if config.mode == "v2":
-        return dense_ms, prediction
-    return dense_ms, costs.v1_call_ms + (prediction if config.predicts_nonlocal else 0.0)
+        return dense_ms, costs.v2_call_ms + per_row
+    if config.predicts_nonlocal:
+        return dense_ms, costs.nonlocal_call_ms + per_row
+    return dense_ms, costs.v1_call_ms
 
 
 def shape_dense_reason(config: RainFusionConfig, q: torch.Tensor, kernel: str) -> str | None:
