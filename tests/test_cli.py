@@ -133,6 +133,16 @@ def test_run_of_v2_shows_its_sparsity_ramp(capsys):
     assert code == 0 and not any("sparsity_range" in site for site in json.loads(out)["stats"].values())
 
 
+def test_v1_run_says_what_its_textural_heads_compute(capsys):
+    code, out, _ = run(capsys, "wan", "--run", "2")
+    assert code == 0 and ("textural heads (neither spatial nor temporal at ARM threshold 0.99): predicted blocks, "
+                          "0.42 of the key blocks in tokens order") in out
+    code, out, _ = run(capsys, "wan", "--run", "2", "--option", "textural=checkerboard")
+    assert code == 0 and "textural heads: the paper's checkerboard, 1 key in 2 (option textural)" in out
+    code, out, _ = run(capsys, "wan", "--run", "2", "--option", "mode=v2")
+    assert code == 0 and "textural heads" not in out
+
+
 def test_dominant_patterns():
     heads = [
         {"spatial": 0, "temporal": 0, "textural": 0},

@@ -9,6 +9,7 @@ import torch
 from tabulate import tabulate
 
 from rf_compile.cli.inspection import Inspection, timesteps
+from rf_compile.config import RainFusionConfig
 
 PATTERNS = ("spatial", "temporal", "textural")
 
@@ -102,6 +103,9 @@ def format_text(result: Inspection) -> str:
     counts = sorted({(e["warmup_steps"], e["num_steps_from"]) for e in (result.stats or {}).values() if e.get("calls")})
     for warmup, source in counts:
         lines.append(f"dense warm-up: the first {warmup} step(s) of each video ({source})")
+    nonlocal_line = _nonlocal_heads(result.options) if report.sparse else None
+    if nonlocal_line:
+        lines.append(nonlocal_line)
     ramps = sorted({tuple(e["sparsity_range"]) for e in (result.stats or {}).values() if e.get("sparsity_range")})
     for first, last in ramps:
         lines.append(f"sparsity ramp of the predicted blocks: {first:.2f} at the first sparse step -> {last:.2f} at "
@@ -114,6 +118,18 @@ def format_text(result: Inspection) -> str:
             "dense warm-up counted calls (option num_steps)"
         )
     return "\n".join(lines)
+
+
+def _nonlocal_heads(options: dict[str, Any]) -> str | None:
+    """What v1 / v1+ compute for the heads counted as textural: the paper's checkerboard or predicted blocks."""
+    config = RainFusionConfig.from_options(options)[0]
+    if config.mode not in ("v1", "v1+"):
+        return None
+    if config.predicts_nonlocal:
+        return (f"textural heads (neither spatial nor temporal at ARM threshold {config.threshold:g}): predicted "
+                f"blocks, {config.nonlocal_density:g} of the key blocks in {config.block_order} order (options "
+                "textural, textural_density; the paper's pattern: textural='checkerboard')")
+    return f"textural heads: the paper's checkerboard, 1 key in {config.stride} (option textural)"
 
 
 def to_json(result: Inspection) -> str:
