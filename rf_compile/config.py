@@ -35,7 +35,7 @@ COMPILERS = ("inductor", "eager")  # what runs the rewritten graph
 DEFAULT_NUM_STEPS = 50  # steps of a video when neither option num_steps nor a calling pipeline gives them
 DEFAULT_RAMP = 0.15  # v2's sparsity ramp (option sparsity_ramp=None): best of 0-0.3 on the trained models
 MAX_RAMPED_SPARSITY = 0.99  # the default ramp is narrowed to end at most here
-# v1's defaults (README, Quality: "v1's default since the seventh session"): the ARM's non-local heads get
+# v1's defaults (README, Quality: "v1's defaults: predicted non-local heads"): the ARM's non-local heads get
 # predicted blocks, in the model's token order, at 0.42 of the key blocks (v1's sparsity or more on both
 # trained models), and only heads whose band holds 0.99 of the sampled attention keep a band. With the
 # paper's checkerboard, 0.8 stays the threshold (best of 0.5-0.97 for that pattern).
@@ -126,7 +126,7 @@ class RainFusionConfig:
         Token order that predicted 128-token blocks are cut from: ``"tiles"``, compact 3-D tiles of the
         video (RainFusion 2.0's spatio-temporal permutation, ``tile``), or ``"tokens"``, the model's own
         (frame-major) order, read in place. ``None`` (default): ``"tiles"`` for v2, ``"tokens"`` for the
-        predicted heads of v1 / v1+ (1.1 / 0.7 dB better there than tiles on the trained models).
+        predicted heads of v1 / v1+ (0.5 / 1.1 dB better there than tiles on the trained models).
     textural:
         What v1 / v1+ compute for heads the ARM finds neither spatial nor temporal: ``"checkerboard"``
         (the paper's textural pattern, every ``stride``-th key) or ``"blocks"`` (v2's block prediction

@@ -105,6 +105,16 @@ def test_a_profile_of_another_model_or_layout_is_refused_naming_the_mismatch(tmp
             compiled(torch.randn(1, 2, LAYOUT.seq_len, 32), torch.tensor([500.0]))
 
 
+def test_a_profile_records_the_block_order_as_resolved():
+    """Calibration (tiles unless asked) and v2 (tiles by default) agree on an unset ``order``, and it reads as
+    the "tiles" that profiles recorded when the option defaulted to it, so those still apply."""
+    from rf_compile.ops.profile import settings_of
+
+    calibrating, applying = RainFusionConfig(mode="calibrate"), RainFusionConfig(mode="v2", profile="p.json")
+    assert settings_of(calibrating)["order"] == settings_of(applying)["order"] == "tiles"
+    assert settings_of(RainFusionConfig(mode="v2", order="tokens"))["order"] == "tokens"
+
+
 def test_profile_options_are_checked():
     with pytest.raises(ValueError, match="use it with mode='v2'"):
         RainFusionConfig.from_options({"profile": "p.json"})

@@ -45,8 +45,10 @@ def load(path: str) -> dict:
 
 
 def settings_of(config: RainFusionConfig) -> dict:
-    """The v2 settings a profile records and must be applied with (JSON values)."""
-    return {key: (list(v) if isinstance(v := getattr(config, key), tuple) else v) for key in MEASURED_WITH}
+    """The v2 settings a profile records and must be applied with (JSON values; the order as resolved, so an
+    unset ``order`` reads as the ``"tiles"`` that profiles recorded before it could be unset)."""
+    settings = {key: (list(v) if isinstance(v := getattr(config, key), tuple) else v) for key in MEASURED_WITH}
+    return {**settings, "order": config.block_order}
 
 
 @functools.lru_cache(maxsize=1024)
