@@ -284,7 +284,6 @@ def test_sparsity_ramp_of_v1_moves_the_predicted_heads_and_keeps_the_bands():
     assert stats()["test.v1_ramp"]["sparsity_range"] == pytest.approx([0.25, 0.75])
 
 
-
 def test_textural_density_sets_the_share_of_the_predicted_heads():
     """v1 with textural='blocks' and ``textural_density``: the non-local heads keep ceil(M * density) key
     blocks of the float64 block plan instead of the checkerboard's half; the bands stay."""
