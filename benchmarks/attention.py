@@ -252,8 +252,9 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
     from rf_compile.plan import element_mask
 
     rows = torch.randperm(layout.seq_len, device="cuda")[: args.check_rows]
-    for sparsity in args.v2:
-        config = RainFusionConfig(mode="v2", sparsity=sparsity)
+    for sparsity, order in ((s, o) for o in args.v2_orders for s in args.v2):
+        config = RainFusionConfig(mode="v2", sparsity=sparsity, order=order)
+        pattern = f"v2 s={sparsity}" + ("" if order == "tiles" else f" {order}")
         table, voh = v2_plan(q, k, layout, config, None)
         density = float(table.density().mean())
         # Reference on a few query rows: float64 softmax under each head's plan mask.
@@ -269,19 +270,23 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
         predict_torch_gpu_ms = do_bench_graph(lambda config=config: v2.predict_plan(q, k, layout, config, fused=False))
         kernel = do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh.int()),
                           rep_ms=args.rep_ms)
+        loops = {f"kernel_{loop}_ms": do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table,
+                                                                 voh.int(), loop=loop), rep_ms=args.rep_ms)["ms"]
+                 for loop in ("split", "two_pass")}
 
         def total(config=config):
             plan, heads = v2_plan(q, k, layout, config, None)
             return block_sparse.block_sparse_attention(q, k, v, plan, heads.int())
 
         t = do_bench(total, rep_ms=args.rep_ms)
-        records.append(dict(base, method="rainfusion", pattern=f"v2 s={sparsity}", variant="v2 predict+kernel",
+        records.append(dict(base, method="rainfusion", pattern=pattern, variant="v2 predict+kernel", order=order,
                             density=density, best_dense_ms=best_dense, predict_ms=predict["ms"],
                             predict_gpu_ms=predict_gpu_ms, predict_share=predict_gpu_ms / best_dense,
-                            predict_torch_gpu_ms=predict_torch_gpu_ms, kernel_ms=kernel["ms"], rel_err=err,
+                            predict_torch_gpu_ms=predict_torch_gpu_ms, kernel_ms=kernel["ms"], **loops, rel_err=err,
                             efficiency=best_dense * density / kernel["ms"], **t))
-        log(f"{model} v2 s={sparsity} d={density:.3f}: total {t['ms']:.3f} ms (predict {predict['ms']:.3f}, "
-            f"kernel {kernel['ms']:.3f}) {best_dense / t['ms']:.2f}x dense, err {err:.1e}; prediction on the "
+        log(f"{model} {pattern} d={density:.3f}: total {t['ms']:.3f} ms (predict {predict['ms']:.3f}, "
+            f"kernel {kernel['ms']:.3f}, split {loops['kernel_split_ms']:.3f}, two_pass "
+            f"{loops['kernel_two_pass_ms']:.3f}) {best_dense / t['ms']:.2f}x dense, err {err:.1e}; prediction on the "
             f"device {predict_gpu_ms:.3f} ms = {100 * predict_gpu_ms / best_dense:.2f}% of dense "
             f"(PyTorch selection {predict_torch_gpu_ms:.3f} ms)")
 
@@ -367,8 +372,15 @@ def summarize(records: list[dict]) -> str:
            + markdown_table(low_rows, ["model", "pattern", "dtype", "variant", "ms", "speedup_vs_bf16",
                                        "vs_bf16_best", "efficiency", "rel_l1_vs_bf16", "cosine_vs_bf16",
                                        "nonfinite", "rel_err", "config"])) if low_rows else ""
+    v2_rows = [dict(r, speedup_vs_dense=r["best_dense_ms"] / r["ms"]) for r in records
+               if r.get("variant") == "v2 predict+kernel"]
+    v2 = ("\n\nRainFusion 2.0 (`ms`: prediction and kernel; `kernel_ms`: the kernel under `loop=\"auto\"`, then "
+          "each loop form; efficiency of the auto kernel):\n\n"
+          + markdown_table(v2_rows, ["model", "pattern", "density", "ms", "speedup_vs_dense", "predict_gpu_ms",
+                                     "kernel_ms", "kernel_split_ms", "kernel_two_pass_ms", "efficiency"])
+          ) if v2_rows else ""
     return (markdown_table(rows, cols) + "\n\nDense SDPA per backend (ms):\n\n"
-            + markdown_table(dense_rows, ["model", "method", "ms"]) + low)
+            + markdown_table(dense_rows, ["model", "method", "ms"]) + v2 + low)
 
 
 def main() -> None:
@@ -386,6 +398,9 @@ def main() -> None:
                         help="also time each TMA variant in these 8-bit precisions (records with that dtype)")
     parser.add_argument("--v2", nargs="*", type=float, default=list(V2_SPARSITIES),
                         help="RainFusion 2.0 sparsities to time (prediction included); none: skip v2")
+    parser.add_argument("--v2-orders", nargs="+", default=["tiles"], choices=["tiles", "tokens"],
+                        help="v2's block orders to time (option 'order'; 'tiles', the default, copies each head "
+                             "into its order, 'tokens' reads in place)")
     args = parser.parse_args()
     args.variants = [tuple(v.split("/")) for v in args.variants]
     torch.manual_seed(0)
