@@ -100,6 +100,10 @@ class PlanTable:
         Their indices (ascending), padded with 0 past ``kv_num_blocks``.
     block_full: bool [P, Mq, Mk]
         Whether the block at ``kv_indices[p, m, t]`` needs no element mask.
+    full_from: int or None
+        Plans from this index on list only full blocks (v2's predicted plans: no band, every key valid),
+        a fact known on the host, so the kernel's launcher need not sort their lists to put the blocks
+        that need the mask last: only a ragged last key block does, and it is already last. ``None``: none.
     """
 
     layout: VideoLayout
@@ -114,6 +118,7 @@ class PlanTable:
     block_full: torch.Tensor
     block_m: int = BLOCK_M
     block_n: int = BLOCK_N
+    full_from: int | None = None
 
     @property
     def num_plans(self) -> int:
@@ -242,7 +247,17 @@ def concat_plans(first: PlanTable, second: PlanTable) -> PlanTable:
         block_full=torch.cat([first.block_full, second.block_full]),
         block_m=first.block_m,
         block_n=first.block_n,
+        full_from=_full_from(first, second),
     )
+
+
+def _full_from(first: PlanTable, second: PlanTable) -> int | None:
+    """``full_from`` of ``concat_plans(first, second)``: the full plans must run to the end."""
+    if second.full_from is None:
+        return None
+    if second.full_from == 0 and first.full_from is not None:
+        return first.full_from
+    return first.num_plans + second.full_from
 
 
 def listed_blocks(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

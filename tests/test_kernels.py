@@ -250,6 +250,29 @@ def test_two_pass_covers_every_kind_of_query_block():
     assert kinds == {"none", "only", "both"}
 
 
+@pytest.mark.parametrize("layout_name", ["prefix", "none_tail", "none_even"])
+def test_full_plans_skip_the_sort_and_keep_its_lists(layout_name):
+    """``full_from`` (v2's plans, and v1's predicted heads appended to its static plans) lets the launcher
+    skip sorting those lists; the kernel's lists and masked counts must equal the general sort's."""
+    from rf_compile.kernels.block_sparse import plan_extras
+    from rf_compile.ops import v2
+    from rf_compile.plan import concat_plans
+
+    layout = LAYOUTS[layout_name]
+    q, k, _ = make_qkv(2, 2, layout.seq_len, 64, torch.float32)
+    predicted = v2.predict_plan(q, k, layout, RainFusionConfig(mode="v2", sparsity=0.6, tile=(1, 4, 8)), block=32)
+    static = build_plan_table(layout, V1, DEVICE, 32, 32)
+    both = concat_plans(static, predicted)
+    assert (predicted.full_from, both.full_from) == (0, static.num_plans)
+    for table in (predicted, both):
+        fast = plan_extras(table)
+        sorted_ = plan_extras(dataclasses.replace(table, full_from=None))
+        for name in ("kv_indices", "num_masked"):
+            torch.testing.assert_close(fast[name], sorted_[name], msg=name)
+    ragged = layout.seq_len % 32 != 0
+    assert (fast["num_masked"][static.num_plans:].sum() > 0) == ragged  # the diagonal keeps the ragged block
+
+
 def test_bnhd_views_keep_layout():
     """diffusers passes (B, H, N, D) views of (B, N, H, D) tensors; the output keeps that layout."""
     out, (q, *_rest) = run_case(LAYOUTS["none_tail"], V1, torch.tensor([[2, 1, 0]]), bnhd=True)

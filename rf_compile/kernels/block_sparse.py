@@ -66,23 +66,24 @@ def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     does not matter to the softmax; the unmasked loop then starts at 0, the form Triton's warp
     specialisation handles), ``num_masked``: how many of those there are. A block needs
     the mask when it is not ``block_full`` or it is the ragged last key block (its positions past
-    N must be masked even where the plan calls it full).
+    N must be masked even where the plan calls it full). Plans from ``table.full_from`` on are
+    already in that order (v2's, predicted each call): their lists are not sorted again.
     """
     cache = table.__dict__.get("_block_sparse_extras")
     if cache is not None:
         return cache
-    N, block_n = table.layout.seq_len, table.block_n
-    P, Mq, Mk = table.kv_indices.shape
-    device = table.kv_indices.device
-    live = torch.arange(Mk, device=device) < table.kv_num_blocks[..., None]
-    ragged = (table.kv_indices.long() + 1) * block_n > N
-    needs_mask = live & (~table.block_full | ragged)
-    # Sort key: unmasked blocks 0, masked 1, padding 2 (stable keeps ascending order inside).
-    key = torch.where(live, needs_mask.to(torch.int8), torch.full_like(needs_mask, 2, dtype=torch.int8))
-    perm = torch.sort(key, dim=-1, stable=True).indices
+    P = table.num_plans
+    full_from = P if table.full_from is None else table.full_from
+    parts = []
+    if full_from > 0:
+        parts.append(_masked_last(table.kv_indices[:full_from], table.kv_num_blocks[:full_from],
+                                  table.block_full[:full_from], table))
+    if full_from < P:
+        parts.append(_ragged_last(table.kv_indices[full_from:], table.kv_num_blocks[full_from:], table))
+    kv_indices, num_masked = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*parts))
     cache = {
-        "kv_indices": torch.gather(table.kv_indices, -1, perm).to(torch.int32).contiguous(),
-        "num_masked": needs_mask.sum(-1, dtype=torch.int32).contiguous(),
+        "kv_indices": kv_indices.to(torch.int32).contiguous(),
+        "num_masked": num_masked.to(torch.int32).contiguous(),
         "orders": table.orders.to(torch.int32).contiguous(),
         "kv_num_blocks": table.kv_num_blocks.to(torch.int32).contiguous(),
         "q_order": table.q_order.to(torch.int32).contiguous(),
@@ -92,6 +93,28 @@ def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     }
     table.__dict__["_block_sparse_extras"] = cache
     return cache
+
+
+def _masked_last(kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor, block_full: torch.Tensor,
+                 table: PlanTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any plans: a stable sort puts the blocks that need the mask after the others."""
+    Mk = kv_indices.shape[-1]
+    live = torch.arange(Mk, device=kv_indices.device) < kv_num_blocks[..., None]
+    ragged = (kv_indices.long() + 1) * table.block_n > table.layout.seq_len
+    needs_mask = live & (~block_full | ragged)
+    # Sort key: unmasked blocks 0, masked 1, padding 2 (stable keeps ascending order inside).
+    key = torch.where(live, needs_mask.to(torch.int8), torch.full_like(needs_mask, 2, dtype=torch.int8))
+    perm = torch.sort(key, dim=-1, stable=True).indices
+    return torch.gather(kv_indices, -1, perm), needs_mask.sum(-1, dtype=torch.int32)
+
+
+def _ragged_last(kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor,
+                 table: PlanTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plans of full blocks in ascending lists: only a ragged last key block needs the mask, already last."""
+    if table.layout.seq_len % table.block_n == 0:
+        return kv_indices, torch.zeros_like(kv_num_blocks, dtype=torch.int32)
+    last = torch.gather(kv_indices, -1, (kv_num_blocks.long() - 1).clamp(min=0)[..., None])[..., 0]
+    return kv_indices, ((kv_num_blocks > 0) & (last == kv_indices.shape[-1] - 1)).to(torch.int32)
 
 
 # loop= option -> the kernel's LOOP passes, in launch order.

@@ -323,4 +323,5 @@ def _predict(
         block_full=block_full,
         block_m=block,
         block_n=block,
+        full_from=0,  # no band, every key valid: every listed block is whole
     )
