@@ -53,7 +53,7 @@ from rf_compile.kernels.sparse_loop import block_sparse_fwd_kernel
 from rf_compile.kernels.sparse_tiles import permute_rows_kernel
 from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable
 
-__all__ = ["block_sparse_attention", "fp8_runs", "gpu_configs", "plan_extras"]
+__all__ = ["block_sparse_attention", "fp8_runs", "gpu_configs", "permuted_inputs", "plan_extras", "restore_rows"]
 
 # Benchmarks set this to a ``triton.Config`` to bypass the autotuner (tuning sweeps).
 _FORCED_CONFIG: triton.Config | None = None
@@ -267,8 +267,6 @@ def block_sparse_attention(
     else:
         bias, stride_biasb = extras["band"], 0  # never read
 
-    copy_block = 64
-    copy_grid = (triton.cdiv(N, copy_block), B * H)
     copies = None
     if precision != "bf16":  # every head reads 8-bit copies in its order: the quantization does the permuting
         _ensure_tma_allocator()
@@ -278,13 +276,7 @@ def block_sparse_attention(
         op = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
     elif use_tma:
         _ensure_tma_allocator()
-        # Scratch with the strides of its source: the kernel addresses both with one set of strides.
-        qp, kp, vp, op = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-                          for t in (q, k, v, out))  # fmt: skip
-        for x, xp, which in ((q, qp, extras["q_order"]), (k, kp, extras["kv_order"]), (v, vp, extras["kv_order"])):
-            permute_rows_kernel[copy_grid](x, xp, extras["orders"], which, voh,
-                                            x.stride(0), x.stride(1), x.stride(2), H, N,
-                                            HEAD_DIM=D, BLOCK=copy_block, INVERSE=False, num_warps=4)
+        qp, kp, vp, op = permuted_inputs(q, k, v, out, extras, voh)
     else:
         qp, kp, vp, op = q, k, v, out
 
@@ -300,11 +292,35 @@ def block_sparse_attention(
                         num_stages=_FORCED_CONFIG.num_stages)
         _launch(kernel, grid, meta, (q, k, v, qp, kp, vp, out, op, bias, lse), copies, extras, voh, stride_biasb,
                 table, N, D, scale, loop_pass, key_bias is not None, use_tma)
-    if use_tma:  # rows of the permuted-query heads back to their positions
-        permute_rows_kernel[copy_grid](out, op, extras["orders"], extras["q_order"], voh,
-                                        out.stride(0), out.stride(1), out.stride(2), H, N,
-                                        HEAD_DIM=D, BLOCK=copy_block, INVERSE=True, num_warps=4)
+    if use_tma:
+        restore_rows(out, op, extras, voh)
     return out
+
+
+def permuted_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, extras: dict, voh):
+    """TMA loads: scratch copies of q, k, v with the rows of every head whose order is not the identity in
+    that order (``plan_extras``), and the output scratch those heads' tiles go to. The scratch has its
+    source's strides: the kernel addresses both with one set."""
+    qp, kp, vp, op = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                      for t in (q, k, v, out))  # fmt: skip
+    for x, xp, which in ((q, qp, extras["q_order"]), (k, kp, extras["kv_order"]), (v, vp, extras["kv_order"])):
+        _permute_heads(x, xp, extras, which, voh, inverse=False)
+    return qp, kp, vp, op
+
+
+def restore_rows(out: torch.Tensor, op: torch.Tensor, extras: dict, voh: torch.Tensor) -> None:
+    """The output rows of the heads whose queries were permuted, from the scratch ``op`` back to their positions."""
+    _permute_heads(out, op, extras, extras["q_order"], voh, inverse=True)
+
+
+def _permute_heads(x: torch.Tensor, xp: torch.Tensor, extras: dict, which: torch.Tensor, voh: torch.Tensor,
+                   inverse: bool) -> None:
+    """xp[b, h, pos] = x[b, h, orders[o, pos]] for the heads whose order o (``which`` of their variant) is not
+    the identity; ``inverse``: the other way (output rows back to their positions)."""
+    B, H, N, D = x.shape
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK"]), B * H)  # noqa: E731
+    permute_rows_kernel[grid](x, xp, extras["orders"], which, voh, x.stride(0), x.stride(1), x.stride(2), H, N,
+                              HEAD_DIM=D, INVERSE=inverse)
 
 
 def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, extras, voh, stride_biasb,
