@@ -270,7 +270,7 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
         predict_torch_gpu_ms = do_bench_graph(lambda config=config: v2.predict_plan(q, k, layout, config, fused=False))
         kernel = do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh.int()),
                           rep_ms=args.rep_ms)
-        copies_ms, copy_config = _copies(q, k, v, table, voh.int(), args) if order == "tiles" else (0.0, "none")
+        copies_ms = _copies(q, k, v, table, voh.int(), args) if order == "tiles" else 0.0
         loops = {f"kernel_{loop}_ms": do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table,
                                                                  voh.int(), loop=loop), rep_ms=args.rep_ms)["ms"]
                  for loop in ("split", "two_pass")}
@@ -284,21 +284,19 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
                             density=density, best_dense_ms=best_dense, predict_ms=predict["ms"],
                             predict_gpu_ms=predict_gpu_ms, predict_share=predict_gpu_ms / best_dense,
                             predict_torch_gpu_ms=predict_torch_gpu_ms, kernel_ms=kernel["ms"], **loops, rel_err=err,
-                            copies_ms=copies_ms, copy_config=copy_config,
+                            copies_ms=copies_ms,
                             efficiency=best_dense * density / kernel["ms"], **t))
         log(f"{model} {pattern} d={density:.3f}: total {t['ms']:.3f} ms (predict {predict['ms']:.3f}, "
             f"kernel {kernel['ms']:.3f}, split {loops['kernel_split_ms']:.3f}, two_pass "
-            f"{loops['kernel_two_pass_ms']:.3f}, row copies {copies_ms:.3f} {copy_config}) "
+            f"{loops['kernel_two_pass_ms']:.3f}, row copies {copies_ms:.3f}) "
             f"{best_dense / t['ms']:.2f}x dense, err {err:.1e}; prediction on the "
             f"device {predict_gpu_ms:.3f} ms = {100 * predict_gpu_ms / best_dense:.2f}% of dense "
             f"(PyTorch selection {predict_torch_gpu_ms:.3f} ms)")
 
 
-def _copies(q, k, v, table, voh, args) -> tuple[float, str]:
-    """ms of the TMA path's row copies (q, k, v into each head's order, the output back) and the copy
-    kernel's tuned configurations."""
+def _copies(q, k, v, table, voh, args) -> float:
+    """ms of the TMA path's row copies: q, k, v into each head's order, the output back."""
     from rf_compile.kernels import block_sparse
-    from rf_compile.kernels.sparse_tiles import permute_rows_kernel
 
     extras, out = block_sparse.plan_extras(table), torch.empty_like(q)
 
@@ -306,9 +304,7 @@ def _copies(q, k, v, table, voh, args) -> tuple[float, str]:
         *_, op = block_sparse.permuted_inputs(q, k, v, out, extras, voh)
         block_sparse.restore_rows(out, op, extras, voh)
 
-    ms = do_bench(copies, rep_ms=args.rep_ms)["ms"]
-    chosen = sorted({f"BLOCK{c.kwargs['BLOCK']}/w{c.num_warps}" for c in permute_rows_kernel.cache.values()})
-    return ms, " ".join(chosen)
+    return do_bench(copies, rep_ms=args.rep_ms)["ms"]
 
 
 def bench_8bit(precision: str, bf16_fn, bf16_out, bf16_ms: float, rows, ref, common: dict, name: str, args,
@@ -398,8 +394,7 @@ def summarize(records: list[dict]) -> str:
           "each loop form; `copies_ms`: the row copies inside the kernel's time (tiles order); efficiency of "
           "the auto kernel):\n\n"
           + markdown_table(v2_rows, ["model", "pattern", "density", "ms", "speedup_vs_dense", "predict_gpu_ms",
-                                     "kernel_ms", "kernel_split_ms", "kernel_two_pass_ms", "copies_ms", "copy_config",
-                                     "efficiency"])
+                                     "kernel_ms", "kernel_split_ms", "kernel_two_pass_ms", "copies_ms", "efficiency"])
           ) if v2_rows else ""
     return (markdown_table(rows, cols) + "\n\nDense SDPA per backend (ms):\n\n"
             + markdown_table(dense_rows, ["model", "method", "ms"]) + v2 + low)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["CONFIGS", "COPY_CONFIGS", "INTERPRET", "fp8_runs", "gpu_configs", "has_tma", "prune_configs",
+__all__ = ["CONFIGS", "INTERPRET", "fp8_runs", "gpu_configs", "has_tma", "prune_configs",
            "supports_warp_specialize", "tma_runs"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -91,13 +91,3 @@ def prune_configs(configs, named_args, **kwargs):
 
 CONFIGS = _configs()
 
-
-def _copy_configs() -> list[triton.Config]:
-    """Rows per program and warps of the row-permuting copy. It read and wrote at about half the H100's
-    bandwidth with 64 rows and 4 warps (v2's tile order, every head copied: 2-4 ms at Wan2.1-14B 720p)."""
-    if INTERPRET or not torch.cuda.is_available():
-        return [triton.Config({"BLOCK": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK": b}, num_warps=w) for b in (64, 128, 256) for w in (4, 8)]
-
-
-COPY_CONFIGS = _copy_configs()

@@ -9,13 +9,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rf_compile.kernels.sparse_config import COPY_CONFIGS
-
 __all__ = ["load_kv", "out_tile", "permute_rows_kernel"]
 
 
-# A pure copy (the inverse rewrites the same rows with the same values), so tuning it needs no restore.
-@triton.autotune(configs=COPY_CONFIGS, key=["HEAD_DIM", "N", "INVERSE"])
 @triton.jit
 def permute_rows_kernel(
     X, XP, Orders, WhichOrder, VariantOfHead,
