@@ -120,6 +120,7 @@ def _ragged_last(kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor,
 # Rows per program of the row copies (4 warps). Their time, next to the kernel's: ``benchmarks/attention.py``'s
 # ``copies_ms`` (v2's tile order copies every head).
 COPY_ROWS = 64
+
 # loop= option -> the kernel's LOOP passes, in launch order.
 _LOOPS = {"split": (0,), "masked": (1,), "two_pass": (2, 3)}
 _ALLOCATOR_SET = False

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["CONFIGS", "INTERPRET", "fp8_runs", "gpu_configs", "has_tma", "prune_configs",
-           "supports_warp_specialize", "tma_runs"]
+__all__ = ["CONFIGS", "INTERPRET", "fp8_runs", "gpu_configs", "has_tma", "prune_configs", "supports_warp_specialize",
+           "tma_runs"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -90,4 +90,3 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 CONFIGS = _configs()
-
