@@ -270,7 +270,7 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
         predict_torch_gpu_ms = do_bench_graph(lambda config=config: v2.predict_plan(q, k, layout, config, fused=False))
         kernel = do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh.int()),
                           rep_ms=args.rep_ms)
-        copies_ms = _copies(q, k, v, table, voh.int(), args) if order == "tiles" else 0.0
+        copies_ms, copy_sweep = _copies(q, k, v, table, voh.int(), args) if order == "tiles" else (0.0, {})
         loops = {f"kernel_{loop}_ms": do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table,
                                                                  voh.int(), loop=loop), rep_ms=args.rep_ms)["ms"]
                  for loop in ("split", "two_pass")}
@@ -284,18 +284,19 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
                             density=density, best_dense_ms=best_dense, predict_ms=predict["ms"],
                             predict_gpu_ms=predict_gpu_ms, predict_share=predict_gpu_ms / best_dense,
                             predict_torch_gpu_ms=predict_torch_gpu_ms, kernel_ms=kernel["ms"], **loops, rel_err=err,
-                            copies_ms=copies_ms,
+                            copies_ms=copies_ms, copy_sweep_ms=copy_sweep,
                             efficiency=best_dense * density / kernel["ms"], **t))
         log(f"{model} {pattern} d={density:.3f}: total {t['ms']:.3f} ms (predict {predict['ms']:.3f}, "
             f"kernel {kernel['ms']:.3f}, split {loops['kernel_split_ms']:.3f}, two_pass "
-            f"{loops['kernel_two_pass_ms']:.3f}, row copies {copies_ms:.3f}) "
+            f"{loops['kernel_two_pass_ms']:.3f}, row copies {copies_ms:.3f} {copy_sweep}) "
             f"{best_dense / t['ms']:.2f}x dense, err {err:.1e}; prediction on the "
             f"device {predict_gpu_ms:.3f} ms = {100 * predict_gpu_ms / best_dense:.2f}% of dense "
             f"(PyTorch selection {predict_torch_gpu_ms:.3f} ms)")
 
 
-def _copies(q, k, v, table, voh, args) -> float:
-    """ms of the TMA path's row copies: q, k, v into each head's order, the output back."""
+def _copies(q, k, v, table, voh, args) -> tuple[float, dict[str, float]]:
+    """ms of the TMA path's row copies (q, k, v into each head's order, the output back) as launched, and at each
+    of ``args.copy_launches`` (rows x warps per program, e.g. ``128x8``)."""
     from rf_compile.kernels import block_sparse
 
     extras, out = block_sparse.plan_extras(table), torch.empty_like(q)
@@ -304,7 +305,28 @@ def _copies(q, k, v, table, voh, args) -> float:
         *_, op = block_sparse.permuted_inputs(q, k, v, out, extras, voh)
         block_sparse.restore_rows(out, op, extras, voh)
 
-    return do_bench(copies, rep_ms=args.rep_ms)["ms"]
+    default = block_sparse.COPY_LAUNCH
+    swept = {}
+    try:
+        for rows, warps in args.copy_launches:
+            block_sparse.COPY_LAUNCH = (rows, warps)
+            swept[f"{rows}x{warps}"] = do_bench(copies, rep_ms=args.rep_ms)["ms"]
+    finally:
+        block_sparse.COPY_LAUNCH = default
+    return do_bench(copies, rep_ms=args.rep_ms)["ms"], swept
+
+
+def _copy_launch(text: str) -> tuple[int, int]:
+    """``ROWSxWARPS`` -> (rows, warps): powers of two, rows 16-1024, warps 1-16."""
+    rows, _, warps = text.partition("x")
+    try:
+        launch = int(rows), int(warps)
+    except ValueError:
+        launch = (0, 0)
+    if not (16 <= launch[0] <= 1024 and 1 <= launch[1] <= 16 and all(n & (n - 1) == 0 for n in launch)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give ROWSxWARPS, powers of two, rows 16-1024 and warps 1-16, "
+                                         "e.g. 128x8")
+    return launch
 
 
 def bench_8bit(precision: str, bf16_fn, bf16_out, bf16_ms: float, rows, ref, common: dict, name: str, args,
@@ -415,6 +437,9 @@ def main() -> None:
                         help="also time each TMA variant in these 8-bit precisions (records with that dtype)")
     parser.add_argument("--v2", nargs="*", type=float, default=list(V2_SPARSITIES),
                         help="RainFusion 2.0 sparsities to time (prediction included); none: skip v2")
+    parser.add_argument("--copy-launches", nargs="*", default=[], metavar="ROWSxWARPS", type=_copy_launch,
+                        help="also time v2's row copies (tiles order) at these rows x warps per program, e.g. "
+                             "128x8 (the record's copy_sweep_ms)")
     parser.add_argument("--v2-orders", nargs="+", default=["tiles"], choices=["tiles", "tokens"],
                         help="v2's block orders to time (option 'order'; 'tiles', the default, copies each head "
                              "into its order, 'tokens' reads in place)")

@@ -273,6 +273,39 @@ def test_full_plans_skip_the_sort_and_keep_its_lists(layout_name):
     assert (fast["num_masked"][static.num_plans:].sum() > 0) == ragged  # the diagonal keeps the ragged block
 
 
+@pytest.mark.parametrize("launch", [(64, 4), (32, 2)])
+def test_row_copies_put_each_head_in_its_order_and_back(launch, monkeypatch):
+    """The TMA path's row copies, at the launcher's rows per program and at another (benchmarks sweep them),
+    against indexing by the plan's orders: permuted heads' rows in their order, identity heads untouched
+    (read in place), and the output rows back at their positions."""
+    from rf_compile.kernels import block_sparse
+
+    monkeypatch.setattr(block_sparse, "COPY_LAUNCH", launch)
+    layout = LAYOUTS["none_tail"]  # N = 189: a ragged last copy block
+    table = build_plan_table(layout, V1, DEVICE, 32, 32)
+    voh = torch.tensor([[0, 1, 2], [2, 1, 0]], dtype=torch.int32, device=DEVICE)  # spatial, temporal, textural
+    q, k, v = make_qkv(2, 3, layout.seq_len, 64, torch.float32, bnhd=True)
+    out = torch.randn_like(q)
+    extras = block_sparse.plan_extras(table)
+    qp, kp, vp, op = block_sparse.permuted_inputs(q, k, v, out, extras, voh)
+    op.copy_(torch.randn_like(op))
+    expected_out = out.clone()
+    for b in range(2):
+        for h in range(3):
+            p = int(voh[b, h])
+            q_rows = table.orders[table.q_order[p]].long()
+            kv_rows = table.orders[table.kv_order[p]].long()
+            if int(table.q_order[p]):
+                torch.testing.assert_close(qp[b, h], q[b, h, q_rows], rtol=0, atol=0)
+                expected_out[b, h, q_rows] = op[b, h]
+            if int(table.kv_order[p]):
+                torch.testing.assert_close(kp[b, h], k[b, h, kv_rows], rtol=0, atol=0)
+                torch.testing.assert_close(vp[b, h], v[b, h, kv_rows], rtol=0, atol=0)
+    assert int((table.q_order[voh.long()] != 0).sum()) == 2  # the temporal heads are the permuted ones
+    block_sparse.restore_rows(out, op, extras, voh)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+
+
 def test_bnhd_views_keep_layout():
     """diffusers passes (B, H, N, D) views of (B, N, H, D) tensors; the output keeps that layout."""
     out, (q, *_rest) = run_case(LAYOUTS["none_tail"], V1, torch.tensor([[2, 1, 0]]), bnhd=True)

@@ -117,9 +117,9 @@ def _ragged_last(kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor,
     return kv_indices, ((kv_num_blocks > 0) & (last == kv_indices.shape[-1] - 1)).to(torch.int32)
 
 
-# Rows per program of the row copies (4 warps). Their time, next to the kernel's: ``benchmarks/attention.py``'s
-# ``copies_ms`` (v2's tile order copies every head).
-COPY_ROWS = 64
+# Rows and warps per program of the row copies. Their time, next to the kernel's: ``benchmarks/attention.py``'s
+# ``copies_ms`` (v2's tile order copies every head), which ``--copy-launches`` times at other values.
+COPY_LAUNCH = (64, 4)
 
 # loop= option -> the kernel's LOOP passes, in launch order.
 _LOOPS = {"split": (0,), "masked": (1,), "two_pass": (2, 3)}
@@ -322,9 +322,10 @@ def _permute_heads(x: torch.Tensor, xp: torch.Tensor, extras: dict, which: torch
     """xp[b, h, pos] = x[b, h, orders[o, pos]] for the heads whose order o (``which`` of their variant) is not
     the identity; ``inverse``: the other way (output rows back to their positions)."""
     B, H, N, D = x.shape
-    permute_rows_kernel[(triton.cdiv(N, COPY_ROWS), B * H)](
+    rows, warps = COPY_LAUNCH
+    permute_rows_kernel[(triton.cdiv(N, rows), B * H)](
         x, xp, extras["orders"], which, voh, x.stride(0), x.stride(1), x.stride(2), H, N,
-        HEAD_DIM=D, BLOCK=COPY_ROWS, INVERSE=inverse, num_warps=4,
+        HEAD_DIM=D, BLOCK=rows, INVERSE=inverse, num_warps=warps,
     )
 
 
