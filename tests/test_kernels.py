@@ -276,8 +276,8 @@ def test_full_plans_skip_the_sort_and_keep_its_lists(layout_name):
 @pytest.mark.parametrize("launch", [(64, 4), (32, 2)])
 def test_row_copies_put_each_head_in_its_order_and_back(launch, monkeypatch):
     """The TMA path's row copies, at the launcher's rows per program and at another (benchmarks sweep them),
-    against indexing by the plan's orders: permuted heads' rows in their order, identity heads untouched
-    (read in place), and the output rows back at their positions."""
+    against indexing by the plan's orders: permuted heads' rows in their order, and the output rows back at
+    their positions, where the identity heads' output is left as the kernel wrote it in place."""
     from rf_compile.kernels import block_sparse
 
     monkeypatch.setattr(block_sparse, "COPY_LAUNCH", launch)
