@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m gpu tests
+	$(PY) -m pytest -q -m gpu -rfE --durations=20 tests
 
 demo: $(STAMP)
 	$(PY) -m rf_compile.demo
