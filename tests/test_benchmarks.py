@@ -193,7 +193,7 @@ def test_e2e_out_of_budget_skips_with_a_note(tmp_path, monkeypatch):
     ).read_text()
 
 
-@pytest.mark.parametrize("script", ["attention.py", "arm.py", "crossover.py"])
+@pytest.mark.parametrize("script", ["attention.py", "arm.py", "crossover.py", "fixed_cost.py"])
 def test_gpu_benchmarks_parse_their_arguments(script):
     result = run(script, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout
@@ -226,6 +226,36 @@ def test_plan_stats_counts_masked_blocks_against_the_plan(tmp_path):
     masked = round(stats["masked_share"] * stats["visited_blocks"])
     assert partial <= masked < stats["visited_blocks"]
     assert stats["free_mask_saving"] == pytest.approx(1 - stats["visited_blocks"] / (stats["visited_blocks"] + masked))
+
+
+@pytest.mark.parametrize("block_m", [128, 64])
+def test_fixed_cost_window_plans_walk_exactly_k_whole_blocks(block_m):
+    """Every query block of a window plan lists ``k`` consecutive key blocks around its own, none of them the
+    ragged last one, the last ``j`` flagged for the mask; the kernel on it equals SDPA over those keys."""
+    sys.path.insert(0, str(BENCHMARKS.parent))
+    from benchmarks.fixed_cost import window_error, window_table
+    from rf_compile.kernels.block_sparse import block_sparse_attention
+    from rf_compile.layout import VideoLayout
+
+    layout = VideoLayout(2, 8, 20, prefix=16)  # N = 336: 2 whole key blocks and a ragged one
+    N = layout.seq_len
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, N, 64) for _ in range(3))
+    for walked, masked in ((0, 0), (1, 0), (2, 0), (2, 1)):
+        table = window_table(layout, walked, masked, block_m, "cpu")
+        for m in range(table.kv_num_blocks.shape[1]):
+            listed = table.kv_indices[0, m, :walked].tolist()
+            assert int(table.kv_num_blocks[0, m]) == walked and all(kb < N // 128 for kb in listed)
+            assert listed == list(range(listed[0], listed[0] + walked)) if walked else listed == []
+            assert walked < 2 or min(m * block_m // 128, 1) in listed  # its own key block, where it is whole
+            assert table.block_full[0, m].sum() == walked - masked
+        out = block_sparse_attention(q, k, v, table, torch.zeros(1, 2, dtype=torch.int32), loop="split")
+        if walked:
+            assert window_error(q, k, v, table, out, torch.arange(0, N, 5)) < 1e-5
+        else:
+            assert out.abs().max() == 0
+    with pytest.raises(ValueError, match="do not fit 2 whole key blocks"):
+        window_table(layout, 3, 0, block_m, "cpu")
 
 
 @pytest.mark.gpu
