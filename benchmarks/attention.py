@@ -193,10 +193,11 @@ def bench_shape(model, heads, D, layout, args, records, log):
         density = float(table.density()[voh.long()].mean())
         ref = reference_rows(q, k, v, table, voh, rows)
         common = dict(base, pattern=pattern, density=density, best_dense_ms=best_dense)
-        for loads, loop in args.variants:
-            name = f"{loads}/{loop}"
+        for loads, loop, *schedule in args.variants:
+            name = "/".join((loads, loop, *schedule))
             try:
-                fn = functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh, loads=loads, loop=loop)
+                fn = functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh, loads=loads, loop=loop,
+                                       **dict(schedule=schedule[0]) if schedule else {})
                 t0 = time.time()
                 out = fn()
                 torch.cuda.synchronize()
@@ -431,7 +432,8 @@ def main() -> None:
     parser.add_argument("--check-rows", type=int, default=128)
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--variants", nargs="*", default=[f"{a}/{b}" for a, b in VARIANTS],
-                        help="forms of ours as loads/loop")
+                        help="forms of ours as loads/loop or loads/loop/schedule (the kernel's program order, "
+                             "heavy_first by default or grid)")
     parser.add_argument("--stem", default="attention", help="result file name (without extension)")
     parser.add_argument("--precisions", nargs="*", default=[], choices=["fp8", "int8"],
                         help="also time each TMA variant in these 8-bit precisions (records with that dtype)")

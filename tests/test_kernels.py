@@ -250,6 +250,28 @@ def test_two_pass_covers_every_kind_of_query_block():
     assert kinds == {"none", "only", "both"}
 
 
+@pytest.mark.parametrize("layout_name", ["both", "suffix", "none_tail"])
+def test_heavy_first_schedule_starts_the_text_rows_and_runs_every_program_once(layout_name):
+    """``schedule="heavy_first"`` (default) lists first the query blocks holding a text token (the paper's text
+    rows see every key, in every variant), the rest in order, and gives the plain launch order's output."""
+    from rf_compile.kernels.block_sparse import plan_extras
+
+    layout = LAYOUTS[layout_name]
+    voh = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    heavy_first, (q, k, v, table, voh) = run_case(layout, V1, voh, dtype=torch.float32)
+    extras = plan_extras(table)
+    starts = torch.arange(0, layout.seq_len, table.block_m)
+    ends = torch.clamp(starts + table.block_m, max=layout.seq_len)
+    text = (starts < layout.prefix) | (ends > layout.prefix + layout.video_tokens)
+    expected = [*torch.nonzero(text)[:, 0].tolist(), *torch.nonzero(~text)[:, 0].tolist()]
+    assert extras["q_blocks_heavy_first"].tolist() == expected
+    assert int(extras["num_heavy"]) == int(text.sum()) == {"both": 2, "suffix": 2, "none_tail": 0}[layout_name]
+    grid = block_sparse_attention(q, k, v, table, voh, schedule="grid")
+    torch.testing.assert_close(heavy_first, grid, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        block_sparse_attention(q, k, v, table, voh, schedule="lpt")
+
+
 @pytest.mark.parametrize("layout_name", ["prefix", "none_tail", "none_even"])
 def test_full_plans_skip_the_sort_and_keep_its_lists(layout_name):
     """``full_from`` (v2's plans, and v1's predicted heads appended to its static plans) lets the launcher

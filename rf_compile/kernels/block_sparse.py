@@ -53,7 +53,8 @@ from rf_compile.kernels.sparse_loop import block_sparse_fwd_kernel
 from rf_compile.kernels.sparse_tiles import permute_rows_kernel
 from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable
 
-__all__ = ["block_sparse_attention", "fp8_runs", "gpu_configs", "permuted_inputs", "plan_extras", "restore_rows"]
+__all__ = ["SCHEDULES", "block_sparse_attention", "fp8_runs", "gpu_configs", "permuted_inputs", "plan_extras",
+           "restore_rows"]
 
 # Benchmarks set this to a ``triton.Config`` to bypass the autotuner (tuning sweeps).
 _FORCED_CONFIG: triton.Config | None = None
@@ -82,6 +83,7 @@ def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
         parts.append(_ragged_last(table.kv_indices[full_from:], table.kv_num_blocks[full_from:], table))
     kv_indices, num_masked = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*parts))
     cache = {
+        **_heavy_first(table),
         "kv_indices": kv_indices.to(torch.int32).contiguous(),
         "num_masked": num_masked.to(torch.int32).contiguous(),
         "orders": table.orders.to(torch.int32).contiguous(),
@@ -93,6 +95,24 @@ def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     }
     table.__dict__["_block_sparse_extras"] = cache
     return cache
+
+
+def _heavy_first(table: PlanTable) -> dict[str, torch.Tensor]:
+    """The kernel's query-block orders (``work_item``): ``q_blocks_heavy_first`` lists the query blocks that
+    see every key block in every plan (text rows) first, the others after them in order, with their count in
+    ``num_heavy`` (int32 [1]); ``q_blocks_in_order`` and ``no_heavy`` give the plain launch order. On the
+    device, without a host sync (v2 builds a table each call, possibly inside a CUDA graph)."""
+    P, Mq, Mk = table.kv_indices.shape
+    heavy = (table.kv_num_blocks >= Mk).all(0)
+    num_heavy = heavy.sum(dtype=torch.int32)
+    rank = torch.where(heavy, heavy.cumsum(0) - 1, num_heavy + (~heavy).cumsum(0) - 1)
+    in_order = torch.arange(Mq, dtype=torch.int32, device=heavy.device)
+    return {
+        "q_blocks_heavy_first": torch.empty_like(in_order).scatter_(0, rank, in_order),
+        "num_heavy": num_heavy.reshape(1),
+        "q_blocks_in_order": in_order,
+        "no_heavy": torch.zeros(1, dtype=torch.int32, device=heavy.device),
+    }
 
 
 def _masked_last(kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor, block_full: torch.Tensor,
@@ -120,6 +140,9 @@ def _ragged_last(kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor,
 # Rows and warps per program of the row copies. Their time, next to the kernel's: ``benchmarks/attention.py``'s
 # ``copies_ms`` (v2's tile order copies every head), which ``--copy-launches`` times at other values.
 COPY_LAUNCH = (64, 4)
+
+# schedule= option -> plan_extras' (query-block order, heavy count) that work_item reads.
+SCHEDULES = {"heavy_first": ("q_blocks_heavy_first", "num_heavy"), "grid": ("q_blocks_in_order", "no_heavy")}
 
 # loop= option -> the kernel's LOOP passes, in launch order.
 _LOOPS = {"split": (0,), "masked": (1,), "two_pass": (2, 3)}
@@ -157,6 +180,7 @@ def block_sparse_attention(
     loads: str = "auto",
     loop: str = "auto",
     precision: str = "bf16",
+    schedule: str = "heavy_first",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of every (batch, head) with its own RainFusion variant.
@@ -200,6 +224,10 @@ def block_sparse_attention(
         (``fp8_quant``: K smoothed by its mean, V scaled per head, P times 448), the same
         plans and output dtype; TMA loads only. ``"int8"``: the same, but Q K^T in int8 (K with
         one scale per head), 2.5x less error than e4m3 scores (``fp8_quant``).
+    schedule:
+        The order programs start in. ``"heavy_first"`` (default): the query blocks that see every key block
+        in every plan (text rows) of every head first, then the others head by head, so that the longest
+        programs do not end the kernel alone (``work_item``). ``"grid"``: head by head, query blocks in order.
     out:
         Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.
 
@@ -238,6 +266,8 @@ def block_sparse_attention(
         raise ValueError(f"loop must be one of {['auto', *_LOOPS]}, got {loop!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
 
     # Unit stride along D lets every row load be vectorised; copy only if a caller breaks it.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -295,7 +325,7 @@ def block_sparse_attention(
             meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps,
                         num_stages=_FORCED_CONFIG.num_stages)
         _launch(kernel, grid, meta, (q, k, v, qp, kp, vp, out, op, bias, lse), copies, extras, voh, stride_biasb,
-                table, N, D, scale, loop_pass, key_bias is not None, use_tma)
+                table, N, D, scale, loop_pass, key_bias is not None, use_tma, SCHEDULES[schedule])
     if use_tma:
         restore_rows(out, op, extras, voh)
     return out
@@ -331,7 +361,7 @@ def _permute_heads(x: torch.Tensor, xp: torch.Tensor, extras: dict, which: torch
 
 def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, extras, voh, stride_biasb,
             table: PlanTable, N: int, D: int, scale: float | None, loop_pass: int, has_bias: bool,
-            use_tma: bool) -> None:
+            use_tma: bool, schedule: tuple[str, str]) -> None:
     """One launch of the attention kernel (one ``LOOP`` pass) over every (query block, batch x head).
 
     ``tensors``: q, k, v, their scratch copies, out, its scratch, the bias and the LSE buffer; the
@@ -347,7 +377,7 @@ def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, 
     kernel[grid](
         q, k, v, qp, kp, vp, out, op, bias, lse, *scales,
         extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
-        extras["kv_num_blocks"], extras["num_masked"], extras["kv_indices"], voh,
+        extras["kv_num_blocks"], extras["num_masked"], extras["kv_indices"], voh, *(extras[n] for n in schedule),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

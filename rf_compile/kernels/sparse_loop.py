@@ -13,7 +13,31 @@ import triton.language as tl
 from rf_compile.kernels.sparse_config import CONFIGS, prune_configs
 from rf_compile.kernels.sparse_tiles import load_kv, out_tile
 
-__all__ = ["attend_blocks", "block_sparse_fwd_kernel"]
+__all__ = ["attend_blocks", "block_sparse_fwd_kernel", "work_item"]
+
+
+@triton.jit
+def work_item(QBlockOrder, NumHeavy, num_q_blocks):
+    """(query block, batch x head) of this program: the launch order, query blocks fastest, with the
+    ``NumHeavy`` query blocks that see every key block (``plan_extras``: text rows) of every head taken first.
+
+    The blocks start roughly in launch order, so a long row launched last ends the kernel alone (the
+    last head's text rows: 139 key blocks where the others walk ~28); run first, they overlap the rest.
+    ``QBlockOrder`` lists the query blocks, those heavy ones first; the rest keep their order, so that
+    programs running together still share their head's key blocks in L2.
+    """
+    heads = tl.num_programs(1)
+    item = tl.program_id(1) * num_q_blocks + tl.program_id(0)
+    heavy = tl.load(NumHeavy)
+    if item < heavy * heads:  # heads fastest: every head's heavy rows in the first wave
+        rank = item // heads
+        bh = item % heads
+    else:
+        rest = item - heavy * heads
+        light = tl.maximum(num_q_blocks - heavy, 1)
+        bh = rest // light
+        rank = heavy + rest % light
+    return tl.load(QBlockOrder + rank), bh
 
 
 @triton.jit
@@ -99,7 +123,7 @@ def attend_blocks(
 def block_sparse_fwd_kernel(
     Q, K, V, QP, KP, VP, Out, OP, Bias, Lse, QScale, KScale, VScale,
     Orders, QOrder, KVOrder, Band, KVValid,
-    KVNum, KVNumMasked, KVIdx, VariantOfHead,
+    KVNum, KVNumMasked, KVIdx, VariantOfHead, QBlockOrder, NumHeavy,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_km,
     stride_vb, stride_vh, stride_vm,
@@ -112,7 +136,7 @@ def block_sparse_fwd_kernel(
     UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_N: tl.constexpr, FP8: tl.constexpr,
     QK_INT8: tl.constexpr,
 ):
-    """One (query block, batch x head) program. ``LOOP`` (see ``_LOOPS``): 0 masked then unmasked
+    """One (query block, batch x head) program (``work_item``). ``LOOP`` (see ``_LOOPS``): 0 masked then unmasked
     blocks, 1 every block masked, 2 the unmasked blocks alone (stores the tile and its base-2
     log-sum-exp in ``Lse``), 3 the masked blocks added to what pass 2 left (programs without
     masked blocks return at once). ``FP8``: Q/K/V are ``fp8_quant``'s 8-bit copies (every head
@@ -120,8 +144,7 @@ def block_sparse_fwd_kernel(
     K in int8, K with one scale per head."""
     tl.static_assert(BLOCK_N % (16 * SPLIT_N) == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
     SUB_N: tl.constexpr = BLOCK_N // SPLIT_N  # key tile: a plan block is walked in SPLIT_N sub-tiles
-    m = tl.program_id(0)
-    bh = tl.program_id(1)
+    m, bh = work_item(QBlockOrder, NumHeavy, num_q_blocks)
     b = bh // H
     h = bh % H
 
