@@ -29,14 +29,13 @@ def work_item(QBlockOrder, NumHeavy, num_q_blocks):
     heads = tl.num_programs(1)
     item = tl.program_id(1) * num_q_blocks + tl.program_id(0)
     heavy = tl.load(NumHeavy)
-    if item < heavy * heads:  # heads fastest: every head's heavy rows in the first wave
-        rank = item // heads
-        bh = item % heads
-    else:
-        rest = item - heavy * heads
-        light = tl.maximum(num_q_blocks - heavy, 1)
-        bh = rest // light
-        rank = heavy + rest % light
+    first = item < heavy * heads  # heads fastest: every head's heavy rows in the first wave
+    rest = item - heavy * heads
+    light = tl.maximum(num_q_blocks - heavy, 1)
+    # Selects, not an ``if``: a head index that an scf.if yields turns warp specialisation off (the descriptors
+    # are made from it; Triton 3.6, NOTES.md entry 4), which benchmarks/kernel_resources.py checks.
+    bh = tl.where(first, item % heads, rest // light)
+    rank = tl.where(first, item // heads, heavy + rest % light)
     return tl.load(QBlockOrder + rank), bh
 
 
