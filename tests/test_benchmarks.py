@@ -228,6 +228,32 @@ def test_plan_stats_counts_masked_blocks_against_the_plan(tmp_path):
     assert stats["free_mask_saving"] == pytest.approx(1 - stats["visited_blocks"] / (stats["visited_blocks"] + masked))
 
 
+def test_plan_stats_start_order_runs_each_program_once_text_rows_first_and_shortens_the_tail():
+    """The simulated start order (``work_item``'s mapping) lists every (head, query block) once, the text rows of
+    every head first; started so, the last programs of a prefix-text layout end together, and a layout without
+    text rows starts in launch order."""
+    sys.path.insert(0, str(BENCHMARKS.parent))
+    from benchmarks.attention import pattern_plan
+    from benchmarks.plan_stats import launch_tail, pattern_stats, start_order
+    from rf_compile.kernels.block_sparse import plan_extras
+    from rf_compile.layout import VideoLayout
+
+    assert launch_tail([1.0] * 8, 4) == 0 and launch_tail([4.0, 1.0, 1.0, 1.0, 1.0], 2) == 0
+    assert launch_tail([1.0, 1.0, 1.0, 1.0, 4.0], 2) == pytest.approx(0.5)  # the long one last ends alone
+    layout, heads = VideoLayout(4, 16, 24, prefix=300), 3  # N = 1836: 3 query blocks hold text
+    table, _ = pattern_plan("density0.2", layout, heads, device="cpu")
+    extras = plan_extras(table)
+    q_blocks = table.kv_num_blocks.shape[1]
+    heavy_first = start_order(extras, heads, "heavy_first")
+    assert sorted(heavy_first) == [(h, m) for h in range(heads) for m in range(q_blocks)]
+    assert heavy_first[:3 * heads] == [(h, m) for m in range(3) for h in range(heads)]
+    assert start_order(extras, heads, "grid") == [(h, m) for h in range(heads) for m in range(q_blocks)]
+    stats = pattern_stats("small", "density0.2", masked_cost=1.9, shape=(heads, 64, layout), slots=8)
+    assert stats["tail_heavy_first"] < stats["tail_grid"] / 2
+    no_text = pattern_stats("small", "density0.2", masked_cost=1.9, shape=(heads, 64, VideoLayout(4, 16, 24)), slots=8)
+    assert no_text["tail_heavy_first"] == no_text["tail_grid"]
+
+
 @pytest.mark.parametrize("block_m", [128, 64])
 def test_fixed_cost_window_plans_walk_exactly_k_whole_blocks(block_m):
     """Every query block of a window plan lists ``k`` consecutive key blocks around its own, none of them the
