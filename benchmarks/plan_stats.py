@@ -8,9 +8,10 @@ last block), and the most that making the mask free could save, if a masked bloc
 the gap between the kernel's efficiency and the Triton ceiling (issue 15) before a GPU run is spent.
 
 And how long the kernel's last programs run alone: programs start in the kernel's order (``schedule``, mirroring
-``work_item``) on ``--slots`` resident programs (H100: 2 an SM at d=64, ncu; 1 at d=128), each lasting its key
+``work_item``) on an H100's resident programs (``SLOTS``: 2 an SM at d=64, ncu; 1 at d=128), each lasting its key
 blocks plus ``--program-fixed`` blocks; ``tail_<schedule>`` is the makespan's excess over perfectly even work,
-as a share of it (list scheduling: a program starts on the first slot to free up).
+as a share of it (list scheduling: a program starts on the first slot to free up). ``--v2`` adds RainFusion
+2.0's plans, predicted from random inputs.
 
     python benchmarks/plan_stats.py --out benchmarks/results/cpu
 """
@@ -22,10 +23,13 @@ import heapq
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.attention import PATTERNS, SHAPES, pattern_plan  # noqa: E402
 from benchmarks.utils import environment, markdown_table, write_results  # noqa: E402
+from rf_compile.config import ORDERS  # noqa: E402
 from rf_compile.kernels.block_sparse import SCHEDULES, plan_extras  # noqa: E402
 
 SLOTS = {64: 264, 128: 132}  # resident programs on an H100 (132 SMs) per head dim
@@ -56,6 +60,20 @@ def launch_tail(durations: list[float], slots: int) -> float:
     return max(ends) / (sum(durations) / slots) - 1
 
 
+def plan_of(pattern: str, layout, heads: int, head_dim: int):
+    """(table, variant_of_head) of an ``attention.py`` pattern, or of ``"v2 s=<sparsity> <order>"``: RainFusion
+    2.0's plans predicted from random q and k (seed 0; its forced text blocks are the random inputs' too)."""
+    if not pattern.startswith("v2 "):
+        return pattern_plan(pattern, layout, heads, device="cpu")
+    from rf_compile.config import RainFusionConfig
+    from rf_compile.ops.attention import v2_plan
+
+    sparsity, order = pattern[len("v2 s="):].split()
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, heads, layout.seq_len, head_dim, generator=generator) for _ in range(2))
+    return v2_plan(q, k, layout, RainFusionConfig(mode="v2", sparsity=float(sparsity), order=order), None)
+
+
 def pattern_stats(model: str, pattern: str, masked_cost: float, shape: tuple | None = None,
                   program_fixed: float = 1.0, slots: int | None = None) -> dict:
     """Block counts of one (shape, pattern) over every head, as the kernel visits them, and its simulated tails.
@@ -63,7 +81,7 @@ def pattern_stats(model: str, pattern: str, masked_cost: float, shape: tuple | N
     ``shape``: (heads, head_dim, layout), default ``SHAPES[model]``; ``slots``: default ``SLOTS[head_dim]``.
     """
     heads, head_dim, layout = shape or SHAPES[model]
-    table, variant_of_head = pattern_plan(pattern, layout, heads, device="cpu")
+    table, variant_of_head = plan_of(pattern, layout, heads, head_dim)
     extras = plan_extras(table)
     rows = variant_of_head.flatten().long()
     visited = int(extras["kv_num_blocks"][rows].sum())
@@ -91,9 +109,12 @@ def main() -> None:
     parser.add_argument("--program-fixed", type=float, default=1.0,
                         help="a program's fixed time in its key blocks' units, for the tails (default 1)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
+    parser.add_argument("--v2", nargs="*", type=float, default=[0.8],
+                        help="also RainFusion 2.0's plans at these sparsities, both block orders (default 0.8)")
     args = parser.parse_args()
+    patterns = [*args.patterns, *(f"v2 s={s} {order}" for s in args.v2 for order in ORDERS)]
     records = [pattern_stats(m, p, args.masked_cost, program_fixed=args.program_fixed)
-               for m in args.models for p in args.patterns]
+               for m in args.models for p in patterns]
     columns = ["model", "pattern", "layout", "block_density", "masked_share", "free_mask_saving",
                *(f"tail_{name}" for name in SCHEDULES)]
     table = markdown_table(records, columns)

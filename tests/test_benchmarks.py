@@ -203,7 +203,7 @@ def test_plan_stats_counts_masked_blocks_against_the_plan(tmp_path):
     """Recounted from the plan's element mask: the kernel visits exactly the blocks that hold a kept
     score, and takes the masked loop for at least every partial block (it may be conservative, never
     the other way: an unmasked partial block would attend to keys outside the plan)."""
-    result = run("plan_stats.py", "--models", "CogVideoX-5B", "--patterns", "mix", "--out", str(tmp_path))
+    result = run("plan_stats.py", "--models", "CogVideoX-5B", "--patterns", "mix", "--v2", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     (record,) = json.loads((tmp_path / "plan_stats.json").read_text())["records"]
     assert record["model"] == "CogVideoX-5B" and 0 < record["masked_share"] < 1
@@ -252,6 +252,8 @@ def test_plan_stats_start_order_runs_each_program_once_text_rows_first_and_short
     assert stats["tail_heavy_first"] < stats["tail_grid"] / 2
     no_text = pattern_stats("small", "density0.2", masked_cost=1.9, shape=(heads, 64, VideoLayout(4, 16, 24)), slots=8)
     assert no_text["tail_heavy_first"] == no_text["tail_grid"]
+    v2 = pattern_stats("small", "v2 s=0.8 tiles", masked_cost=1.9, shape=(heads, 64, layout), slots=8)
+    assert v2["block_density"] < 0.5 and v2["tail_heavy_first"] < v2["tail_grid"] / 2  # v2's text rows are whole too
 
 
 @pytest.mark.parametrize("block_m", [128, 64])
