@@ -197,7 +197,7 @@ def bench_shape(model, heads, D, layout, args, records, log):
             name = "/".join((loads, loop, *schedule))
             try:
                 fn = functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh, loads=loads, loop=loop,
-                                       **dict(schedule=schedule[0]) if schedule else {})
+                                       **({"schedule": schedule[0]} if schedule else {}))
                 t0 = time.time()
                 out = fn()
                 torch.cuda.synchronize()

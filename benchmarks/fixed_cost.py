@@ -75,6 +75,12 @@ def window_error(q, k, v, table: PlanTable, out: torch.Tensor, rows: torch.Tenso
     return ((out[:, :, rows].double() - ref).norm() / ref.norm()).item()
 
 
+def split_configs(head_dim: int) -> list[triton.Config]:
+    """The launch configurations the autotuner may keep for the ``split`` loop on TMA loads, whole key tiles."""
+    named = dict(HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, USE_TMA=True, LOOP=0, HAS_BIAS=False)
+    return [c for c in prune_configs(gpu_configs(False), named) if c.kwargs["SPLIT_N"] == 1]
+
+
 def fit(points: list[tuple[int, float]]) -> tuple[float, float, float]:
     """Least-squares ``ms = a + b * k``: (a, b, largest residual)."""
     ks = torch.tensor([p[0] for p in points], dtype=torch.float64)
@@ -94,8 +100,7 @@ def bench_shape(model: str, block_m: int, args, records: list[dict], summary: li
     log(f"{model} dense (default SDPA) {dense:.3f} ms, {unit * 1e3:.2f} us a key block")
     voh = torch.zeros(1, heads, dtype=torch.int32, device="cuda")
     rows = torch.randperm(N, device="cuda")[:16]
-    named = dict(HEAD_DIM=D, BLOCK_N=BLOCK_N, USE_TMA=True, LOOP=0, HAS_BIAS=False)
-    configs = [c for c in prune_configs(gpu_configs(False), named) if c.kwargs["SPLIT_N"] == 1]
+    configs = split_configs(D)
     cases = [(n, 0) for n in KS] + [(MASKED_OF, j) for j in MASKED]
     for config in configs:
         name, times = config_name(config), {}
@@ -132,8 +137,7 @@ def profile(model: str, block_m: int, walked: list[int], config_text: str) -> No
     heads, D, layout = SHAPES[model]
     q, k, v = (torch.randn(1, heads, layout.seq_len, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     voh = torch.zeros(1, heads, dtype=torch.int32, device="cuda")
-    named = dict(HEAD_DIM=D, BLOCK_N=BLOCK_N, USE_TMA=True, LOOP=0, HAS_BIAS=False)
-    configs = {config_name(c): c for c in prune_configs(gpu_configs(False), named)}
+    configs = {config_name(c): c for c in split_configs(D)}
     if config_text not in configs:
         raise SystemExit(f"--config {config_text!r} is not a launch configuration at d={D}; one of {sorted(configs)}")
     block_sparse._FORCED_CONFIG = configs[config_text]
