@@ -193,11 +193,11 @@ def bench_shape(model, heads, D, layout, args, records, log):
         density = float(table.density()[voh.long()].mean())
         ref = reference_rows(q, k, v, table, voh, rows)
         common = dict(base, pattern=pattern, density=density, best_dense_ms=best_dense)
-        for loads, loop, *schedule in args.variants:
-            name = "/".join((loads, loop, *schedule))
+        for loads, loop, *rest in args.variants:
+            name = "/".join((loads, loop, *rest))
             try:
                 fn = functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh, loads=loads, loop=loop,
-                                       **({"schedule": schedule[0]} if schedule else {}))
+                                       **dict(zip(("schedule", "descriptors"), rest)))
                 t0 = time.time()
                 out = fn()
                 torch.cuda.synchronize()
@@ -253,9 +253,11 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
     from rf_compile.plan import element_mask
 
     rows = torch.randperm(layout.seq_len, device="cuda")[: args.check_rows]
-    for sparsity, order in ((s, o) for o in args.v2_orders for s in args.v2):
+    for sparsity, order, descriptors in ((s, o, d) for o in args.v2_orders for s in args.v2 for d in args.descriptors):
         config = RainFusionConfig(mode="v2", sparsity=sparsity, order=order)
-        pattern = f"v2 s={sparsity}" + ("" if order == "tiles" else f" {order}")
+        pattern = (f"v2 s={sparsity}" + ("" if order == "tiles" else f" {order}")
+                   + ("" if descriptors == "device" else f" {descriptors}"))
+        attend = functools.partial(block_sparse.block_sparse_attention, descriptors=descriptors)
         table, voh = v2_plan(q, k, layout, config, None)
         density = float(table.density().mean())
         # Reference on a few query rows: float64 softmax under each head's plan mask.
@@ -264,21 +266,20 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
         )
         scores = torch.einsum("bhrd,bhnd->bhrn", q[:, :, rows].double(), k.double()) * q.shape[-1] ** -0.5
         ref = torch.softmax(scores.masked_fill(~masks, float("-inf")), -1) @ v.double()
-        out = block_sparse.block_sparse_attention(q, k, v, table, voh.int())
+        out = attend(q, k, v, table, voh.int())
         err = rel_err(out[:, :, rows], ref)
         predict = do_bench(lambda config=config: v2_plan(q, k, layout, config, None), rep_ms=args.rep_ms)
         predict_gpu_ms = do_bench_graph(lambda config=config: v2_plan(q, k, layout, config, None))
         predict_torch_gpu_ms = do_bench_graph(lambda config=config: v2.predict_plan(q, k, layout, config, fused=False))
-        kernel = do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh.int()),
-                          rep_ms=args.rep_ms)
+        kernel = do_bench(functools.partial(attend, q, k, v, table, voh.int()), rep_ms=args.rep_ms)
         copies_ms, copy_sweep = _copies(q, k, v, table, voh.int(), args) if order == "tiles" else (0.0, {})
-        loops = {f"kernel_{loop}_ms": do_bench(functools.partial(block_sparse.block_sparse_attention, q, k, v, table,
-                                                                 voh.int(), loop=loop), rep_ms=args.rep_ms)["ms"]
+        loops = {f"kernel_{loop}_ms": do_bench(functools.partial(attend, q, k, v, table, voh.int(), loop=loop),
+                                               rep_ms=args.rep_ms)["ms"]
                  for loop in ("split", "two_pass")}
 
-        def total(config=config):
+        def total(config=config, attend=attend):
             plan, heads = v2_plan(q, k, layout, config, None)
-            return block_sparse.block_sparse_attention(q, k, v, plan, heads.int())
+            return attend(q, k, v, plan, heads.int())
 
         t = do_bench(total, rep_ms=args.rep_ms)
         records.append(dict(base, method="rainfusion", pattern=pattern, variant="v2 predict+kernel", order=order,
@@ -432,8 +433,9 @@ def main() -> None:
     parser.add_argument("--check-rows", type=int, default=128)
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--variants", nargs="*", default=[f"{a}/{b}" for a, b in VARIANTS],
-                        help="forms of ours as loads/loop or loads/loop/schedule (the kernel's program order, "
-                             "heavy_first by default or grid)")
+                        help="forms of ours as loads/loop, loads/loop/schedule (the kernel's program order, "
+                             "heavy_first by default or grid) or loads/loop/schedule/descriptors (device by default, "
+                             "host or auto)")
     parser.add_argument("--stem", default="attention", help="result file name (without extension)")
     parser.add_argument("--precisions", nargs="*", default=[], choices=["fp8", "int8"],
                         help="also time each TMA variant in these 8-bit precisions (records with that dtype)")
@@ -442,6 +444,8 @@ def main() -> None:
     parser.add_argument("--copy-launches", nargs="*", default=[], metavar="ROWSxWARPS", type=_copy_launch,
                         help="also time v2's row copies (tiles order) at these rows x warps per program, e.g. "
                              "128x8 (the record's copy_sweep_ms)")
+    parser.add_argument("--descriptors", nargs="+", default=["device"], choices=["device", "host", "auto"],
+                        help="v2's kernel with its TMA descriptors made by each of these (the kernel's option)")
     parser.add_argument("--v2-orders", nargs="+", default=["tiles"], choices=["tiles", "tokens"],
                         help="v2's block orders to time (option 'order'; 'tiles', the default, copies each head "
                              "into its order, 'tokens' reads in place)")

@@ -102,7 +102,7 @@ def bench_shape(model: str, block_m: int, args, records: list[dict], summary: li
     rows = torch.randperm(N, device="cuda")[:16]
     configs = split_configs(D)
     cases = [(n, 0) for n in KS] + [(MASKED_OF, j) for j in MASKED]
-    for config in configs:
+    for config, descriptors in ((c, d) for c in configs for d in args.descriptors):
         name, times = config_name(config), {}
         block_sparse._FORCED_CONFIG = config
         try:
@@ -111,15 +111,18 @@ def bench_shape(model: str, block_m: int, args, records: list[dict], summary: li
                     continue
                 table = window_table(layout, walked, masked, block_m, "cuda")
 
-                def run(table=table):
-                    return block_sparse.block_sparse_attention(q, k, v, table, voh, loads=args.loads, loop="split")
+                def run(table=table, descriptors=descriptors):
+                    return block_sparse.block_sparse_attention(q, k, v, table, voh, loads=args.loads, loop="split",
+                                                               descriptors=descriptors)
 
                 out = run()
                 err = window_error(q, k, v, table, out, rows) if walked else float("nan")
                 t = do_bench(run, rep_ms=args.rep_ms)
                 times[walked, masked] = t["ms"]
-                records.append(dict(base, config=name, walked=walked, masked=masked, rel_err=err, **t))
-                log(f"{model} m{block_m} {name} k={walked} masked={masked}: {t['ms']:.4f} ms err {err:.1e}")
+                records.append(dict(base, config=name, descriptors=descriptors, walked=walked, masked=masked,
+                                    rel_err=err, **t))
+                log(f"{model} m{block_m} {name} {descriptors} k={walked} masked={masked}: {t['ms']:.4f} ms "
+                    f"err {err:.1e}")
         except Exception as exc:  # noqa: BLE001 - a configuration that does not build at this tile is reported
             log(f"{model} m{block_m} {name}: failed {exc!r}")
             continue
@@ -127,7 +130,8 @@ def bench_shape(model: str, block_m: int, args, records: list[dict], summary: li
             block_sparse._FORCED_CONFIG = None
         a, b, worst = fit([(n, t) for (n, j), t in times.items() if n and not j])
         extra = sum((times[MASKED_OF, j] - times[MASKED_OF, 0]) / j for j in MASKED) / len(MASKED)
-        summary.append(dict(base, config=name, empty_blocks=times[0, 0] / unit, a_blocks=a / unit, b_x_cudnn=b / unit,
+        summary.append(dict(base, config=name, descriptors=descriptors, empty_blocks=times[0, 0] / unit,
+                            a_blocks=a / unit, b_x_cudnn=b / unit,
                             masked_extra_x_cudnn=extra / unit, worst_residual_blocks=worst / unit,
                             fixed_share_at_0_2=a / (a + b * 0.2 * triton.cdiv(N, BLOCK_N))))
 
@@ -155,6 +159,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=["CogVideoX-5B", "Wan2.1-14B"], choices=list(SHAPES))
     parser.add_argument("--block-m", nargs="*", type=int, default=[128, 64], help="query tile rows to compare")
     parser.add_argument("--loads", default="tma", choices=["tma", "gather"])
+    parser.add_argument("--descriptors", nargs="+", default=["device"], choices=["device", "host"],
+                        help="who makes the TMA descriptors (the kernel's option), each timed in turn")
     parser.add_argument("--rep-ms", type=float, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--stem", default="fixed_cost", help="result file name (without extension)")
@@ -175,8 +181,8 @@ def main() -> None:
                   f"{env['triton']}\n\nCommand: `{env['command']}`\n\nUnits: cuDNN's dense time per key block. "
                   "`a`, `b`: least-squares `ms = a + b * k` over k >= 1 whole key blocks a query block; `empty`: k = "
                   f"0; `masked_extra`: the extra time of a block taking the element mask (of {MASKED_OF}).\n\n"
-                  + markdown_table(summary, ["model", "block_m", "config", "dense_ms", "empty_blocks", "a_blocks",
-                                             "b_x_cudnn", "masked_extra_x_cudnn", "worst_residual_blocks",
+                  + markdown_table(summary, ["model", "block_m", "config", "descriptors", "dense_ms", "empty_blocks",
+                                             "a_blocks", "b_x_cudnn", "masked_extra_x_cudnn", "worst_residual_blocks",
                                              "fixed_share_at_0_2"]) + "\n")
             write_results(args.out / gpu_slug(str(env.get("gpu", "cpu"))), args.stem, env,
                           [dict(r, kind="time") for r in records] + [dict(s, kind="fit") for s in summary], md)

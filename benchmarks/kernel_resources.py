@@ -35,7 +35,8 @@ from benchmarks.utils import config_name, environment, markdown_table, write_res
 from rf_compile.kernels import block_select, sparse_config, sparse_loop  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "QP", "KP", "VP", "Out", "OP"}  # bf16 tensors; the other capitalised arguments are int32
-SCALARS = {"H", "N"}
+SCALARS = {"H", "N", "QSrc", "KSrc", "VSrc", "OSrc"}
+DESCRIPTORS = {"QDesc", "KDesc", "VDesc", "ODesc", "LseDesc"}  # host-made descriptors (``descriptors="host"``)
 # Kernel passes by name (``block_sparse._LOOPS``): loop="two_pass" launches "unmasked" then "fixup".
 PASSES = {"split": 0, "masked": 1, "unmasked": 2, "fixup": 3}
 
@@ -45,12 +46,24 @@ INPUT_TYPES = {"bf16": ("*bf16", "*bf16"), "fp8": ("*fp8e4nv", "*fp8e4nv"), "int
 
 
 def signature(fn, constants: dict, precision: str = "bf16") -> dict[str, str]:
-    """Triton types of the kernel's arguments (bf16 or 8-bit attention inputs, int32 plans, fp32 bias and scale)."""
+    """Triton types of the kernel's arguments (bf16 or 8-bit attention inputs, int32 plans, fp32 bias and scale;
+    with ``HOST_DESCRIPTORS``, the host-made descriptors' tiles as ``sparse_config.descriptor_blocks`` sets them)."""
     qk_type, v_type = INPUT_TYPES[precision]
+    blocks = {}
+    if constants.get("HOST_DESCRIPTORS"):
+        blocks = dict(constants)
+        for name in DESCRIPTORS - {"LseDesc"}:
+            blocks[name] = argparse.Namespace(block_shape=None)
+        sparse_config.descriptor_blocks(blocks)
 
     def kind(name: str) -> str:
         if name in constants:
             return "constexpr"
+        if name == "LseDesc" and blocks:
+            return f"tensordesc<fp32[{constants['BLOCK_M']}]>"
+        if name in blocks and name in DESCRIPTORS:
+            element = {"QDesc": qk_type, "KDesc": qk_type, "VDesc": v_type}.get(name, "*bf16")[1:]
+            return f"tensordesc<{element}{blocks[name].block_shape}>"
         if name in ("Q", "K", "QP", "KP"):
             return qk_type
         if name in ("V", "VP"):
@@ -66,23 +79,26 @@ def signature(fn, constants: dict, precision: str = "bf16") -> dict[str, str]:
     return {name: kind(name) for name in fn.arg_names}
 
 
-def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget, precision: str = "bf16") -> dict:
+def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget, precision: str = "bf16",
+              descriptors: str = "device") -> dict:
     """Compile one configuration and read its resource usage from the cubin."""
     fn = sparse_loop.block_sparse_fwd_kernel.fn
     constants = dict(N_BUCKET=65536, HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=128, USE_TMA=True,
                      LOOP=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, FP8=precision != "bf16",
-                     QK_INT8=precision == "int8", **config.kwargs)  # fmt: skip
+                     QK_INT8=precision == "int8", HOST_DESCRIPTORS=descriptors == "host", **config.kwargs)  # fmt: skip
     types = signature(fn, constants, precision)
     kernel = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constants), target=target,
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
     regs, stack = cubin_usage(kernel)
     return {
-        "precision": precision, "head_dim": head_dim, "loop": loop,
+        "precision": precision, "descriptors": descriptors, "head_dim": head_dim, "loop": loop,
         "config": config_name(config),
         "registers": regs, "stack_bytes": stack, "shared_bytes": kernel.metadata.shared,
         # Specialised for real when partitions added warps: the loop's attribute stays in the TTGIR even
         # where the pass gave up (it did for a descriptor made from an scf.if-yielded pointer).
         "warps": kernel.metadata.num_warps, "warp_specialized": kernel.metadata.num_warps > config.num_warps,
+        # Descriptors made in the program: each a tensormap write and fence pair (none with host-made ones).
+        "tensormap_fences": kernel.asm["ptx"].count("fence.proxy.tensormap"),
     }  # fmt: skip
 
 
@@ -155,6 +171,8 @@ def main() -> None:
     parser.add_argument("--max-configs", type=int, default=None, help="only the first N kept configurations")
     parser.add_argument("--precisions", nargs="+", default=["bf16"], choices=list(INPUT_TYPES),
                         help="the kernel's input precision (its `precision` option)")
+    parser.add_argument("--descriptors", nargs="+", default=["device"], choices=["device", "host"],
+                        help="who makes the TMA descriptors (the kernel's `descriptors` option)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--stem", default="kernel_resources")
     parser.add_argument("--kernel", default="block_sparse", choices=["block_sparse", "block_select"])
@@ -167,18 +185,18 @@ def main() -> None:
     if args.kernel == "block_select":
         return main_select(args, target)
     records = []
-    for precision in args.precisions:
+    for precision, descriptors in ((p, d) for p in args.precisions for d in args.descriptors):
         for head_dim in args.head_dims:
             for loop in args.loops:
                 kept = sparse_config.prune_configs(sparse_config.gpu_configs(warp_specialize=True),
                                                    {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True,
                                                     "LOOP": PASSES[loop]})  # fmt: skip
                 for config in kept[: args.max_configs]:
-                    records.append(resources(config, head_dim, loop, target, precision))
+                    records.append(resources(config, head_dim, loop, target, precision, descriptors))
                     print(records[-1], flush=True)
     env = environment()
-    columns = ["precision", "head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes", "warps",
-               "warp_specialized"]
+    columns = ["precision", "descriptors", "head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes",
+               "warps", "warp_specialized", "tensormap_fences"]
     markdown = (
         f"# Block-sparse kernel resources for sm_90 (compiled offline, triton {triton.__version__})\n\n"
         f"Command: `{env['command']}`\n\nTMA loads and stores, 128 x 128 blocks; `stack_bytes` > 0: "

@@ -13,6 +13,7 @@ definitions; block selections for v2 plans), never from the plan under test.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -272,6 +273,86 @@ def test_heavy_first_schedule_starts_the_text_rows_and_runs_every_program_once(l
         block_sparse_attention(q, k, v, table, voh, schedule="lpt")
 
 
+@pytest.mark.parametrize("x_lower", [True, False], ids=["copy_above", "copy_below"])
+def test_paired_descriptor_addresses_both_tensors(x_lower):
+    """A host descriptor spans a tensor and its scratch copy: every (source, b, h, row, col) the kernel reads
+    (``source_index``'s rule: a permuted head reads the copy) must be that element's address, with the copy
+    above or below; one tensor gets one source; a distance TMA cannot stride gives None."""
+    from rf_compile.kernels.block_sparse import paired_descriptor
+
+    buf = torch.zeros(2, 2, 9, 3, 16, dtype=torch.bfloat16)  # two (B, N, H, D) slabs, read as (B, H, N, D)
+    x, xp = (buf[0], buf[1]) if x_lower else (buf[1], buf[0])
+    x, xp = x.transpose(1, 2), xp.transpose(1, 2)
+    desc, code = paired_descriptor(x, xp, rows=9)
+    assert desc.shape == [2, 2, 3, 9, 16] and code == (0 if x_lower else 1)
+    base = desc.base.data_ptr()
+    for permuted, tensor in ((False, x), (True, xp)):
+        source = int(code == 0) if permuted else int(code == 1)  # sparse_tiles.source_index
+        for b, h, r, c in ((0, 0, 0, 0), (1, 2, 8, 15), (0, 1, 5, 3)):
+            offset = sum(i * st for i, st in zip((source, b, h, r, c), desc.strides))
+            assert base + 2 * offset == tensor[b, h, r, c].data_ptr()
+    one, code = paired_descriptor(x, x, rows=9)
+    assert one.shape[0] == 1 and code == 2
+    assert paired_descriptor(x, buf.view(-1)[4:].as_strided(x.shape, x.stride()), rows=9) is None  # 8 bytes apart
+
+
+@pytest.mark.parametrize(("precision", "loop"), [("bf16", "split"), ("bf16", "two_pass"), ("fp8", "two_pass"),
+                                                 ("int8", "split")])
+def test_host_descriptors_give_the_device_descriptors_output(precision, loop, monkeypatch):
+    """``descriptors="host"`` against the per-program descriptors and float64: mixed orders (identity heads
+    read the inputs, permuted ones the scratch, which sits below the inputs here so that the pair code that
+    swaps the sources runs), diffusers' views, a key bias, ragged tails, both loops and the 8-bit copies (one
+    tensor a pair). Bit-identical, since only the addressing differs."""
+    from rf_compile.kernels import block_sparse
+
+    layout = LAYOUTS["both"]
+    P = len(V1_PLUS)
+    voh = torch.cat([torch.arange(P), torch.arange(P).flip(0)]).view(2, P).to(torch.int32)
+    table = build_plan_table(layout, V1_PLUS, DEVICE, block_m=32, block_n=32)
+    slabs = torch.randn(4, 2, 2, layout.seq_len, P, 64).to(torch.bfloat16)  # [scratch, input] x (q, k, v, out)
+    q, k, v, out = (slabs[i, 1].transpose(1, 2) for i in range(4))
+    below = [slabs[i, 0].transpose(1, 2) for i in range(4)]
+    real = block_sparse.permuted_inputs
+
+    def scratch_below(*args):
+        return tuple(low.copy_(made) for low, made in zip(below, real(*args)))
+
+    monkeypatch.setattr(block_sparse, "permuted_inputs", scratch_below)
+    codes = []
+    monkeypatch.setattr(block_sparse, "paired_descriptor",
+                        lambda *a, _real=block_sparse.paired_descriptor: codes.append(_real(*a)[1]) or _real(*a))
+    bias = torch.zeros(2, layout.seq_len)
+    bias[1, -5:] = float("-inf")
+    run = functools.partial(block_sparse_attention, q, k, v, table, voh, key_bias=bias, loads="tma", loop=loop,
+                            precision=precision)
+    host = run(descriptors="host", out=out).clone()
+    # Pairs Q, K, V, O: 8-bit copies are one tensor a pair (the output's scratch lies wherever it was allocated).
+    assert codes[:3] == ([2, 2, 2] if precision != "bf16" else [1, 1, 1]) and codes[3] in (0, 1)
+    device = run(descriptors="device")
+    torch.testing.assert_close(host, device, atol=0, rtol=0)
+    if precision == "bf16":
+        assert_close_three_way(host, q, k, v, head_masks(table, voh), key_bias=bias)
+
+
+def test_host_descriptors_fall_back_or_say_why(monkeypatch):
+    """Where a pair cannot share a descriptor (here: a 2^40-byte bound lowered to 16 bytes), ``"auto"`` lets the
+    programs make theirs (same output) and ``"host"`` names the reason; an unknown value lists the choices."""
+    from rf_compile.kernels import block_sparse
+
+    layout = LAYOUTS["none_tail"]
+    table = build_plan_table(layout, V1, DEVICE, block_m=32, block_n=32)
+    voh = torch.tensor([[0, 1, 2]], dtype=torch.int32)
+    q, k, v = make_qkv(1, 3, layout.seq_len, 64, torch.float32)
+    device = block_sparse_attention(q, k, v, table, voh, loads="tma")
+    monkeypatch.setattr(block_sparse, "_TMA_MAX_STRIDE_BYTES", 16)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, table, voh, loads="tma", descriptors="auto"), device,
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="descriptors='host' needs q, k, v and out within 2\\^40 bytes"):
+        block_sparse_attention(q, k, v, table, voh, loads="tma", descriptors="host")
+    with pytest.raises(ValueError, match=r"descriptors must be one of \['device', 'host', 'auto'\]"):
+        block_sparse_attention(q, k, v, table, voh, descriptors="both")
+
+
 @pytest.mark.parametrize("layout_name", ["prefix", "none_tail", "none_even"])
 def test_full_plans_skip_the_sort_and_keep_its_lists(layout_name):
     """``full_from`` (v2's plans, and v1's predicted heads appended to its static plans) lets the launcher
@@ -405,6 +486,54 @@ def test_gpu_v2_plans(loads):
     voh = torch.arange(6, dtype=torch.int32, device="cuda").view(2, 3)
     out = block_sparse_attention(q, k, v, table, voh, loads=loads)
     assert_close_three_way(out, q, k, v, head_masks(table, voh))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("layout_name", "D", "loop", "plans"), [
+    ("cogvideox_small", 64, "split", "v1+"), ("hunyuan_small", 128, "two_pass", "v1+"),
+    ("wan_small", 128, "two_pass", "v2"), ("hunyuan_shards", 128, "split", "v2")])
+def test_gpu_host_descriptors(layout_name, D, loop, plans):
+    """``descriptors="host"`` on Hopper: descriptors the driver encodes, 5-D, their source step spanning two
+    allocations; every head permuted (v2's tiles) or a mix, a key bias with a text suffix. Three-way check."""
+    from rf_compile.kernels.sparse_config import has_tma
+    from rf_compile.ops.v2 import predict_plan
+
+    if not has_tma():
+        pytest.skip("TMA needs Hopper and Triton tensor descriptors")
+    layout = GPU_LAYOUTS[layout_name]
+    B, H = 2, len(V1_PLUS)
+    q, k, v = make_qkv(B, H, layout.seq_len, D, torch.bfloat16, device="cuda", bnhd=True)
+    if plans == "v2":
+        table = predict_plan(q, k, layout, RainFusionConfig(mode="v2", sparsity=0.8))
+        voh = torch.arange(B * H, dtype=torch.int32, device="cuda").view(B, H)
+    else:
+        table = build_plan_table(layout, V1_PLUS, "cuda")
+        voh = torch.stack([torch.arange(H), torch.arange(H).flip(0)]).to(torch.int32).cuda()
+    bias = None
+    if layout.suffix:
+        bias = torch.zeros(B, layout.seq_len, device="cuda")
+        bias[1, -100:] = float("-inf")
+    out = block_sparse_attention(q, k, v, table, voh, key_bias=bias, loads="tma", loop=loop, descriptors="host")
+    assert_close_three_way(out, q, k, v, head_masks(table, voh), key_bias=bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_gpu_host_descriptors_of_8bit_copies(precision):
+    """8-bit copies through host descriptors (one tensor a pair, V transposed): the device descriptors' output,
+    up to the accumulation order of the configuration each form's autotuning picks."""
+    from rf_compile.kernels.sparse_config import has_tma
+
+    if not has_tma():
+        pytest.skip("TMA needs Hopper and Triton tensor descriptors")
+    layout = GPU_LAYOUTS["wan_small"]
+    table = build_plan_table(layout, V1, "cuda")
+    voh = torch.tensor([[0, 1, 2, 0, 1, 2]], dtype=torch.int32, device="cuda")
+    q, k, v = make_qkv(1, 6, layout.seq_len, 128, torch.bfloat16, device="cuda", bnhd=True)
+    outs = [block_sparse_attention(q, k, v, table, voh, precision=precision, descriptors=d) for d in ("host", "device")]
+    assert torch.isfinite(outs[0]).all()
+    rel = float((outs[0].double() - outs[1].double()).norm() / outs[1].double().norm())
+    assert rel < 1e-2, f"host vs device descriptors: relative difference {rel:.2e}"
 
 
 @pytest.mark.gpu

@@ -23,6 +23,11 @@ Two ways of reading permuted rows (``loads=``):
   64-bit addresses per thread: with it the kernel spilled (Triton 3.6, sm_90: 296 B of stack at 8
   warps, 1136 B warp-specialised), with the tile store it does not at 8 warps (NOTES.md).
 
+Two ways of making the TMA descriptors (``descriptors=``): ``"device"``, each program makes its four (Q, K,
+V and output tiles of its head, in the tensor or the scratch copy) in global scratch, fenced before its first
+load; ``"host"``, the launcher makes one per tensor and scratch pair (``paired_descriptor``) and programs only
+compute coordinates (``sparse_tiles``).
+
 Two ways of walking a query block's key blocks (``loop=``): ``"split"``, one launch, the blocks
 that need the element mask, then the whole ones; ``"two_pass"``, the whole blocks in a launch of
 their own (the loop Triton 3.6 warp-specialises on Hopper), then the masked ones added to its
@@ -38,11 +43,13 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from rf_compile.config import PRECISIONS
 from rf_compile.kernels.fp8_quant import QuantizedCopies, quantize_for_attention
 from rf_compile.kernels.sparse_config import (
     INTERPRET,
+    descriptor_blocks,
     fp8_runs,
     gpu_configs,
     has_tma,
@@ -53,8 +60,8 @@ from rf_compile.kernels.sparse_loop import block_sparse_fwd_kernel
 from rf_compile.kernels.sparse_tiles import permute_rows_kernel
 from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable
 
-__all__ = ["SCHEDULES", "block_sparse_attention", "fp8_runs", "gpu_configs", "permuted_inputs", "plan_extras",
-           "restore_rows"]
+__all__ = ["DESCRIPTORS", "SCHEDULES", "block_sparse_attention", "fp8_runs", "gpu_configs", "paired_descriptor",
+           "permuted_inputs", "plan_extras", "restore_rows"]
 
 # Benchmarks set this to a ``triton.Config`` to bypass the autotuner (tuning sweeps).
 _FORCED_CONFIG: triton.Config | None = None
@@ -144,6 +151,11 @@ COPY_LAUNCH = (64, 4)
 # schedule= option -> plan_extras' (query-block order, heavy count) that work_item reads.
 SCHEDULES = {"heavy_first": ("q_blocks_heavy_first", "num_heavy"), "grid": ("q_blocks_in_order", "no_heavy")}
 
+# descriptors= option values: who makes the TMA descriptors ("auto": the host where it can, else the device).
+DESCRIPTORS = ("device", "host", "auto")
+# cuTensorMapEncodeTiled's bound on a stride in bytes: the most a tensor and its scratch copy may lie apart.
+_TMA_MAX_STRIDE_BYTES = 2 ** 40
+
 # loop= option -> the kernel's LOOP passes, in launch order.
 _LOOPS = {"split": (0,), "masked": (1,), "two_pass": (2, 3)}
 _ALLOCATOR_SET = False
@@ -181,6 +193,7 @@ def block_sparse_attention(
     loop: str = "auto",
     precision: str = "bf16",
     schedule: str = "heavy_first",
+    descriptors: str = "device",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of every (batch, head) with its own RainFusion variant.
@@ -228,6 +241,12 @@ def block_sparse_attention(
         The order programs start in. ``"heavy_first"`` (default): the query blocks that see every key block
         in every plan (text rows) of every head first, then the others head by head, so that the longest
         programs do not end the kernel alone (``work_item``). ``"grid"``: head by head, query blocks in order.
+    descriptors:
+        Who makes the TMA descriptors (TMA loads only). ``"device"`` (default): each program makes its own
+        four, each a write to global scratch and a GPU-scope fence pair before its first load. ``"host"``: the
+        launcher makes one per tensor and its scratch copy (``paired_descriptor``); it raises where the two lie
+        2^40 bytes apart or more. ``"auto"``: the host where it can, else the device. The outputs are
+        bit-identical.
     out:
         Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.
 
@@ -268,6 +287,8 @@ def block_sparse_attention(
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
+    if descriptors not in DESCRIPTORS:
+        raise ValueError(f"descriptors must be one of {list(DESCRIPTORS)}, got {descriptors!r}")
 
     # Unit stride along D lets every row load be vectorised; copy only if a caller breaks it.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -318,17 +339,57 @@ def block_sparse_attention(
     grid = (Mq, B * H)
     # Base-2 log-sum-exp per (batch x head, query position), from pass 2 to pass 3 of "two_pass".
     lse = torch.empty(B * H, Mq * table.block_m, dtype=torch.float32, device=q.device) if loop == "two_pass" else bias
+    tensors = (q, k, v, qp, kp, vp, out, op, bias, lse)
+    host = None
+    if use_tma and descriptors != "device":
+        host = _host_descriptors(tensors, lse if loop == "two_pass" else None, N, table.block_m, copies is not None)
+    if descriptors == "host" and use_tma and host is None:
+        raise ValueError("descriptors='host' needs q, k, v and out within 2^40 bytes of their scratch copies "
+                         "(one TMA descriptor spans both); use descriptors='auto' to fall back to the device")
     for loop_pass in _LOOPS[loop]:
         kernel, meta = block_sparse_fwd_kernel, {}
         if _FORCED_CONFIG is not None and loop_pass != 3:  # the fix-up pass keeps its own tuning
             kernel = block_sparse_fwd_kernel.fn
             meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps,
                         num_stages=_FORCED_CONFIG.num_stages)
-        _launch(kernel, grid, meta, (q, k, v, qp, kp, vp, out, op, bias, lse), copies, extras, voh, stride_biasb,
-                table, N, D, scale, loop_pass, key_bias is not None, use_tma, SCHEDULES[schedule])
+        _launch(kernel, grid, meta, tensors, copies, extras, voh, stride_biasb, table, N, D, scale, loop_pass,
+                key_bias is not None, use_tma, SCHEDULES[schedule], host)
     if use_tma:
         restore_rows(out, op, extras, voh)
     return out
+
+
+def paired_descriptor(x: torch.Tensor, xp: torch.Tensor, rows: int) -> tuple[TensorDescriptor, int] | None:
+    """One TMA descriptor over the (B, H, R, C) tensor ``x`` and its scratch copy ``xp`` (same strides): a 5-D
+    (source, B, H, rows, C) view whose ``source`` step is the distance between the two, from the lower one; and
+    the pair code ``sparse_tiles.source_index`` reads (0: ``x`` at source 0, 1: ``xp`` there, 2: one tensor).
+    Its block shape is the configuration's (``sparse_config.descriptor_blocks``). None where TMA cannot stride
+    that far (2^40 bytes) or the distance is not a whole number of 16-byte steps."""
+    B, H, _, C = x.shape
+    size = x.element_size()
+    gap = xp.data_ptr() - x.data_ptr()
+    if gap == 0:  # one tensor (8-bit copies are every head's input): a single source
+        base, code, step, sources = x, 2, 16 // size, 1
+    elif abs(gap) >= _TMA_MAX_STRIDE_BYTES or gap % 16:
+        return None
+    else:
+        base, code = (x, 0) if gap > 0 else (xp, 1)
+        step, sources = abs(gap) // size, 2
+    return TensorDescriptor(base, [sources, B, H, rows, C], [step, *x.stride()], [1, 1, 1, 16, 16]), code
+
+
+def _host_descriptors(tensors: tuple, lse: torch.Tensor | None, N: int, block_m: int, fp8: bool) -> dict | None:
+    """The kernel's host-made descriptors and pair codes (``paired_descriptor``) for ``_launch``'s ``tensors``, and
+    the log-sum-exp buffer's of ``loop="two_pass"``; None if a pair cannot share one. FP8's V is stored transposed
+    ([D, n_pad] a head)."""
+    q, k, v, qp, kp, vp, out, op = tensors[:8]
+    pairs = {"Q": (q, qp, N), "K": (k, kp, N), "V": (v, vp, v.shape[-2] if fp8 else N), "O": (out, op, N)}
+    made = {name: paired_descriptor(x, xp, rows) for name, (x, xp, rows) in pairs.items()}
+    if any(m is None for m in made.values()):
+        return None
+    lse_desc = made["Q"][0] if lse is None else TensorDescriptor(lse, [lse.numel()], [1], [block_m])  # or unused
+    return {**{f"{name}Desc": desc for name, (desc, _) in made.items()},
+            **{f"{name}Src": code for name, (_, code) in made.items()}, "LseDesc": lse_desc}
 
 
 def permuted_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, extras: dict, voh):
@@ -361,11 +422,12 @@ def _permute_heads(x: torch.Tensor, xp: torch.Tensor, extras: dict, which: torch
 
 def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, extras, voh, stride_biasb,
             table: PlanTable, N: int, D: int, scale: float | None, loop_pass: int, has_bias: bool,
-            use_tma: bool, schedule: tuple[str, str]) -> None:
+            use_tma: bool, schedule: tuple[str, str], host: dict | None) -> None:
     """One launch of the attention kernel (one ``LOOP`` pass) over every (query block, batch x head).
 
     ``tensors``: q, k, v, their scratch copies, out, its scratch, the bias and the LSE buffer; the
     strides of q, k, v address both a tensor and its copy (with 8-bit ``copies``, both are that copy).
+    ``host``: the host-made descriptors and pair codes (``_host_descriptors``), or None: programs make theirs.
     """
     q, k, v, qp, kp, vp, out, op, bias, lse = tensors
     H = q.shape[1]
@@ -374,10 +436,18 @@ def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, 
         scales, n_pad = (bias, bias, bias), N  # never read
     else:
         scales, n_pad = (copies.q_scale, copies.k_scale, copies.v_scale), copies.n_pad
+    if host is None:
+        host = dict.fromkeys(("QDesc", "KDesc", "VDesc", "ODesc", "LseDesc"), bias) | dict.fromkeys(
+            ("QSrc", "KSrc", "VSrc", "OSrc"), 0)  # never read
+    constants = dict(HEAD_DIM=D, BLOCK_M=table.block_m, BLOCK_N=table.block_n, FP8=copies is not None,
+                     HOST_DESCRIPTORS=isinstance(host["QDesc"], TensorDescriptor))
+    if "SPLIT_N" in meta:  # a forced configuration bypasses the autotuner and so its pre-launch hook
+        descriptor_blocks({**host, **constants, **meta})
     kernel[grid](
         q, k, v, qp, kp, vp, out, op, bias, lse, *scales,
         extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
         extras["kv_num_blocks"], extras["num_masked"], extras["kv_indices"], voh, *(extras[n] for n in schedule),
+        *(host[n] for n in ("QDesc", "KDesc", "VDesc", "ODesc", "LseDesc", "QSrc", "KSrc", "VSrc", "OSrc")),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -385,10 +455,7 @@ def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, 
         stride_biasb,
         H, N, table.layout.prefix, table.layout.prefix + table.layout.video_tokens, Mq, Mk,
         float(scale if scale is not None else D ** -0.5), n_pad,
-        N_BUCKET=triton.next_power_of_2(N),
-        HEAD_DIM=D, BLOCK_M=table.block_m, BLOCK_N=table.block_n,
-        USE_TMA=use_tma, LOOP=loop_pass, HAS_BIAS=has_bias, EVEN_N=N % table.block_n == 0,
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16, FP8=copies is not None,
-        QK_INT8=copies is not None and copies.qk_int8,
-        **meta,
+        N_BUCKET=triton.next_power_of_2(N), USE_TMA=use_tma, LOOP=loop_pass, HAS_BIAS=has_bias,
+        EVEN_N=N % table.block_n == 0, UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+        QK_INT8=copies is not None and copies.qk_int8, **constants, **meta,
     )

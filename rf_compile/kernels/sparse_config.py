@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["CONFIGS", "INTERPRET", "fp8_runs", "gpu_configs", "has_tma", "prune_configs", "supports_warp_specialize",
-           "tma_runs"]
+__all__ = ["CONFIGS", "INTERPRET", "descriptor_blocks", "fp8_runs", "gpu_configs", "has_tma", "prune_configs",
+           "supports_warp_specialize", "tma_runs"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -49,6 +49,24 @@ def supports_warp_specialize() -> bool:
         return False
 
 
+def descriptor_blocks(nargs: dict) -> None:
+    """Every configuration's pre-launch hook: with host-made descriptors (``HOST_DESCRIPTORS``), the tile each one
+    moves, which depends on the configuration's key sub-tiles (``SPLIT_N``); the launcher made them with the
+    other block dims. Q and the output move [BLOCK_M, D] tiles, K and V [BLOCK_N / SPLIT_N, D] (FP8's transposed
+    V [D, BLOCK_N / SPLIT_N])."""
+    if not nargs.get("HOST_DESCRIPTORS"):
+        return
+    d, sub_n = nargs["HEAD_DIM"], nargs["BLOCK_N"] // nargs["SPLIT_N"]
+    nargs["QDesc"].block_shape = nargs["ODesc"].block_shape = [1, 1, 1, nargs["BLOCK_M"], d]
+    nargs["KDesc"].block_shape = [1, 1, 1, sub_n, d]
+    nargs["VDesc"].block_shape = [1, 1, 1, d, sub_n] if nargs["FP8"] else [1, 1, 1, sub_n, d]
+
+
+def _config(warp_specialize: bool, split_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"WARP_SPECIALIZE": warp_specialize, "SPLIT_N": split_n}, num_warps=warps,
+                         num_stages=stages, pre_hook=descriptor_blocks)
+
+
 # Measured on H100 (benchmarks/results/nvidia-h100-80gb-hbm3/NOTES.md).
 
 
@@ -57,18 +75,18 @@ def gpu_configs(warp_specialize: bool) -> list[triton.Config]:
     # (warps, stages, key sub-tiles per plan block). H100 run 2 chose w4/s3 + warp specialisation at
     # d=64 and w8/s3 at d=128; SPLIT_N=2 never won (benchmarks/results/nvidia-h100-80gb-hbm3/NOTES.md).
     plain = [(4, 2, 1), (4, 3, 1), (8, 2, 1), (8, 3, 1), (8, 3, 2)]
-    configs = [triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": n}, num_warps=w, num_stages=s) for w, s, n in plain]
+    configs = [_config(False, n, w, s) for w, s, n in plain]
     # Triton 3.6: warp specialisation only takes with 4 warps, and only with 2 stages: with 3 it gave NaN at
     # every one of 30 repeats at d=64 in bf16 (the intermittent two_pass NaN: the autotuner chose it at times)
     # and needs more shared memory than the H100 has at d=128 (stress_two_pass_run1.log there).
     if warp_specialize:
-        configs.append(triton.Config({"WARP_SPECIALIZE": True, "SPLIT_N": 1}, num_warps=4, num_stages=2))
+        configs.append(_config(True, 1, 4, 2))
     return configs
 
 
 def _configs() -> list[triton.Config]:
     if INTERPRET or not torch.cuda.is_available():
-        return [triton.Config({"WARP_SPECIALIZE": False, "SPLIT_N": 1}, num_warps=4, num_stages=1)]
+        return [_config(False, 1, 4, 1)]
     return gpu_configs(supports_warp_specialize())
 
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from rf_compile.kernels.sparse_config import CONFIGS, prune_configs
-from rf_compile.kernels.sparse_tiles import load_kv, out_tile
+from rf_compile.kernels.sparse_tiles import load_kv, out_tile, source_index, tile_load, tile_store
 
 __all__ = ["attend_blocks", "block_sparse_fwd_kernel", "work_item"]
 
@@ -44,9 +44,11 @@ def attend_blocks(
     acc, l_i, m_i, q,
     K_desc, V_desc, K_head, V_head, Orders, kv_order, Bias_row, idx_row,
     lo, hi, q_pos, N, prefix, video_end, band, kv_valid, qk_scale, stride_km, stride_vm, KScale_row,
+    k_src, v_src, b, h,
     HEAD_DIM: tl.constexpr, SUB_N: tl.constexpr, SPLIT_N: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FP8: tl.constexpr, QK_INT8: tl.constexpr,
+    HOST_DESC: tl.constexpr,
 ):
     """Online softmax over the plan's key blocks ``idx_row[lo:hi]``, each walked in SPLIT_N sub-tiles.
 
@@ -55,6 +57,7 @@ def attend_blocks(
     enters its product as e4m3 times 448 (the caller divides it out with V's scale). Q K^T is e4m3
     with each key block's scale (``KScale_row``) rescaling its scores, or (``QK_INT8``) int8 with
     int32 sums and K's per-head scale folded into ``qk_scale`` by the caller, as Q's always is.
+    ``k_src``, ``v_src``, ``b``, ``h``: the head in host-made descriptors (``HOST_DESC``, ``sparse_tiles``).
     """
     # Counted from 0, the form of Triton's own specialised kernels.
     if MASKED:
@@ -73,8 +76,8 @@ def attend_blocks(
             block_scale = qk_scale
         for s in tl.static_range(SPLIT_N):
             k, v, k_pos, bias = load_kv(K_desc, V_desc, K_head, V_head, Orders, kv_order, Bias_row,
-                                         kb * SPLIT_N + s, N, stride_km, stride_vm,
-                                         HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, EVEN_N, FP8)
+                                         kb * SPLIT_N + s, N, stride_km, stride_vm, k_src, v_src, b, h,
+                                         HEAD_DIM, SUB_N, USE_TMA, HAS_BIAS, EVEN_N, FP8, HOST_DESC)
             # -- scores (base 2) --
             if QK_INT8:
                 qk = tl.dot(q, tl.trans(k)).to(tl.float32)  # exact int32 sums
@@ -115,7 +118,8 @@ def attend_blocks(
 
 
 @triton.autotune(configs=CONFIGS,
-                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS", "FP8", "QK_INT8"],
+                 key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS", "FP8", "QK_INT8",
+                      "HOST_DESCRIPTORS"],
                  prune_configs_by={"early_config_prune": prune_configs},
                  restore_value=["Out", "OP"])  # the fix-up pass (LOOP 3) adds to the tiles it reads
 @triton.jit
@@ -123,6 +127,7 @@ def block_sparse_fwd_kernel(
     Q, K, V, QP, KP, VP, Out, OP, Bias, Lse, QScale, KScale, VScale,
     Orders, QOrder, KVOrder, Band, KVValid,
     KVNum, KVNumMasked, KVIdx, VariantOfHead, QBlockOrder, NumHeavy,
+    QDesc, KDesc, VDesc, ODesc, LseDesc, QSrc, KSrc, VSrc, OSrc,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_km,
     stride_vb, stride_vh, stride_vm,
@@ -133,16 +138,21 @@ def block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_N: tl.constexpr, FP8: tl.constexpr,
-    QK_INT8: tl.constexpr,
+    QK_INT8: tl.constexpr, HOST_DESCRIPTORS: tl.constexpr,
 ):
     """One (query block, batch x head) program (``work_item``). ``LOOP`` (see ``_LOOPS``): 0 masked then unmasked
     blocks, 1 every block masked, 2 the unmasked blocks alone (stores the tile and its base-2
     log-sum-exp in ``Lse``), 3 the masked blocks added to what pass 2 left (programs without
     masked blocks return at once). ``FP8``: Q/K/V are ``fp8_quant``'s 8-bit copies (every head
     reads them in its order; V transposed, [D, n_pad] per head) with their scales; ``QK_INT8``: Q and
-    K in int8, K with one scale per head."""
+    K in int8, K with one scale per head. ``HOST_DESCRIPTORS``: the tiles move through the host-made descriptors
+    ``QDesc`` .. ``LseDesc`` (``sparse_tiles``), each head reading the tensor its ``*Src`` pair code and order
+    pick; otherwise, and in a warp-specialised launch, each program makes its own."""
     tl.static_assert(BLOCK_N % (16 * SPLIT_N) == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
     SUB_N: tl.constexpr = BLOCK_N // SPLIT_N  # key tile: a plan block is walked in SPLIT_N sub-tiles
+    # Not in a warp-specialised launch: Triton 3.6's specialisation pass crashes on the 5-D tiles' reshapes
+    # (WSDataPartition: "unsupported op type"; benchmarks/kernel_resources.py --descriptors host).
+    HOST_DESC: tl.constexpr = HOST_DESCRIPTORS and not WARP_SPECIALIZE
     m, bh = work_item(QBlockOrder, NumHeavy, num_q_blocks)
     b = bh // H
     h = bh % H
@@ -170,7 +180,14 @@ def block_sparse_fwd_kernel(
     bias_row = Bias + b.to(tl.int64) * stride_biasb
 
     # -- Q tile --
-    if USE_TMA:
+    q_src = source_index(QSrc, q_order)
+    k_src = source_index(KSrc, kv_order)
+    v_src = source_index(VSrc, kv_order)
+    if HOST_DESC:
+        k_desc = KDesc
+        v_desc = VDesc
+        q = tile_load(QDesc, q_src, b, h, m * BLOCK_M, 0, BLOCK_M, HEAD_DIM, True)
+    elif USE_TMA:
         # Permuted heads read the scratch copies (same strides as Q/K/V), identity heads in place. A
         # select, not an ``if``: a descriptor made from a pointer that an scf.if yields silently turns
         # warp specialisation off (Triton 3.6; NOTES.md entry 4).
@@ -202,10 +219,11 @@ def block_sparse_fwd_kernel(
 
     if LOOP == 3:
         # -- resume from pass 2: its normalised tile and log-sum-exp are the state (acc, l=1, m=lse) --
-        o_head, o_desc = out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N, HEAD_DIM, BLOCK_M,
-                                   USE_TMA)
+        o_head, o_desc = out_tile(Out, OP, ODesc, b, h, q_order, stride_ob, stride_oh, stride_om, N, HEAD_DIM,
+                                  BLOCK_M, USE_TMA, HOST_DESC)
         if USE_TMA:
-            acc = o_desc.load([m * BLOCK_M, 0]).to(tl.float32)
+            acc = tile_load(o_desc, source_index(OSrc, q_order), b, h, m * BLOCK_M, 0, BLOCK_M, HEAD_DIM,
+                            HOST_DESC).to(tl.float32)
         else:
             acc = tl.load(o_head + q_rows[:, None] * stride_om + d[None, :], mask=(q_pos < N)[:, None],
                           other=0.0).to(tl.float32)
@@ -222,29 +240,32 @@ def block_sparse_fwd_kernel(
     num_unmasked = num_blocks - num_masked
     if LOOP == 1:  # explicit option (loop="masked"): element mask on every block
         acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
-                                       idx_row, 0, num_blocks, q_pos, N, prefix, video_end, band, kv_valid, qk_scale,
-                                       stride_km, stride_vm, k_scale_row, HEAD_DIM, SUB_N, SPLIT_N, True, USE_TMA,
-                                       HAS_BIAS, EVEN_N, UPCAST, False, FP8, QK_INT8)
+                                      idx_row, 0, num_blocks, q_pos, N, prefix, video_end, band, kv_valid, qk_scale,
+                                      stride_km, stride_vm, k_scale_row, k_src, v_src, b, h, HEAD_DIM, SUB_N, SPLIT_N,
+                                      True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False, FP8, QK_INT8, HOST_DESC)
     else:
         if LOOP != 2:
             acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
-                                           bias_row, idx_row, num_unmasked, num_blocks, q_pos, N, prefix, video_end,
-                                           band, kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, HEAD_DIM,
-                                           SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False, FP8, QK_INT8)
+                                          bias_row, idx_row, num_unmasked, num_blocks, q_pos, N, prefix, video_end,
+                                          band, kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, k_src, v_src,
+                                          b, h, HEAD_DIM, SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST,
+                                          False, FP8, QK_INT8, HOST_DESC)
         if LOOP != 3:
             # Last, so that nothing but the epilogue follows the loop that may be warp-specialised (pass 2 only:
             # the pruner keeps WARP_SPECIALIZE off elsewhere). It starts at block 0, like Triton's own kernels.
             # The ragged last key block is always masked, so EVEN_N holds here.
             acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
-                                           bias_row, idx_row, 0, num_unmasked, q_pos, N, prefix, video_end, band,
-                                           kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, HEAD_DIM, SUB_N,
-                                           SPLIT_N, False, USE_TMA, HAS_BIAS, True, UPCAST, WARP_SPECIALIZE, FP8,
-                                           QK_INT8)
+                                          bias_row, idx_row, 0, num_unmasked, q_pos, N, prefix, video_end, band,
+                                          kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, k_src, v_src, b, h,
+                                          HEAD_DIM, SUB_N, SPLIT_N, False, USE_TMA, HAS_BIAS, True, UPCAST,
+                                          WARP_SPECIALIZE, FP8, QK_INT8, HOST_DESC)
 
     # -- epilogue: normalise, store rows at their original positions --
     if LOOP == 2:  # base-2 log-sum-exp of the rows for pass 3 (-inf where no key was seen)
         lse = m_i + tl.math.log2(l_i)
-        if USE_TMA:
+        if HOST_DESC:
+            LseDesc.store([(bh * num_q_blocks + m) * BLOCK_M], lse)
+        elif USE_TMA:
             # A tile store, like the output's: no row vector made before the loop may be used after it, since
             # Triton 3.6's specialisation hands such vectors to the wrong half of the rows (NOTES.md entry 5).
             lse_desc = tl.make_tensor_descriptor(Lse, shape=[tl.num_programs(1) * num_q_blocks * BLOCK_M],
@@ -257,9 +278,11 @@ def block_sparse_fwd_kernel(
         acc = acc * (tl.load(VScale + bh) / 448.0)
     out = acc / l_i[:, None]
     # Made here, not before the loop, so that the specialised loop carries no output state.
-    o_head, o_desc = out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N, HEAD_DIM, BLOCK_M, USE_TMA)
+    o_head, o_desc = out_tile(Out, OP, ODesc, b, h, q_order, stride_ob, stride_oh, stride_om, N, HEAD_DIM, BLOCK_M,
+                              USE_TMA, HOST_DESC)
     if USE_TMA:
-        o_desc.store([m * BLOCK_M, 0], out.to(Out.dtype.element_ty))
+        tile_store(o_desc, source_index(OSrc, q_order), b, h, m * BLOCK_M, out.to(Out.dtype.element_ty), BLOCK_M,
+                   HEAD_DIM, HOST_DESC)
     else:
         tl.store(o_head + q_rows[:, None] * stride_om + d[None, :], out.to(Out.dtype.element_ty),
                  mask=(q_pos < N)[:, None])

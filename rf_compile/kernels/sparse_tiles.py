@@ -1,6 +1,12 @@
 """Tile movement of the block-sparse attention kernel: the row-permuting copy kernel, the K/V tile
 loads (TMA descriptors or gathered pointers, FP8's transposed V) and the output tile's destination.
 
+TMA descriptors come two ways (``HOST_DESC``). Made in the program (``tl.make_tensor_descriptor``), one per
+head's (N, D) matrix, each costing the program a descriptor write and a GPU-scope fence pair before its first
+load. Or made once on the host (``block_sparse.paired_descriptor``): one 5-D descriptor over a tensor and its
+row-permuted scratch copy, (source, B, H, N, D), where ``source`` picks the tensor (its stride is the distance
+between the two allocations); a program then only computes coordinates.
+
 Not here: the attention loop that uses them (``sparse_loop``) and the launcher (``block_sparse``).
 """
 
@@ -9,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_kv", "out_tile", "permute_rows_kernel"]
+__all__ = ["load_kv", "out_tile", "permute_rows_kernel", "source_index", "tile_load", "tile_store"]
 
 
 @triton.jit
@@ -41,14 +47,42 @@ def permute_rows_kernel(
 
 
 @triton.jit
+def source_index(pair_code, order):
+    """Which tensor of a host descriptor's pair a head reads (``block_sparse.paired_descriptor``'s code: 0, the
+    tensor at index 0 and its scratch at 1; 1, the reverse; 2, one tensor), from the head's token order (0: the
+    identity, read in place). A select, not an ``if``: warp specialisation needs the coordinates straight-line."""
+    return tl.where(order != 0, pair_code == 0, pair_code == 1).to(tl.int32)
+
+
+@triton.jit
+def tile_load(desc, src, b, h, row, col, ROWS: tl.constexpr, COLS: tl.constexpr, HOST_DESC: tl.constexpr):
+    """The [ROWS, COLS] tile at (row, col) of one head's matrix: ``desc`` is that head's device-made 2-D
+    descriptor, or (``HOST_DESC``) the host-made 5-D one, with the head at (src, b, h)."""
+    if HOST_DESC:
+        return desc.load([src, b, h, row, col]).reshape(ROWS, COLS)
+    else:
+        return desc.load([row, col])
+
+
+@triton.jit
+def tile_store(desc, src, b, h, row, tile, ROWS: tl.constexpr, COLS: tl.constexpr, HOST_DESC: tl.constexpr):
+    """``tile_load``'s store: ``tile`` [ROWS, COLS] to rows ``row`` of one head's matrix."""
+    if HOST_DESC:
+        desc.store([src, b, h, row, 0], tile.reshape(1, 1, 1, ROWS, COLS))
+    else:
+        desc.store([row, 0], tile)
+
+
+@triton.jit
 def load_kv(
     K_desc, V_desc, K_head, V_head, Orders, kv_order, Bias_row,
-    kb, N, stride_km, stride_vm,
+    kb, N, stride_km, stride_vm, k_src, v_src, b, h,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, FP8: tl.constexpr,
+    USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, FP8: tl.constexpr, HOST_DESC: tl.constexpr,
 ):
     """K, V tiles [BLOCK_N, HEAD_DIM] of key block kb, the key positions and their bias (log2 units).
-    ``FP8``: V is stored transposed ([D, N_pad], see ``fp8_quant``) and its tile read as [D, BLOCK_N]."""
+    ``FP8``: V is stored transposed ([D, N_pad], see ``fp8_quant``) and its tile read as [D, BLOCK_N].
+    ``k_src``, ``v_src``, ``b``, ``h``: the head's coordinates in host-made descriptors (``tile_load``)."""
     k_pos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
     if EVEN_N:
@@ -56,11 +90,11 @@ def load_kv(
     else:
         k_rows = tl.load(Orders + kv_order * N + k_pos, mask=k_pos < N, other=0)
     if USE_TMA:
-        k = K_desc.load([kb * BLOCK_N, 0])
+        k = tile_load(K_desc, k_src, b, h, kb * BLOCK_N, 0, BLOCK_N, HEAD_DIM, HOST_DESC)
         if FP8:
-            v = tl.trans(V_desc.load([0, kb * BLOCK_N]))
+            v = tl.trans(tile_load(V_desc, v_src, b, h, 0, kb * BLOCK_N, HEAD_DIM, BLOCK_N, HOST_DESC))
         else:
-            v = V_desc.load([kb * BLOCK_N, 0])
+            v = tile_load(V_desc, v_src, b, h, kb * BLOCK_N, 0, BLOCK_N, HEAD_DIM, HOST_DESC)
     else:
         k_off = k_rows.to(tl.int64)
         if EVEN_N:
@@ -77,12 +111,15 @@ def load_kv(
 
 
 @triton.jit
-def out_tile(Out, OP, b, h, q_order, stride_ob, stride_oh, stride_om, N,
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr):
+def out_tile(Out, OP, ODesc, b, h, q_order, stride_ob, stride_oh, stride_om, N,
+             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr):
     """This head's output base and, with TMA, its tile descriptor: identity heads write ``Out``,
-    permuted ones ``OP`` (the launcher puts those rows back)."""
+    permuted ones ``OP`` (the launcher puts those rows back). ``HOST_DESC``: ``ODesc``, made on the host
+    over both (``tile_store`` with the head's ``source_index`` picks the tensor)."""
     o_head = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    if USE_TMA:
+    if HOST_DESC:
+        o_desc = ODesc
+    elif USE_TMA:
         o_head = tl.where(q_order != 0, OP + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, o_head)
         o_desc = tl.make_tensor_descriptor(o_head, shape=[N, HEAD_DIM], strides=[stride_om, 1],
                                            block_shape=[BLOCK_M, HEAD_DIM])
