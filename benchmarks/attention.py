@@ -256,7 +256,7 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
     for sparsity, order, descriptors in ((s, o, d) for o in args.v2_orders for s in args.v2 for d in args.descriptors):
         config = RainFusionConfig(mode="v2", sparsity=sparsity, order=order)
         pattern = (f"v2 s={sparsity}" + ("" if order == "tiles" else f" {order}")
-                   + ("" if descriptors == "device" else f" {descriptors}"))
+                   + ("" if descriptors == "auto" else f" {descriptors}"))
         attend = functools.partial(block_sparse.block_sparse_attention, descriptors=descriptors)
         table, voh = v2_plan(q, k, layout, config, None)
         density = float(table.density().mean())
@@ -434,8 +434,8 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--variants", nargs="*", default=[f"{a}/{b}" for a, b in VARIANTS],
                         help="forms of ours as loads/loop, loads/loop/schedule (the kernel's program order, "
-                             "heavy_first by default or grid) or loads/loop/schedule/descriptors (device by default, "
-                             "host or auto)")
+                             "heavy_first by default or grid) or loads/loop/schedule/descriptors (auto by default, "
+                             "device or host)")
     parser.add_argument("--stem", default="attention", help="result file name (without extension)")
     parser.add_argument("--precisions", nargs="*", default=[], choices=["fp8", "int8"],
                         help="also time each TMA variant in these 8-bit precisions (records with that dtype)")
@@ -444,7 +444,7 @@ def main() -> None:
     parser.add_argument("--copy-launches", nargs="*", default=[], metavar="ROWSxWARPS", type=_copy_launch,
                         help="also time v2's row copies (tiles order) at these rows x warps per program, e.g. "
                              "128x8 (the record's copy_sweep_ms)")
-    parser.add_argument("--descriptors", nargs="+", default=["device"], choices=["device", "host", "auto"],
+    parser.add_argument("--descriptors", nargs="+", default=["auto"], choices=["device", "host", "auto"],
                         help="v2's kernel with its TMA descriptors made by each of these (the kernel's option)")
     parser.add_argument("--v2-orders", nargs="+", default=["tiles"], choices=["tiles", "tokens"],
                         help="v2's block orders to time (option 'order'; 'tiles', the default, copies each head "

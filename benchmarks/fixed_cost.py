@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=["CogVideoX-5B", "Wan2.1-14B"], choices=list(SHAPES))
     parser.add_argument("--block-m", nargs="*", type=int, default=[128, 64], help="query tile rows to compare")
     parser.add_argument("--loads", default="tma", choices=["tma", "gather"])
-    parser.add_argument("--descriptors", nargs="+", default=["device"], choices=["device", "host"],
+    parser.add_argument("--descriptors", nargs="+", default=["auto"], choices=["device", "host", "auto"],
                         help="who makes the TMA descriptors (the kernel's option), each timed in turn")
     parser.add_argument("--rep-ms", type=float, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

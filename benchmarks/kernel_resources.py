@@ -171,8 +171,9 @@ def main() -> None:
     parser.add_argument("--max-configs", type=int, default=None, help="only the first N kept configurations")
     parser.add_argument("--precisions", nargs="+", default=["bf16"], choices=list(INPUT_TYPES),
                         help="the kernel's input precision (its `precision` option)")
-    parser.add_argument("--descriptors", nargs="+", default=["device"], choices=["device", "host"],
-                        help="who makes the TMA descriptors (the kernel's `descriptors` option)")
+    parser.add_argument("--descriptors", nargs="+", default=["host"], choices=["device", "host"],
+                        help="who makes the TMA descriptors (the kernel's `descriptors` option; its default, auto, "
+                             "is the host's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--stem", default="kernel_resources")
     parser.add_argument("--kernel", default="block_sparse", choices=["block_sparse", "block_select"])

@@ -193,7 +193,7 @@ def test_e2e_out_of_budget_skips_with_a_note(tmp_path, monkeypatch):
     ).read_text()
 
 
-@pytest.mark.parametrize("script", ["attention.py", "arm.py", "crossover.py", "fixed_cost.py", "descriptor_cost.py"])
+@pytest.mark.parametrize("script", ["attention.py", "arm.py", "crossover.py", "fixed_cost.py"])
 def test_gpu_benchmarks_parse_their_arguments(script):
     result = run(script, "--help")
     assert result.returncode == 0 and "usage:" in result.stdout
@@ -254,21 +254,6 @@ def test_plan_stats_start_order_runs_each_program_once_text_rows_first_and_short
     assert no_text["tail_heavy_first"] == no_text["tail_grid"]
     v2 = pattern_stats("small", "v2 s=0.8 tiles", masked_cost=1.9, shape=(heads, 64, layout), slots=8)
     assert v2["block_density"] < 0.5 and v2["tail_heavy_first"] < v2["tail_grid"] / 2  # v2's text rows are whole too
-
-
-@pytest.mark.parametrize("form", ["device", "host", "pointer"])
-def test_descriptor_cost_copies_every_tile_of_both_layouts(form):
-    """Each way of addressing a tile copies the whole tensor, contiguous and as diffusers' (B, N, H, D) views, with
-    a ragged last tile; a form it does not know is refused."""
-    sys.path.insert(0, str(BENCHMARKS.parent))
-    from benchmarks.descriptor_cost import copy_tiles
-
-    contiguous = torch.randn(2, 3, 200, 64)
-    view = torch.randn(2, 200, 3, 64).transpose(1, 2)
-    for x in (contiguous, view):
-        assert torch.equal(copy_tiles(x, form, block_m=64), x)
-    with pytest.raises(ValueError, match="form must be one of"):
-        copy_tiles(contiguous, "global")
 
 
 @pytest.mark.parametrize("block_m", [128, 64])

@@ -278,7 +278,7 @@ def test_paired_descriptor_addresses_both_tensors(x_lower):
     """A host descriptor spans a tensor and its scratch copy: every (source, b, h, row, col) the kernel reads
     (``source_index``'s rule: a permuted head reads the copy) must be that element's address, with the copy
     above or below; one tensor gets one source; a distance TMA cannot stride gives None."""
-    from rf_compile.kernels.block_sparse import paired_descriptor
+    from rf_compile.kernels.sparse_tiles import paired_descriptor
 
     buf = torch.zeros(2, 2, 9, 3, 16, dtype=torch.bfloat16)  # two (B, N, H, D) slabs, read as (B, H, N, D)
     x, xp = (buf[0], buf[1]) if x_lower else (buf[1], buf[0])
@@ -303,7 +303,7 @@ def test_host_descriptors_give_the_device_descriptors_output(precision, loop, mo
     read the inputs, permuted ones the scratch, which sits below the inputs here so that the pair code that
     swaps the sources runs), diffusers' views, a key bias, ragged tails, both loops and the 8-bit copies (one
     tensor a pair). Bit-identical, since only the addressing differs."""
-    from rf_compile.kernels import block_sparse
+    from rf_compile.kernels import block_sparse, sparse_tiles
 
     layout = LAYOUTS["both"]
     P = len(V1_PLUS)
@@ -319,8 +319,8 @@ def test_host_descriptors_give_the_device_descriptors_output(precision, loop, mo
 
     monkeypatch.setattr(block_sparse, "permuted_inputs", scratch_below)
     codes = []
-    monkeypatch.setattr(block_sparse, "paired_descriptor",
-                        lambda *a, _real=block_sparse.paired_descriptor: codes.append(_real(*a)[1]) or _real(*a))
+    monkeypatch.setattr(sparse_tiles, "paired_descriptor",
+                        lambda *a, _real=sparse_tiles.paired_descriptor: codes.append(_real(*a)[1]) or _real(*a))
     bias = torch.zeros(2, layout.seq_len)
     bias[1, -5:] = float("-inf")
     run = functools.partial(block_sparse_attention, q, k, v, table, voh, key_bias=bias, loads="tma", loop=loop,
@@ -337,14 +337,14 @@ def test_host_descriptors_give_the_device_descriptors_output(precision, loop, mo
 def test_host_descriptors_fall_back_or_say_why(monkeypatch):
     """Where a pair cannot share a descriptor (here: a 2^40-byte bound lowered to 16 bytes), ``"auto"`` lets the
     programs make theirs (same output) and ``"host"`` names the reason; an unknown value lists the choices."""
-    from rf_compile.kernels import block_sparse
+    from rf_compile.kernels import sparse_tiles
 
     layout = LAYOUTS["none_tail"]
     table = build_plan_table(layout, V1, DEVICE, block_m=32, block_n=32)
     voh = torch.tensor([[0, 1, 2]], dtype=torch.int32)
     q, k, v = make_qkv(1, 3, layout.seq_len, 64, torch.float32)
-    device = block_sparse_attention(q, k, v, table, voh, loads="tma")
-    monkeypatch.setattr(block_sparse, "_TMA_MAX_STRIDE_BYTES", 16)
+    device = block_sparse_attention(q, k, v, table, voh, loads="tma", descriptors="device")
+    monkeypatch.setattr(sparse_tiles, "_TMA_MAX_STRIDE_BYTES", 16)
     torch.testing.assert_close(block_sparse_attention(q, k, v, table, voh, loads="tma", descriptors="auto"), device,
                                atol=0, rtol=0)
     with pytest.raises(ValueError, match="descriptors='host' needs q, k, v and out within 2\\^40 bytes"):

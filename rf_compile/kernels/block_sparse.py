@@ -25,8 +25,8 @@ Two ways of reading permuted rows (``loads=``):
 
 Two ways of making the TMA descriptors (``descriptors=``): ``"device"``, each program makes its four (Q, K,
 V and output tiles of its head, in the tensor or the scratch copy) in global scratch, fenced before its first
-load; ``"host"``, the launcher makes one per tensor and scratch pair (``paired_descriptor``) and programs only
-compute coordinates (``sparse_tiles``).
+load; ``"host"``, the launcher makes one per tensor and scratch pair (``sparse_tiles.paired_descriptor``) and
+programs only compute coordinates.
 
 Two ways of walking a query block's key blocks (``loop=``): ``"split"``, one launch, the blocks
 that need the element mask, then the whole ones; ``"two_pass"``, the whole blocks in a launch of
@@ -57,11 +57,11 @@ from rf_compile.kernels.sparse_config import (
     tma_runs,
 )
 from rf_compile.kernels.sparse_loop import block_sparse_fwd_kernel
-from rf_compile.kernels.sparse_tiles import permute_rows_kernel
+from rf_compile.kernels.sparse_tiles import host_descriptors, permute_rows_kernel
 from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable
 
-__all__ = ["DESCRIPTORS", "SCHEDULES", "block_sparse_attention", "fp8_runs", "gpu_configs", "paired_descriptor",
-           "permuted_inputs", "plan_extras", "restore_rows"]
+__all__ = ["DESCRIPTORS", "SCHEDULES", "block_sparse_attention", "fp8_runs", "gpu_configs", "permuted_inputs",
+           "plan_extras", "restore_rows"]
 
 # Benchmarks set this to a ``triton.Config`` to bypass the autotuner (tuning sweeps).
 _FORCED_CONFIG: triton.Config | None = None
@@ -153,9 +153,6 @@ SCHEDULES = {"heavy_first": ("q_blocks_heavy_first", "num_heavy"), "grid": ("q_b
 
 # descriptors= option values: who makes the TMA descriptors ("auto": the host where it can, else the device).
 DESCRIPTORS = ("device", "host", "auto")
-# cuTensorMapEncodeTiled's bound on a stride in bytes: the most a tensor and its scratch copy may lie apart.
-_TMA_MAX_STRIDE_BYTES = 2 ** 40
-
 # loop= option -> the kernel's LOOP passes, in launch order.
 _LOOPS = {"split": (0,), "masked": (1,), "two_pass": (2, 3)}
 _ALLOCATOR_SET = False
@@ -193,7 +190,7 @@ def block_sparse_attention(
     loop: str = "auto",
     precision: str = "bf16",
     schedule: str = "heavy_first",
-    descriptors: str = "device",
+    descriptors: str = "auto",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of every (batch, head) with its own RainFusion variant.
@@ -242,11 +239,13 @@ def block_sparse_attention(
         in every plan (text rows) of every head first, then the others head by head, so that the longest
         programs do not end the kernel alone (``work_item``). ``"grid"``: head by head, query blocks in order.
     descriptors:
-        Who makes the TMA descriptors (TMA loads only). ``"device"`` (default): each program makes its own
-        four, each a write to global scratch and a GPU-scope fence pair before its first load. ``"host"``: the
-        launcher makes one per tensor and its scratch copy (``paired_descriptor``); it raises where the two lie
-        2^40 bytes apart or more. ``"auto"``: the host where it can, else the device. The outputs are
-        bit-identical.
+        Who makes the TMA descriptors (TMA loads only). ``"device"``: each program makes its own four, each a
+        write to global scratch and a GPU-scope fence pair before its first load. ``"host"``: the launcher
+        makes one per tensor and its scratch copy (``sparse_tiles.paired_descriptor``); it raises where they
+        lie 2^40 bytes apart or more. ``"auto"`` (default): the host where it can, else the device. The
+        outputs are bit-identical; the host's are 1.00-1.13x faster on H100 (a program's fixed cost 3.8 -> 2.3
+        dense key blocks at CogVideoX; v2 at 80% 1.04-1.06x, band density 0.2 1.05-1.13x; NOTES.md). The
+        warp-specialised launch always makes its own (Triton 3.6's specialisation fails on the host form).
     out:
         Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.
 
@@ -342,7 +341,7 @@ def block_sparse_attention(
     tensors = (q, k, v, qp, kp, vp, out, op, bias, lse)
     host = None
     if use_tma and descriptors != "device":
-        host = _host_descriptors(tensors, lse if loop == "two_pass" else None, N, table.block_m, copies is not None)
+        host = host_descriptors(tensors, lse if loop == "two_pass" else None, N, table.block_m, copies is not None)
     if descriptors == "host" and use_tma and host is None:
         raise ValueError("descriptors='host' needs q, k, v and out within 2^40 bytes of their scratch copies "
                          "(one TMA descriptor spans both); use descriptors='auto' to fall back to the device")
@@ -357,39 +356,6 @@ def block_sparse_attention(
     if use_tma:
         restore_rows(out, op, extras, voh)
     return out
-
-
-def paired_descriptor(x: torch.Tensor, xp: torch.Tensor, rows: int) -> tuple[TensorDescriptor, int] | None:
-    """One TMA descriptor over the (B, H, R, C) tensor ``x`` and its scratch copy ``xp`` (same strides): a 5-D
-    (source, B, H, rows, C) view whose ``source`` step is the distance between the two, from the lower one; and
-    the pair code ``sparse_tiles.source_index`` reads (0: ``x`` at source 0, 1: ``xp`` there, 2: one tensor).
-    Its block shape is the configuration's (``sparse_config.descriptor_blocks``). None where TMA cannot stride
-    that far (2^40 bytes) or the distance is not a whole number of 16-byte steps."""
-    B, H, _, C = x.shape
-    size = x.element_size()
-    gap = xp.data_ptr() - x.data_ptr()
-    if gap == 0:  # one tensor (8-bit copies are every head's input): a single source
-        base, code, step, sources = x, 2, 16 // size, 1
-    elif abs(gap) >= _TMA_MAX_STRIDE_BYTES or gap % 16:
-        return None
-    else:
-        base, code = (x, 0) if gap > 0 else (xp, 1)
-        step, sources = abs(gap) // size, 2
-    return TensorDescriptor(base, [sources, B, H, rows, C], [step, *x.stride()], [1, 1, 1, 16, 16]), code
-
-
-def _host_descriptors(tensors: tuple, lse: torch.Tensor | None, N: int, block_m: int, fp8: bool) -> dict | None:
-    """The kernel's host-made descriptors and pair codes (``paired_descriptor``) for ``_launch``'s ``tensors``, and
-    the log-sum-exp buffer's of ``loop="two_pass"``; None if a pair cannot share one. FP8's V is stored transposed
-    ([D, n_pad] a head)."""
-    q, k, v, qp, kp, vp, out, op = tensors[:8]
-    pairs = {"Q": (q, qp, N), "K": (k, kp, N), "V": (v, vp, v.shape[-2] if fp8 else N), "O": (out, op, N)}
-    made = {name: paired_descriptor(x, xp, rows) for name, (x, xp, rows) in pairs.items()}
-    if any(m is None for m in made.values()):
-        return None
-    lse_desc = made["Q"][0] if lse is None else TensorDescriptor(lse, [lse.numel()], [1], [block_m])  # or unused
-    return {**{f"{name}Desc": desc for name, (desc, _) in made.items()},
-            **{f"{name}Src": code for name, (_, code) in made.items()}, "LseDesc": lse_desc}
 
 
 def permuted_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, extras: dict, voh):
@@ -427,7 +393,8 @@ def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, 
 
     ``tensors``: q, k, v, their scratch copies, out, its scratch, the bias and the LSE buffer; the
     strides of q, k, v address both a tensor and its copy (with 8-bit ``copies``, both are that copy).
-    ``host``: the host-made descriptors and pair codes (``_host_descriptors``), or None: programs make theirs.
+    ``host``: the host-made descriptors and pair codes (``sparse_tiles.host_descriptors``), or None (programs
+    make their own).
     """
     q, k, v, qp, kp, vp, out, op, bias, lse = tensors
     H = q.shape[1]

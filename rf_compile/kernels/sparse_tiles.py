@@ -3,7 +3,7 @@ loads (TMA descriptors or gathered pointers, FP8's transposed V) and the output 
 
 TMA descriptors come two ways (``HOST_DESC``). Made in the program (``tl.make_tensor_descriptor``), one per
 head's (N, D) matrix, each costing the program a descriptor write and a GPU-scope fence pair before its first
-load. Or made once on the host (``block_sparse.paired_descriptor``): one 5-D descriptor over a tensor and its
+load. Or made once a launch on the host (``paired_descriptor``): one 5-D descriptor over a tensor and its
 row-permuted scratch copy, (source, B, H, N, D), where ``source`` picks the tensor (its stride is the distance
 between the two allocations); a program then only computes coordinates.
 
@@ -12,10 +12,49 @@ Not here: the attention loop that uses them (``sparse_loop``) and the launcher (
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["load_kv", "out_tile", "permute_rows_kernel", "source_index", "tile_load", "tile_store"]
+__all__ = ["host_descriptors", "load_kv", "out_tile", "paired_descriptor", "permute_rows_kernel", "source_index",
+           "tile_load", "tile_store"]
+
+# cuTensorMapEncodeTiled's bound on a stride in bytes: the most a tensor and its scratch copy may lie apart.
+_TMA_MAX_STRIDE_BYTES = 2 ** 40
+
+
+def paired_descriptor(x: torch.Tensor, xp: torch.Tensor, rows: int) -> tuple[TensorDescriptor, int] | None:
+    """One TMA descriptor over the (B, H, R, C) tensor ``x`` and its scratch copy ``xp`` (same strides): a 5-D
+    (source, B, H, rows, C) view whose ``source`` step is the distance between the two, from the lower one; and
+    the pair code ``source_index`` reads (0: ``x`` at source 0, 1: ``xp`` there, 2: one tensor).
+    Its block shape is the configuration's (``sparse_config.descriptor_blocks``). None where TMA cannot stride
+    that far (2^40 bytes) or the distance is not a whole number of 16-byte steps."""
+    B, H, _, C = x.shape
+    size = x.element_size()
+    gap = xp.data_ptr() - x.data_ptr()
+    if gap == 0:  # one tensor (8-bit copies are every head's input): a single source
+        base, code, step, sources = x, 2, 16 // size, 1
+    elif abs(gap) >= _TMA_MAX_STRIDE_BYTES or gap % 16:
+        return None
+    else:
+        base, code = (x, 0) if gap > 0 else (xp, 1)
+        step, sources = abs(gap) // size, 2
+    return TensorDescriptor(base, [sources, B, H, rows, C], [step, *x.stride()], [1, 1, 1, 16, 16]), code
+
+
+def host_descriptors(tensors: tuple, lse: torch.Tensor | None, N: int, block_m: int, fp8: bool) -> dict | None:
+    """The kernel's host-made descriptors and pair codes (``paired_descriptor``) for ``_launch``'s ``tensors``, and
+    the log-sum-exp buffer's of ``loop="two_pass"``; None if a pair cannot share one. FP8's V is stored transposed
+    ([D, n_pad] a head)."""
+    q, k, v, qp, kp, vp, out, op = tensors[:8]
+    pairs = {"Q": (q, qp, N), "K": (k, kp, N), "V": (v, vp, v.shape[-2] if fp8 else N), "O": (out, op, N)}
+    made = {name: paired_descriptor(x, xp, rows) for name, (x, xp, rows) in pairs.items()}
+    if any(m is None for m in made.values()):
+        return None
+    lse_desc = made["Q"][0] if lse is None else TensorDescriptor(lse, [lse.numel()], [1], [block_m])  # or unused
+    return {**{f"{name}Desc": desc for name, (desc, _) in made.items()},
+            **{f"{name}Src": code for name, (_, code) in made.items()}, "LseDesc": lse_desc}
 
 
 @triton.jit
