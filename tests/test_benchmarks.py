@@ -323,7 +323,9 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     """Triton compiles the kernel for sm_90 here and cuobjdump reads its registers and stack; the
     unmasked pass of loop="two_pass" is really warp-specialised (partitions add warps) and does not
     spill. A descriptor made from a pointer chosen by an ``if`` once turned the specialisation off
-    without a word, leaving the attribute in the IR."""
+    without a word, leaving the attribute in the IR. With the launcher's descriptors (the default) the other
+    launches fence no descriptor of their own; the specialised one makes and fences its own (Triton 3.6
+    cannot specialise the host form), so that form must not reach it."""
     env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}  # conftest sets it for the kernels
     command = [sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "128", "--loops", "unmasked",
                "--out", str(tmp_path)]  # fmt: skip
@@ -335,6 +337,7 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
     for record in records:
         assert record["head_dim"] == 128 and 0 < record["registers"] <= 255 and record["shared_bytes"] > 0
         assert record["warp_specialized"] == ("/ws1/" in record["config"])
+        assert record["descriptors"] == "host" and (record["tensormap_fences"] > 0) == record["warp_specialized"]
 
 
 def test_block_select_compiles_for_sm90_as_launched(tmp_path):
