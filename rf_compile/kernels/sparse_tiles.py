@@ -87,7 +87,7 @@ def permute_rows_kernel(
 
 @triton.jit
 def source_index(pair_code, order):
-    """Which tensor of a host descriptor's pair a head reads (``block_sparse.paired_descriptor``'s code: 0, the
+    """Which tensor of a host descriptor's pair a head reads (``paired_descriptor``'s code: 0, the
     tensor at index 0 and its scratch at 1; 1, the reverse; 2, one tensor), from the head's token order (0: the
     identity, read in place). A select, not an ``if``: warp specialisation needs the coordinates straight-line."""
     return tl.where(order != 0, pair_code == 0, pair_code == 1).to(tl.int32)
