@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 import triton
@@ -32,11 +33,11 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.utils import config_name, environment, markdown_table, write_results  # noqa: E402
-from rf_compile.kernels import block_select, sparse_config, sparse_loop  # noqa: E402
+from rf_compile.kernels import block_select, sparse_config, sparse_loop, sparse_tiles  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "QP", "KP", "VP", "Out", "OP"}  # bf16 tensors; the other capitalised arguments are int32
-SCALARS = {"H", "N", "QSrc", "KSrc", "VSrc", "OSrc"}
-DESCRIPTORS = {"QDesc", "KDesc", "VDesc", "ODesc", "LseDesc"}  # host-made descriptors (``descriptors="host"``)
+SCALARS = {"H", "N", *(name for name in sparse_tiles.HOST_DESCRIPTOR_ARGS if name.endswith("Src"))}
+DESCRIPTORS = {name for name in sparse_tiles.HOST_DESCRIPTOR_ARGS if name.endswith("Desc")}  # descriptors="host"
 # Kernel passes by name (``block_sparse._LOOPS``): loop="two_pass" launches "unmasked" then "fixup".
 PASSES = {"split": 0, "masked": 1, "unmasked": 2, "fixup": 3}
 
@@ -53,7 +54,7 @@ def signature(fn, constants: dict, precision: str = "bf16") -> dict[str, str]:
     if constants.get("HOST_DESCRIPTORS"):
         blocks = dict(constants)
         for name in DESCRIPTORS - {"LseDesc"}:
-            blocks[name] = argparse.Namespace(block_shape=None)
+            blocks[name] = types.SimpleNamespace(block_shape=None)  # what descriptor_blocks sets
         sparse_config.descriptor_blocks(blocks)
 
     def kind(name: str) -> str:

@@ -57,7 +57,7 @@ from rf_compile.kernels.sparse_config import (
     tma_runs,
 )
 from rf_compile.kernels.sparse_loop import block_sparse_fwd_kernel
-from rf_compile.kernels.sparse_tiles import host_descriptors, permute_rows_kernel
+from rf_compile.kernels.sparse_tiles import HOST_DESCRIPTOR_ARGS, host_descriptors, permute_rows_kernel
 from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable
 
 __all__ = ["DESCRIPTORS", "SCHEDULES", "block_sparse_attention", "fp8_runs", "gpu_configs", "permuted_inputs",
@@ -243,8 +243,9 @@ def block_sparse_attention(
         write to global scratch and a GPU-scope fence pair before its first load. ``"host"``: the launcher
         makes one per tensor and its scratch copy (``sparse_tiles.paired_descriptor``); it raises where they
         lie 2^40 bytes apart or more. ``"auto"`` (default): the host where it can, else the device. The
-        outputs are bit-identical; the host's are 1.00-1.13x faster on H100 (a program's fixed cost 3.8 -> 2.3
-        dense key blocks at CogVideoX; v2 at 80% 1.04-1.06x, band density 0.2 1.05-1.13x; NOTES.md). The
+        outputs are bit-identical; the host's are 0.99-1.13x as fast on H100 (a program's fixed cost 3.8 -> 2.3
+        dense key blocks at CogVideoX; v2's kernel at 80% 1.04-1.06x in tiles order, 0.99-1.04x in tokens order,
+        band density 0.2 1.05-1.13x; NOTES.md). The
         warp-specialised launch always makes its own (Triton 3.6's specialisation fails on the host form).
     out:
         Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.
@@ -404,8 +405,7 @@ def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, 
     else:
         scales, n_pad = (copies.q_scale, copies.k_scale, copies.v_scale), copies.n_pad
     if host is None:
-        host = dict.fromkeys(("QDesc", "KDesc", "VDesc", "ODesc", "LseDesc"), bias) | dict.fromkeys(
-            ("QSrc", "KSrc", "VSrc", "OSrc"), 0)  # never read
+        host = {name: 0 if name.endswith("Src") else bias for name in HOST_DESCRIPTOR_ARGS}  # never read
     constants = dict(HEAD_DIM=D, BLOCK_M=table.block_m, BLOCK_N=table.block_n, FP8=copies is not None,
                      HOST_DESCRIPTORS=isinstance(host["QDesc"], TensorDescriptor))
     if "SPLIT_N" in meta:  # a forced configuration bypasses the autotuner and so its pre-launch hook
@@ -414,7 +414,7 @@ def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, 
         q, k, v, qp, kp, vp, out, op, bias, lse, *scales,
         extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
         extras["kv_num_blocks"], extras["num_masked"], extras["kv_indices"], voh, *(extras[n] for n in schedule),
-        *(host[n] for n in ("QDesc", "KDesc", "VDesc", "ODesc", "LseDesc", "QSrc", "KSrc", "VSrc", "OSrc")),
+        *(host[name] for name in HOST_DESCRIPTOR_ARGS),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -17,8 +17,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-__all__ = ["host_descriptors", "load_kv", "out_tile", "paired_descriptor", "permute_rows_kernel", "source_index",
-           "tile_load", "tile_store"]
+__all__ = ["HOST_DESCRIPTOR_ARGS", "host_descriptors", "load_kv", "out_tile", "paired_descriptor",
+           "permute_rows_kernel", "source_index", "tile_load", "tile_store"]
+
+# The attention kernel's arguments that ``host_descriptors`` fills, in the kernel's order: the descriptors, then
+# the pair codes of Q, K, V and the output.
+HOST_DESCRIPTOR_ARGS = ("QDesc", "KDesc", "VDesc", "ODesc", "LseDesc", "QSrc", "KSrc", "VSrc", "OSrc")
 
 # cuTensorMapEncodeTiled's bound on a stride in bytes: the most a tensor and its scratch copy may lie apart.
 _TMA_MAX_STRIDE_BYTES = 2 ** 40
