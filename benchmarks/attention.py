@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import math
 import sys
 import time
@@ -44,7 +43,6 @@ from benchmarks.utils import (  # noqa: E402
     write_results,
 )
 from rf_compile.config import RainFusionConfig  # noqa: E402
-from rf_compile.kernels.softmax_exp import EXP2_SHARES  # noqa: E402
 from rf_compile.layout import VideoLayout  # noqa: E402
 from rf_compile.plan import Pattern, Variant, build_plan_table, variants_for  # noqa: E402
 
@@ -199,7 +197,7 @@ def bench_shape(model, heads, D, layout, args, records, log):
             name = "/".join((loads, loop, *rest))
             try:
                 fn = functools.partial(block_sparse.block_sparse_attention, q, k, v, table, voh, loads=loads, loop=loop,
-                                       **dict(zip(("schedule", "descriptors", "exp2"), rest)))
+                                       **dict(zip(("schedule", "descriptors"), rest)))
                 t0 = time.time()
                 out = fn()
                 torch.cuda.synchronize()
@@ -255,11 +253,11 @@ def bench_v2(model, layout, q, k, v, best_dense, base, args, records, log):
     from rf_compile.plan import element_mask
 
     rows = torch.randperm(layout.seq_len, device="cuda")[: args.check_rows]
-    for order, sparsity, descriptors, exp2 in itertools.product(args.v2_orders, args.v2, args.descriptors, args.exp2):
+    for sparsity, order, descriptors in ((s, o, d) for o in args.v2_orders for s in args.v2 for d in args.descriptors):
         config = RainFusionConfig(mode="v2", sparsity=sparsity, order=order)
         pattern = (f"v2 s={sparsity}" + ("" if order == "tiles" else f" {order}")
-                   + ("" if descriptors == "auto" else f" {descriptors}") + ("" if exp2 == "mufu" else f" exp2={exp2}"))
-        attend = functools.partial(block_sparse.block_sparse_attention, descriptors=descriptors, exp2=exp2)
+                   + ("" if descriptors == "auto" else f" {descriptors}"))
+        attend = functools.partial(block_sparse.block_sparse_attention, descriptors=descriptors)
         table, voh = v2_plan(q, k, layout, config, None)
         density = float(table.density().mean())
         # Reference on a few query rows: float64 softmax under each head's plan mask.
@@ -424,7 +422,7 @@ def summarize(records: list[dict]) -> str:
           ) if v2_rows else ""
     form_rows = [r for r in records if r["method"] == "rainfusion" and r.get("dtype", "bf16") == "bf16"
                  and r.get("variant") != "v2 predict+kernel"]
-    forms = ("\n\nEvery bf16 form of ours (`variant`: loads/loop[/schedule/descriptors/exp2]; `config`: the launch "
+    forms = ("\n\nEvery bf16 form of ours (`variant`: loads/loop[/schedule/descriptors]; `config`: the launch "
              "configuration the autotuner kept per kernel pass):\n\n"
              + markdown_table(form_rows, ["model", "pattern", "density", "variant", "ms", "efficiency", "rel_err",
                                           "config"])) if form_rows else ""
@@ -442,9 +440,8 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--variants", nargs="*", default=[f"{a}/{b}" for a, b in VARIANTS],
                         help="forms of ours as loads/loop, loads/loop/schedule (the kernel's program order, "
-                             "heavy_first by default or grid), loads/loop/schedule/descriptors (auto by default, "
-                             "device or host) or loads/loop/schedule/descriptors/exp2 (mufu by default, half or "
-                             "quarter)")
+                             "heavy_first by default or grid) or loads/loop/schedule/descriptors (auto by default, "
+                             "device or host)")
     parser.add_argument("--stem", default="attention", help="result file name (without extension)")
     parser.add_argument("--precisions", nargs="*", default=[], choices=["fp8", "int8"],
                         help="also time each TMA variant in these 8-bit precisions (records with that dtype)")
@@ -455,8 +452,6 @@ def main() -> None:
                              "128x8 (the record's copy_sweep_ms)")
     parser.add_argument("--descriptors", nargs="+", default=["auto"], choices=["device", "host", "auto"],
                         help="v2's kernel with its TMA descriptors made by each of these (the kernel's option)")
-    parser.add_argument("--exp2", nargs="+", default=["mufu"], choices=list(EXP2_SHARES),
-                        help="v2's kernel with its unmasked exponentials run by each of these (the kernel's option)")
     parser.add_argument("--v2-orders", nargs="+", default=["tiles"], choices=["tiles", "tokens"],
                         help="v2's block orders to time (option 'order'; 'tiles', the default, copies each head "
                              "into its order, 'tokens' reads in place)")

@@ -20,7 +20,6 @@ Writes ``<out>/<gpu-slug>/<stem>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -33,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.attention import SHAPES  # noqa: E402
 from benchmarks.utils import config_name, do_bench, environment, gpu_slug, markdown_table, write_results  # noqa: E402
 from rf_compile.kernels import block_sparse  # noqa: E402
-from rf_compile.kernels.softmax_exp import EXP2_SHARES  # noqa: E402
 from rf_compile.kernels.sparse_config import gpu_configs, prune_configs  # noqa: E402
 from rf_compile.layout import VideoLayout  # noqa: E402
 from rf_compile.plan import BLOCK_N, PlanTable  # noqa: E402
@@ -106,7 +104,7 @@ def bench_shape(model: str, block_m: int, args, records: list[dict], summary: li
     cases = [(n, 0) for n in KS] + [(MASKED_OF, j) for j in MASKED]
     if args.configs:
         configs = [c for c in configs if config_name(c) in args.configs]
-    for config, descriptors, exp2 in itertools.product(configs, args.descriptors, args.exp2):
+    for config, descriptors in ((c, d) for c in configs for d in args.descriptors):
         name, times = config_name(config), {}
         block_sparse._FORCED_CONFIG = config
         try:
@@ -115,17 +113,17 @@ def bench_shape(model: str, block_m: int, args, records: list[dict], summary: li
                     continue
                 table = window_table(layout, walked, masked, block_m, "cuda")
 
-                def run(table=table, descriptors=descriptors, exp2=exp2):
+                def run(table=table, descriptors=descriptors):
                     return block_sparse.block_sparse_attention(q, k, v, table, voh, loads=args.loads, loop="split",
-                                                               descriptors=descriptors, exp2=exp2)
+                                                               descriptors=descriptors)
 
                 out = run()
                 err = window_error(q, k, v, table, out, rows) if walked else float("nan")
                 t = do_bench(run, rep_ms=args.rep_ms)
                 times[walked, masked] = t["ms"]
-                records.append(dict(base, config=name, descriptors=descriptors, exp2=exp2, walked=walked,
-                                    masked=masked, rel_err=err, **t))
-                log(f"{model} m{block_m} {name} {descriptors} {exp2} k={walked} masked={masked}: {t['ms']:.4f} ms "
+                records.append(dict(base, config=name, descriptors=descriptors, walked=walked, masked=masked,
+                                    rel_err=err, **t))
+                log(f"{model} m{block_m} {name} {descriptors} k={walked} masked={masked}: {t['ms']:.4f} ms "
                     f"err {err:.1e}")
         except Exception as exc:  # noqa: BLE001 - a configuration that does not build at this tile is reported
             log(f"{model} m{block_m} {name}: failed {exc!r}")
@@ -134,7 +132,7 @@ def bench_shape(model: str, block_m: int, args, records: list[dict], summary: li
             block_sparse._FORCED_CONFIG = None
         a, b, worst = fit([(n, t) for (n, j), t in times.items() if n and not j])
         extra = sum((times[MASKED_OF, j] - times[MASKED_OF, 0]) / j for j in MASKED) / len(MASKED)
-        summary.append(dict(base, config=name, descriptors=descriptors, exp2=exp2, empty_blocks=times[0, 0] / unit,
+        summary.append(dict(base, config=name, descriptors=descriptors, empty_blocks=times[0, 0] / unit,
                             a_blocks=a / unit, b_x_cudnn=b / unit,
                             masked_extra_x_cudnn=extra / unit, worst_residual_blocks=worst / unit,
                             fixed_share_at_0_2=a / (a + b * 0.2 * triton.cdiv(N, BLOCK_N))))
@@ -165,8 +163,6 @@ def main() -> None:
     parser.add_argument("--loads", default="tma", choices=["tma", "gather"])
     parser.add_argument("--descriptors", nargs="+", default=["auto"], choices=["device", "host", "auto"],
                         help="who makes the TMA descriptors (the kernel's option), each timed in turn")
-    parser.add_argument("--exp2", nargs="+", default=["mufu"], choices=list(EXP2_SHARES),
-                        help="where the unmasked loop's exponentials run (the kernel's option), each timed in turn")
     parser.add_argument("--configs", nargs="*", default=[],
                         help="only these launch configurations (e.g. w4/s3/ws0/n1); default: every one kept")
     parser.add_argument("--rep-ms", type=float, default=20)
@@ -189,9 +185,9 @@ def main() -> None:
                   f"{env['triton']}\n\nCommand: `{env['command']}`\n\nUnits: cuDNN's dense time per key block. "
                   "`a`, `b`: least-squares `ms = a + b * k` over k >= 1 whole key blocks a query block; `empty`: k = "
                   f"0; `masked_extra`: the extra time of a block taking the element mask (of {MASKED_OF}).\n\n"
-                  + markdown_table(summary, ["model", "block_m", "config", "descriptors", "exp2", "dense_ms",
-                                             "empty_blocks", "a_blocks", "b_x_cudnn", "masked_extra_x_cudnn",
-                                             "worst_residual_blocks", "fixed_share_at_0_2"]) + "\n")
+                  + markdown_table(summary, ["model", "block_m", "config", "descriptors", "dense_ms", "empty_blocks",
+                                             "a_blocks", "b_x_cudnn", "masked_extra_x_cudnn", "worst_residual_blocks",
+                                             "fixed_share_at_0_2"]) + "\n")
             write_results(args.out / gpu_slug(str(env.get("gpu", "cpu"))), args.stem, env,
                           [dict(r, kind="time") for r in records] + [dict(s, kind="fit") for s in summary], md)
     print(md)

@@ -18,7 +18,6 @@ launcher picks per number of key blocks (``block_select.launch_shape``), top-k a
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import re
 import subprocess
@@ -35,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.utils import config_name, environment, markdown_table, write_results  # noqa: E402
 from rf_compile.kernels import block_select, sparse_config, sparse_loop, sparse_tiles  # noqa: E402
-from rf_compile.kernels.softmax_exp import EXP2_SHARES  # noqa: E402
 
 TENSORS = {"Q", "K", "V", "QP", "KP", "VP", "Out", "OP"}  # bf16 tensors; the other capitalised arguments are int32
 SCALARS = {"H", "N", *(name for name in sparse_tiles.HOST_DESCRIPTOR_ARGS if name.endswith("Src"))}
@@ -83,19 +81,18 @@ def signature(fn, constants: dict, precision: str = "bf16") -> dict[str, str]:
 
 
 def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget, precision: str = "bf16",
-              descriptors: str = "device", exp2: str = "mufu") -> dict:
+              descriptors: str = "device") -> dict:
     """Compile one configuration and read its resource usage from the cubin."""
     fn = sparse_loop.block_sparse_fwd_kernel.fn
     constants = dict(N_BUCKET=65536, HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=128, USE_TMA=True,
                      LOOP=PASSES[loop], HAS_BIAS=False, EVEN_N=True, UPCAST=False, FP8=precision != "bf16",
-                     QK_INT8=precision == "int8", HOST_DESCRIPTORS=descriptors == "host",
-                     EXP2_SHARE=EXP2_SHARES[exp2] if loop in ("split", "unmasked") else 0, **config.kwargs)  # fmt: skip
+                     QK_INT8=precision == "int8", HOST_DESCRIPTORS=descriptors == "host", **config.kwargs)  # fmt: skip
     types = signature(fn, constants, precision)
     kernel = triton.compile(ASTSource(fn=fn, signature=types, constexprs=constants), target=target,
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})  # fmt: skip
     regs, stack = cubin_usage(kernel)
     return {
-        "precision": precision, "descriptors": descriptors, "exp2": exp2, "head_dim": head_dim, "loop": loop,
+        "precision": precision, "descriptors": descriptors, "head_dim": head_dim, "loop": loop,
         "config": config_name(config),
         "registers": regs, "stack_bytes": stack, "shared_bytes": kernel.metadata.shared,
         # Specialised for real when partitions added warps: the loop's attribute stays in the TTGIR even
@@ -103,8 +100,6 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
         "warps": kernel.metadata.num_warps, "warp_specialized": kernel.metadata.num_warps > config.num_warps,
         # Descriptors made in the program: each a tensormap write and fence pair (none with host-made ones).
         "tensormap_fences": kernel.asm["ptx"].count("fence.proxy.tensormap"),
-        # Hardware exponentials in the code (exp2= moves a share of the unmasked loop's to the FMA units).
-        "ex2": kernel.asm["ptx"].count("ex2.approx"),
     }  # fmt: skip
 
 
@@ -180,8 +175,6 @@ def main() -> None:
     parser.add_argument("--descriptors", nargs="+", default=["host"], choices=["device", "host"],
                         help="who makes the TMA descriptors (the kernel's `descriptors` option; its default, auto, "
                              "is the host's)")
-    parser.add_argument("--exp2", nargs="+", default=["mufu"], choices=list(EXP2_SHARES),
-                        help="where the unmasked loop's exponentials run (the kernel's `exp2` option)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu"))
     parser.add_argument("--stem", default="kernel_resources")
     parser.add_argument("--kernel", default="block_sparse", choices=["block_sparse", "block_select"])
@@ -194,18 +187,18 @@ def main() -> None:
     if args.kernel == "block_select":
         return main_select(args, target)
     records = []
-    for precision, descriptors, exp2 in itertools.product(args.precisions, args.descriptors, args.exp2):
+    for precision, descriptors in ((p, d) for p in args.precisions for d in args.descriptors):
         for head_dim in args.head_dims:
             for loop in args.loops:
                 kept = sparse_config.prune_configs(sparse_config.gpu_configs(warp_specialize=True),
                                                    {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True,
                                                     "LOOP": PASSES[loop]})  # fmt: skip
                 for config in kept[: args.max_configs]:
-                    records.append(resources(config, head_dim, loop, target, precision, descriptors, exp2))
+                    records.append(resources(config, head_dim, loop, target, precision, descriptors))
                     print(records[-1], flush=True)
     env = environment()
-    columns = ["precision", "descriptors", "exp2", "head_dim", "loop", "config", "registers", "stack_bytes",
-               "shared_bytes", "warps", "warp_specialized", "tensormap_fences", "ex2"]
+    columns = ["precision", "descriptors", "head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes",
+               "warps", "warp_specialized", "tensormap_fences"]
     markdown = (
         f"# Block-sparse kernel resources for sm_90 (compiled offline, triton {triton.__version__})\n\n"
         f"Command: `{env['command']}`\n\nTMA loads and stores, 128 x 128 blocks; `stack_bytes` > 0: "

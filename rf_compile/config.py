@@ -30,7 +30,6 @@ NONLOCAL = ("checkerboard", "blocks")  # v1 heads the ARM finds neither spatial 
 KERNELS = ("auto", "triton", "reference")
 # The attention products: the inputs' dtype, float8 e4m3, or int8 Q K^T with e4m3 P V (the last two on Hopper)
 PRECISIONS = ("bf16", "fp8", "int8")
-EXP2 = ("mufu", "half", "quarter")  # the Triton kernel's softmax exponentials: share computed on the FMA units
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILERS = ("inductor", "eager")  # what runs the rewritten graph
 DEFAULT_NUM_STEPS = 50  # steps of a video when neither option num_steps nor a calling pipeline gives them
@@ -178,10 +177,6 @@ class RainFusionConfig:
         same plans). ``"int8"``: Q K^T in int8 (K smoothed, one scale per head) and P V in e4m3,
         with 2.5x less attention error than ``"fp8"``. A site that cannot run an 8-bit precision
         (not the Triton kernel on a Hopper GPU) stays dense and the report says so.
-    exp2:
-        Where the Triton kernel's softmax exponentials run (``kernels/softmax_exp.py``): ``"mufu"``, the
-        hardware unit for every score; ``"half"`` / ``"quarter"``, that share of the whole blocks' scores by
-        a cubic on the FMA units (relative error 7.5e-5, under bf16's rounding of the weights).
     report:
         Print the site table after each graph is compiled.
     strict:
@@ -229,7 +224,6 @@ class RainFusionConfig:
     cost_model: bool = True
     kernel: str = "auto"
     precision: str = "bf16"
-    exp2: str = "mufu"
     report: bool = False
     strict: bool = False
     compile_mode: str | None = None
@@ -311,7 +305,6 @@ class RainFusionConfig:
         _check_choice("mode", self.mode, MODES)
         _check_choice("kernel", self.kernel, KERNELS)
         _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("exp2", self.exp2, EXP2)
         if self.compile_mode is not None:
             _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         _check_choice("compiler", self.compiler, COMPILERS)

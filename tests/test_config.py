@@ -50,7 +50,6 @@ def test_our_keys_are_taken_and_inductor_keys_left():
         ({"arm_query_rows": 256.0}, "'arm_query_rows' must be an int >= 1"),
         ({"kernel": "cuda"}, "'kernel' must be one of"),
         ({"precision": "fp4"}, r"'precision' must be one of \['bf16', 'fp8', 'int8'\]"),
-        ({"exp2": "poly"}, r"'exp2' must be one of \['mufu', 'half', 'quarter'\]"),
         ({"report": "yes"}, "'report' must be True or False"),
         ({"measure_error": 1}, "'measure_error' must be True or False"),
         ({"order": "raster"}, r"'order' must be one of \['tiles', 'tokens'\]"),

@@ -18,12 +18,9 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from rf_compile.config import RainFusionConfig
 from rf_compile.kernels.block_sparse import block_sparse_attention
-from rf_compile.kernels.softmax_exp import exp2_mixed, exp2_poly
 from rf_compile.layout import VideoLayout
 from rf_compile.plan import Pattern, build_plan_table, variants_for
 from rf_compile.reference import masks as paper
@@ -254,62 +251,6 @@ def test_two_pass_covers_every_kind_of_query_block():
     assert kinds == {"none", "only", "both"}
 
 
-@triton.jit
-def _exp2_tile_kernel(X, Y, M: tl.constexpr, N: tl.constexpr, SHARE: tl.constexpr, POLY: tl.constexpr):
-    """Y = 2^X of one [M, N] tile: by ``exp2_poly`` alone (``POLY``), else by ``exp2_mixed`` at ``SHARE``."""
-    at = tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :]
-    x = tl.load(X + at)
-    if POLY:
-        y = exp2_poly(x)
-    else:
-        y = exp2_mixed(x, SHARE)
-    tl.store(Y + at, y)
-
-
-def _exp2_tile(x: torch.Tensor, share: int = 0, poly: bool = False) -> torch.Tensor:
-    y = torch.empty_like(x)
-    _exp2_tile_kernel[(1,)](x, y, M=x.shape[0], N=x.shape[1], SHARE=share, POLY=poly)
-    return y
-
-
-def test_exp2_poly_against_float64():
-    """The FMA-pipe exponential: 2^x within 7.6e-5 relative (the cubic's minimax error) over the scores a
-    softmax feeds it (x <= 0, exact integers and half-integers included), 2^-126 below -126, never 0 or NaN."""
-    x = torch.cat([torch.linspace(-140.0, 0.0, 3000), -torch.arange(0.0, 40.0), -torch.arange(0.5, 20.0)])
-    x = torch.cat([x, torch.zeros(4096 - len(x))]).view(32, 128).to(DEVICE)
-    y = _exp2_tile(x, poly=True).double()
-    exact = torch.exp2(x.double())
-    normal = x >= -126
-    rel = ((y - exact) / exact)[normal].abs().max().item()
-    assert rel < 7.6e-5, f"relative error {rel:.2e}"
-    assert ((y[~normal] > 0) & (y[~normal] <= 2.0**-125)).all()
-
-
-@pytest.mark.parametrize(("share", "rows"), [(2, range(16)), (4, range(8, 16))], ids=["half", "quarter"])
-def test_exp2_mixed_takes_the_planned_scores(share, rows):
-    """Which scores go to the polynomial: odd key columns (half), or those of rows r + 8 of each 16 (a
-    quarter, the same thread's second row on Hopper); the rest stay the hardware exp2, bit for bit, so a
-    reshape that moved scores would show."""
-    x = -20 * torch.rand(64, 64, device=DEVICE)
-    hardware, mixed = _exp2_tile(x, share=0), _exp2_tile(x, share=share)
-    planned = torch.zeros(64, 64, dtype=torch.bool, device=DEVICE)
-    for r in rows:
-        planned[r::16, 1::2] = True
-    assert torch.equal(mixed[~planned], hardware[~planned])
-    assert (mixed[planned] != hardware[planned]).float().mean() > 0.99
-    assert ((mixed.double() - torch.exp2(x.double())) / torch.exp2(x.double())).abs().max() < 7.6e-5
-
-
-@pytest.mark.parametrize(("exp2", "loads", "loop"), [("half", "tma", "split"), ("quarter", "gather", "two_pass")])
-def test_exp2_shares_against_the_paper_masks(exp2, loads, loop):
-    """The kernel with a share of its exponentials on the FMA units: within the three-way bound in bf16
-    (masked and whole blocks, ragged tail), and not the ``"mufu"`` output bit for bit (the polynomial ran)."""
-    voh = torch.tensor([[0, 1, 2], [2, 0, 1]])
-    out, (q, k, v, table, voh) = run_case(LAYOUTS["prefix"], V1, voh, dtype=torch.bfloat16, loads=loads, loop=loop,
-                                          exp2=exp2)
-    assert not torch.equal(out, block_sparse_attention(q, k, v, table, voh, loads=loads, loop=loop))
-
-
 @pytest.mark.parametrize("layout_name", ["both", "suffix", "none_tail"])
 def test_heavy_first_schedule_starts_the_text_rows_and_runs_every_program_once(layout_name):
     """``schedule="heavy_first"`` (default) lists first the query blocks holding a text token (the paper's text
@@ -504,8 +445,6 @@ def test_rejects_bad_inputs():
         block_sparse_attention(q[:, :, :-1], q[:, :, :-1], q[:, :, :-1], table, voh)
     with pytest.raises(ValueError, match="key_bias"):
         block_sparse_attention(q, q, q, table, voh, key_bias=torch.zeros(1, N - 1, device=DEVICE))
-    with pytest.raises(ValueError, match=r"exp2 must be one of \['mufu', 'half', 'quarter'\]"):
-        block_sparse_attention(q, q, q, table, voh, exp2="poly")
 
 
 # -- GPU tests --------------------------------------------------------------------------------
@@ -610,23 +549,6 @@ def test_gpu_bf16_against_dense_sdpa(layout_name, D, loads, loop):
 
     if loads == "tma" and not has_tma():
         pytest.skip("TMA needs Hopper and Triton tensor descriptors")
-    against_dense_sdpa(layout_name, D, loads=loads, loop=loop)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("exp2", ["half", "quarter"])
-@pytest.mark.parametrize(("layout_name", "D"), [("cogvideox_small", 64), ("wan_small", 128)])
-def test_gpu_exp2_shares_against_dense_sdpa(layout_name, D, exp2):
-    """A share of the exponentials on the FMA units at real tile sizes: the checks above, and not the
-    hardware exp2's output bit for bit (the polynomial ran; "split" has no warp-specialised launch)."""
-    out, (q, k, v, table, voh) = against_dense_sdpa(layout_name, D, loop="split", exp2=exp2)
-    assert not torch.equal(out, block_sparse_attention(q, k, v, table, voh, loop="split"))
-
-
-def against_dense_sdpa(layout_name: str, D: int, **options):
-    """The kernel with ``options`` on a GPU layout (mixed variants, diffusers' views, a key-padding bias where
-    the layout has text after the video): three-way against float64, and within twice dense SDPA's error
-    given the same mask as an additive -inf mask."""
     layout = GPU_LAYOUTS[layout_name]
     variants = V1_PLUS
     table = build_plan_table(layout, variants, "cuda")
@@ -637,7 +559,7 @@ def against_dense_sdpa(layout_name: str, D: int, **options):
     if layout.suffix:
         bias = torch.zeros(B, layout.seq_len, device="cuda")
         bias[1, -100:] = float("-inf")
-    out = block_sparse_attention(q, k, v, table, voh, key_bias=bias, **options)
+    out = block_sparse_attention(q, k, v, table, voh, key_bias=bias, loads=loads, loop=loop)
     mask = head_masks(table, voh)
     assert_close_three_way(out, q, k, v, mask, key_bias=bias)
     additive = torch.zeros(mask.shape, device="cuda", dtype=torch.bfloat16).masked_fill(~mask, float("-inf"))
@@ -648,7 +570,6 @@ def against_dense_sdpa(layout_name: str, D: int, **options):
     dense_err = (dense.double() - golden).abs().max().item()
     err = (out.double() - golden).abs().max().item()
     assert err <= 2 * dense_err + ATOL_FLOOR[torch.bfloat16], f"sparse {err:.3e} vs dense SDPA {dense_err:.3e}"
-    return out, (q, k, v, table, voh)
 
 
 @pytest.mark.gpu
@@ -748,23 +669,19 @@ def test_8bit_copies_round_trip():
     assert int(copies.k.abs().amax()) == 127
 
 
-@pytest.mark.parametrize(("precision", "loop", "exp2"), [
-    ("fp8", "split", "mufu"), ("fp8", "masked", "mufu"), ("fp8", "two_pass", "mufu"), ("int8", "split", "mufu"),
-    ("int8", "two_pass", "mufu"), ("fp8", "two_pass", "quarter")])
-def test_8bit_attention(precision, loop, exp2):
+@pytest.mark.parametrize(("precision", "loop"), [("fp8", "split"), ("fp8", "masked"), ("fp8", "two_pass"),
+                                                 ("int8", "split"), ("int8", "two_pass")])
+def test_8bit_attention(precision, loop):
     """8-bit products against float64 attention: of the dequantized inputs (what is left is P's e4m3
-    rounding), and of the exact inputs, with a key-padding bias and mixed variants; also with a share of
-    the exponentials on the FMA units (``exp2``)."""
+    rounding), and of the exact inputs, with a key-padding bias and mixed variants."""
     layout = LAYOUTS["suffix"]
     table = build_plan_table(layout, V1, DEVICE, block_m=32, block_n=32)
     voh = torch.tensor([[0, 1, 2], [2, 0, 1]], dtype=torch.int32)
     q, k, v = make_qkv(2, 3, layout.seq_len, 64, torch.bfloat16)
     bias = torch.zeros(2, layout.seq_len)
     bias[1, -6:] = float("-inf")
-    bias = bias if exp2 == "mufu" else None  # a key bias keeps the hardware exp2 (the polynomial takes no -inf)
     mask = head_masks(table, voh)
-    out = block_sparse_attention(q, k, v, table, voh, key_bias=bias, loads="tma", loop=loop, precision=precision,
-                                 exp2=exp2)
+    out = block_sparse_attention(q, k, v, table, voh, key_bias=bias, loads="tma", loop=loop, precision=precision)
     assert out.dtype == q.dtype and torch.isfinite(out).all()
     (qd, kd, vd), _ = dequantized_inputs(q, k, v, table, voh, precision)
     from_copies = masked_attention(qd, kd, vd, mask, key_bias=bias, dtype=torch.float64)
@@ -805,9 +722,9 @@ def test_8bit_rejects_what_it_cannot_run():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("precision", "exp2"), [("fp8", "mufu"), ("int8", "mufu"), ("fp8", "half")])
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
 @pytest.mark.parametrize("pattern", ["spatial", "mix"])
-def test_gpu_8bit_at_full_size(precision, exp2, pattern):
+def test_gpu_8bit_at_full_size(precision, pattern):
     """Wan2.1-1.3B's 480p layout, d=128, 24 heads (FP8's two_pass gave NaN at 24 and 40 heads, never at
     5, while a 3-stage specialised launch, pruned since, could be chosen): each 8-bit precision with
     loop="auto" (the warp-specialised "two_pass") against float64 rows (the GPU rounds to nearest)."""
@@ -817,7 +734,7 @@ def test_gpu_8bit_at_full_size(precision, exp2, pattern):
     ids = {"spatial": [0] * H, "mix": [0, 1, 0, 1, 2] * 4 + [0, 1, 2, 0]}[pattern]
     voh = torch.tensor([ids], dtype=torch.int32, device="cuda")
     q, k, v = make_qkv(1, H, layout.seq_len, 128, torch.bfloat16, device="cuda", bnhd=True)
-    out = block_sparse_attention(q, k, v, table, voh, precision=precision, exp2=exp2)
+    out = block_sparse_attention(q, k, v, table, voh, precision=precision)
     assert torch.isfinite(out).all(), f"{int((~torch.isfinite(out)).sum())} non-finite outputs"
     rows = torch.randperm(layout.seq_len, device="cuda")[:512]
     masks = torch.stack([paper.pattern_mask(layout, var.pattern, var.bandwidth, var.stride, "cuda", rows)

@@ -47,7 +47,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from rf_compile.config import PRECISIONS
 from rf_compile.kernels.fp8_quant import QuantizedCopies, quantize_for_attention
-from rf_compile.kernels.softmax_exp import EXP2_SHARES
 from rf_compile.kernels.sparse_config import (
     INTERPRET,
     descriptor_blocks,
@@ -192,7 +191,6 @@ def block_sparse_attention(
     precision: str = "bf16",
     schedule: str = "heavy_first",
     descriptors: str = "auto",
-    exp2: str = "mufu",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of every (batch, head) with its own RainFusion variant.
@@ -249,12 +247,6 @@ def block_sparse_attention(
         dense key blocks at CogVideoX; v2's kernel at 80% 1.04-1.06x in tiles order, 0.99-1.04x in tokens order,
         band density 0.2 1.05-1.13x; NOTES.md). The
         warp-specialised launch always makes its own (Triton 3.6's specialisation fails on the host form).
-    exp2:
-        Where the unmasked blocks' softmax exponentials run. ``"mufu"`` (default): the hardware ``exp2`` for every
-        score. ``"half"`` / ``"quarter"``: that share of them by a cubic on the FMA units (``softmax_exp``:
-        relative error 7.5e-5, under bf16's rounding of P), so that the MUFU unit, 16 a cycle per SM, stops
-        bounding the softmax. Not with a ``key_bias`` (its -inf stays with the hardware), nor in the
-        warp-specialised launch (Triton 3.6's specialisation fails on the split), which keep ``"mufu"``.
     out:
         Optional (B, H, N, D) tensor of q's dtype with unit stride along D to write into.
 
@@ -297,8 +289,6 @@ def block_sparse_attention(
         raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
     if descriptors not in DESCRIPTORS:
         raise ValueError(f"descriptors must be one of {list(DESCRIPTORS)}, got {descriptors!r}")
-    if exp2 not in EXP2_SHARES:
-        raise ValueError(f"exp2 must be one of {list(EXP2_SHARES)}, got {exp2!r}")
 
     # Unit stride along D lets every row load be vectorised; copy only if a caller breaks it.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -363,7 +353,7 @@ def block_sparse_attention(
             meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps,
                         num_stages=_FORCED_CONFIG.num_stages)
         _launch(kernel, grid, meta, tensors, copies, extras, voh, stride_biasb, table, N, D, scale, loop_pass,
-                key_bias is not None, use_tma, SCHEDULES[schedule], host, EXP2_SHARES[exp2])
+                key_bias is not None, use_tma, SCHEDULES[schedule], host)
     if use_tma:
         restore_rows(out, op, extras, voh)
     return out
@@ -399,13 +389,13 @@ def _permute_heads(x: torch.Tensor, xp: torch.Tensor, extras: dict, which: torch
 
 def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, extras, voh, stride_biasb,
             table: PlanTable, N: int, D: int, scale: float | None, loop_pass: int, has_bias: bool,
-            use_tma: bool, schedule: tuple[str, str], host: dict | None, exp2_share: int) -> None:
+            use_tma: bool, schedule: tuple[str, str], host: dict | None) -> None:
     """One launch of the attention kernel (one ``LOOP`` pass) over every (query block, batch x head).
 
     ``tensors``: q, k, v, their scratch copies, out, its scratch, the bias and the LSE buffer; the
     strides of q, k, v address both a tensor and its copy (with 8-bit ``copies``, both are that copy).
     ``host``: the host-made descriptors and pair codes (``sparse_tiles.host_descriptors``), or None (programs
-    make their own). ``exp2_share``: ``softmax_exp.exp2_mixed``'s SHARE for the passes with unmasked blocks.
+    make their own).
     """
     q, k, v, qp, kp, vp, out, op, bias, lse = tensors
     H = q.shape[1]
@@ -417,8 +407,7 @@ def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, 
     if host is None:
         host = {name: 0 if name.endswith("Src") else bias for name in HOST_DESCRIPTOR_ARGS}  # never read
     constants = dict(HEAD_DIM=D, BLOCK_M=table.block_m, BLOCK_N=table.block_n, FP8=copies is not None,
-                     HOST_DESCRIPTORS=isinstance(host["QDesc"], TensorDescriptor),
-                     EXP2_SHARE=exp2_share if loop_pass in (0, 2) else 0)  # passes 1 and 3 mask every block
+                     HOST_DESCRIPTORS=isinstance(host["QDesc"], TensorDescriptor))
     if "SPLIT_N" in meta:  # a forced configuration bypasses the autotuner and so its pre-launch hook
         descriptor_blocks({**host, **constants, **meta})
     kernel[grid](

@@ -10,7 +10,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from rf_compile.kernels.softmax_exp import exp2_mixed
 from rf_compile.kernels.sparse_config import CONFIGS, prune_configs
 from rf_compile.kernels.sparse_tiles import load_kv, out_tile, source_index, tile_load, tile_store
 
@@ -49,7 +48,7 @@ def attend_blocks(
     HEAD_DIM: tl.constexpr, SUB_N: tl.constexpr, SPLIT_N: tl.constexpr,
     MASKED: tl.constexpr, USE_TMA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FP8: tl.constexpr, QK_INT8: tl.constexpr,
-    HOST_DESC: tl.constexpr, EXP2_SHARE: tl.constexpr,
+    HOST_DESC: tl.constexpr,
 ):
     """Online softmax over the plan's key blocks ``idx_row[lo:hi]``, each walked in SPLIT_N sub-tiles.
 
@@ -59,8 +58,6 @@ def attend_blocks(
     with each key block's scale (``KScale_row``) rescaling its scores, or (``QK_INT8``) int8 with
     int32 sums and K's per-head scale folded into ``qk_scale`` by the caller, as Q's always is.
     ``k_src``, ``v_src``, ``b``, ``h``: the head in host-made descriptors (``HOST_DESC``, ``sparse_tiles``).
-    ``EXP2_SHARE``: 1/SHARE of the exponentials on the FMA units (``softmax_exp``; unmasked, unbiased blocks only:
-    its polynomial takes no -inf).
     """
     # Counted from 0, the form of Triton's own specialised kernels.
     if MASKED:
@@ -106,7 +103,7 @@ def attend_blocks(
             if HAS_BIAS:
                 p = tl.math.exp2(qk - m_use[:, None])
             else:
-                p = exp2_mixed(qk * block_scale - m_use[:, None], EXP2_SHARE)
+                p = tl.math.exp2(qk * block_scale - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
@@ -122,7 +119,7 @@ def attend_blocks(
 
 @triton.autotune(configs=CONFIGS,
                  key=["HEAD_DIM", "BLOCK_M", "BLOCK_N", "N_BUCKET", "USE_TMA", "LOOP", "HAS_BIAS", "FP8", "QK_INT8",
-                      "HOST_DESCRIPTORS", "EXP2_SHARE"],
+                      "HOST_DESCRIPTORS"],
                  prune_configs_by={"early_config_prune": prune_configs},
                  restore_value=["Out", "OP"])  # the fix-up pass (LOOP 3) adds to the tiles it reads
 @triton.jit
@@ -141,7 +138,7 @@ def block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr,
     UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_N: tl.constexpr, FP8: tl.constexpr,
-    QK_INT8: tl.constexpr, HOST_DESCRIPTORS: tl.constexpr, EXP2_SHARE: tl.constexpr,
+    QK_INT8: tl.constexpr, HOST_DESCRIPTORS: tl.constexpr,
 ):
     """One (query block, batch x head) program (``work_item``). ``LOOP`` (see ``_LOOPS``): 0 masked then unmasked
     blocks, 1 every block masked, 2 the unmasked blocks alone (stores the tile and its base-2
@@ -150,15 +147,12 @@ def block_sparse_fwd_kernel(
     reads them in its order; V transposed, [D, n_pad] per head) with their scales; ``QK_INT8``: Q and
     K in int8, K with one scale per head. ``HOST_DESCRIPTORS``: the tiles move through the host-made descriptors
     ``QDesc`` .. ``LseDesc`` (``sparse_tiles``), each head reading the tensor its ``*Src`` pair code and order
-    pick; otherwise, and in a warp-specialised launch, each program makes its own. ``EXP2_SHARE``: 1/SHARE of the
-    unmasked blocks' exponentials by a polynomial on the FMA units (``softmax_exp``), 0: none."""
+    pick; otherwise, and in a warp-specialised launch, each program makes its own."""
     tl.static_assert(BLOCK_N % (16 * SPLIT_N) == 0 and BLOCK_M % 16 == 0, "block sizes must be multiples of 16")
     SUB_N: tl.constexpr = BLOCK_N // SPLIT_N  # key tile: a plan block is walked in SPLIT_N sub-tiles
     # Not in a warp-specialised launch: Triton 3.6's specialisation pass crashes on the 5-D tiles' reshapes
     # (WSDataPartition: "unsupported op type"; benchmarks/kernel_resources.py --descriptors host).
     HOST_DESC: tl.constexpr = HOST_DESCRIPTORS and not WARP_SPECIALIZE
-    # Nor the exponentials' split: the same pass crashes on its reshapes (kernel_resources.py --exp2 half).
-    EXP2: tl.constexpr = 0 if WARP_SPECIALIZE else EXP2_SHARE
     m, bh = work_item(QBlockOrder, NumHeavy, num_q_blocks)
     b = bh // H
     h = bh % H
@@ -248,14 +242,14 @@ def block_sparse_fwd_kernel(
         acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order, bias_row,
                                       idx_row, 0, num_blocks, q_pos, N, prefix, video_end, band, kv_valid, qk_scale,
                                       stride_km, stride_vm, k_scale_row, k_src, v_src, b, h, HEAD_DIM, SUB_N, SPLIT_N,
-                                      True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False, FP8, QK_INT8, HOST_DESC, 0)
+                                      True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST, False, FP8, QK_INT8, HOST_DESC)
     else:
         if LOOP != 2:
             acc, l_i, m_i = attend_blocks(acc, l_i, m_i, q, k_desc, v_desc, k_head, v_head, Orders, kv_order,
                                           bias_row, idx_row, num_unmasked, num_blocks, q_pos, N, prefix, video_end,
                                           band, kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, k_src, v_src,
                                           b, h, HEAD_DIM, SUB_N, SPLIT_N, True, USE_TMA, HAS_BIAS, EVEN_N, UPCAST,
-                                          False, FP8, QK_INT8, HOST_DESC, 0)
+                                          False, FP8, QK_INT8, HOST_DESC)
         if LOOP != 3:
             # Last, so that nothing but the epilogue follows the loop that may be warp-specialised (pass 2 only:
             # the pruner keeps WARP_SPECIALIZE off elsewhere). It starts at block 0, like Triton's own kernels.
@@ -264,7 +258,7 @@ def block_sparse_fwd_kernel(
                                           bias_row, idx_row, 0, num_unmasked, q_pos, N, prefix, video_end, band,
                                           kv_valid, qk_scale, stride_km, stride_vm, k_scale_row, k_src, v_src, b, h,
                                           HEAD_DIM, SUB_N, SPLIT_N, False, USE_TMA, HAS_BIAS, True, UPCAST,
-                                          WARP_SPECIALIZE, FP8, QK_INT8, HOST_DESC, EXP2)
+                                          WARP_SPECIALIZE, FP8, QK_INT8, HOST_DESC)
 
     # -- epilogue: normalise, store rows at their original positions --
     if LOOP == 2:  # base-2 log-sum-exp of the rows for pass 3 (-inf where no key was seen)

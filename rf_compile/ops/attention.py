@@ -145,19 +145,18 @@ def run_plan(
     kernel: str,
     out: torch.Tensor | None = None,
     precision: str = "bf16",
-    exp2: str = "mufu",
 ) -> torch.Tensor:
     """Each (batch, head) under its plan (a row of ``table``): the Triton kernel or the PyTorch path.
 
     ``kernel`` is ``"triton"`` or ``"reference"`` (``choose_kernel``, which also vetted ``precision``);
-    ``attn_mask`` a key-padding mask; ``exp2``: the kernel's option (the PyTorch path computes exactly).
+    ``attn_mask`` a key-padding mask.
     """
     if kernel == "triton":
         from rf_compile.kernels.block_sparse import block_sparse_attention
 
         bias = key_padding_bias(attn_mask, q.shape[0], k.shape[-2])
         return block_sparse_attention(q, k, v, table, variant_of_head.int(), scale=scale, key_bias=bias, out=out,
-                                      precision=precision, exp2=exp2)
+                                      precision=precision)
     result = torch_sparse_attention(q, k, v, table, variant_of_head, attn_mask, scale)
     return result if out is None else out.copy_(result)
 
@@ -225,8 +224,7 @@ def sparse_attention(
         variant_of_head = arm.classify_variants(q, k, layout, config, scale)
         if config.predicts_nonlocal:
             table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head)
-    return run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, precision=config.precision,
-                    exp2=config.exp2)
+    return run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, precision=config.precision)
 
 
 def nonlocal_blocks(
@@ -347,7 +345,7 @@ def attention(
                                                      call.progress)
         _record(shape, sparse, table, variant_of_head)
         variant_of_head = torch.where(call.dense, len(shape.variants) - 1, variant_of_head)
-    out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out, config.precision, config.exp2)
+    out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out, config.precision)
     out = _zero_masked_rows(out, query_mask)
     if config.measure_error:
         _record_error(shape, sparse, out, _dense_call(q, k, v, attn_mask, query_mask, scale))
