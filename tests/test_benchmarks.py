@@ -297,6 +297,24 @@ def test_kernel_configs_times_every_kept_configuration_under_every_loop(tmp_path
     assert timed and all(0 < r["efficiency"] < 1.5 for r in timed)
 
 
+def test_attention_summary_lists_every_bf16_form():
+    """The attention benchmark's markdown keeps one row per bf16 form of ours (not only the fastest), and no
+    8-bit or v2 record among them: an A/B of kernel options is read from that table."""
+    sys.path.insert(0, str(BENCHMARKS.parent))
+    from benchmarks.attention import summarize
+
+    base = dict(model="Wan2.1-14B", pattern="mix", density=0.45, method="rainfusion", efficiency=0.9, rel_err=0.003,
+                config="0:w8/s2/ws0/n1")
+    records = [dict(model="Wan2.1-14B", pattern="dense", method="sdpa_cudnn", ms=37.0),
+               dict(base, variant="tma/auto/heavy_first/device", ms=18.9),
+               dict(base, variant="tma/auto/heavy_first/host", ms=18.6),
+               dict(base, variant="tma/auto/heavy_first/host", dtype="fp8", ms=15.0, speedup_vs_bf16=1.24)]
+    text = summarize(records)
+    forms = text.split("Every bf16 form of ours")[1].split("\n\n")[1]
+    assert "| tma/auto/heavy_first/device | 18.900 |" in forms and "| tma/auto/heavy_first/host | 18.600 |" in forms
+    assert "15.000" not in forms and len(forms.strip().splitlines()) == 4  # header, rule, two forms
+
+
 def test_ring_skip_never_skips_a_ring_step_a_head_needs():
     """Against the plan's element mask, token by token: with block-aligned shards a spatial head needs
     exactly the (query shard, key shard) pairs the block count says; permuted heads need no more."""
