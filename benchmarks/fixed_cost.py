@@ -75,10 +75,16 @@ def window_error(q, k, v, table: PlanTable, out: torch.Tensor, rows: torch.Tenso
     return ((out[:, :, rows].double() - ref).norm() / ref.norm()).item()
 
 
-def split_configs(head_dim: int) -> list[triton.Config]:
-    """The launch configurations the autotuner may keep for the ``split`` loop on TMA loads, whole key tiles."""
+def split_configs(head_dim: int, names: list[str] | None = None) -> list[triton.Config]:
+    """The launch configurations the autotuner may keep for the ``split`` loop on TMA loads, whole key tiles;
+    ``names`` (``--configs``): only those, and an error naming the others where none of them is one."""
     named = dict(HEAD_DIM=head_dim, BLOCK_N=BLOCK_N, USE_TMA=True, LOOP=0, HAS_BIAS=False)
-    return [c for c in prune_configs(gpu_configs(False), named) if c.kwargs["SPLIT_N"] == 1]
+    configs = [c for c in prune_configs(gpu_configs(False), named) if c.kwargs["SPLIT_N"] == 1]
+    chosen = [c for c in configs if config_name(c) in names] if names else configs
+    if not chosen:
+        raise SystemExit(f"--configs {names}: none is a launch configuration at d={head_dim}; these are: "
+                         f"{[config_name(c) for c in configs]}")
+    return chosen
 
 
 def fit(points: list[tuple[int, float]]) -> tuple[float, float, float]:
@@ -100,10 +106,8 @@ def bench_shape(model: str, block_m: int, args, records: list[dict], summary: li
     log(f"{model} dense (default SDPA) {dense:.3f} ms, {unit * 1e3:.2f} us a key block")
     voh = torch.zeros(1, heads, dtype=torch.int32, device="cuda")
     rows = torch.randperm(N, device="cuda")[:16]
-    configs = split_configs(D)
+    configs = split_configs(D, args.configs)
     cases = [(n, 0) for n in KS] + [(MASKED_OF, j) for j in MASKED]
-    if args.configs:
-        configs = [c for c in configs if config_name(c) in args.configs]
     for config, descriptors in ((c, d) for c in configs for d in args.descriptors):
         name, times = config_name(config), {}
         block_sparse._FORCED_CONFIG = config

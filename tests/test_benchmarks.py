@@ -297,6 +297,17 @@ def test_kernel_configs_times_every_kept_configuration_under_every_loop(tmp_path
     assert timed and all(0 < r["efficiency"] < 1.5 for r in timed)
 
 
+def test_fixed_cost_configs_option_keeps_the_named_ones_or_says_which_exist():
+    sys.path.insert(0, str(BENCHMARKS.parent))
+    from benchmarks.fixed_cost import split_configs
+    from benchmarks.utils import config_name
+
+    every = [config_name(c) for c in split_configs(128)]
+    assert [config_name(c) for c in split_configs(128, ["w4/s3/ws0/n1", every[-1]])] == [every[-1]]
+    with pytest.raises(SystemExit, match=r"none is a launch configuration at d=128; these are: \[.*w8/s3/ws0/n1"):
+        split_configs(128, ["w4/s3/ws0/n1"])  # 4 warps at d=128 are pruned (they spill)
+
+
 def test_attention_summary_lists_every_bf16_form():
     """The attention benchmark's markdown keeps one row per bf16 form of ours (not only the fastest), and no
     8-bit or v2 record among them: an A/B of kernel options is read from that table."""
