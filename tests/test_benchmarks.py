@@ -438,3 +438,20 @@ def test_gpu_two_pass_never_gives_a_non_finite_output(tmp_path):
     bound = {"bf16": 1e-2, "fp8": 0.08, "int8": 0.06}
     bad = [r for r in records if r["nonfinite_runs"] or r["worst_rel_vs_split"] > bound[r["precision"]]]
     assert not bad, bad
+
+
+def test_profile_step_reduces_kernel_times_against_a_direct_count():
+    """profile_step.py's two reductions: the device time kernels cover (overlaps counted once) and the kernel
+    names whose time differs most, against a direct count over a 1 us grid."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from profile_step import intervals_union, kernel_differences
+
+    spans = [(0.0, 4.0), (2.0, 3.0), (10.0, 12.0), (11.0, 15.0), (20.0, 20.0)]
+    grid = sum(any(s <= x + 0.5 < e for s, e in spans) for x in range(30))
+    assert intervals_union(spans) == grid == 9
+    kernels = lambda **us: {name: {"calls": 1.0, "us": t} for name, t in us.items()}  # noqa: E731
+    records = [{"variant": "inductor", "kernels": kernels(gemm=100.0, flash=50.0)},
+               {"variant": "rf", "kernels": kernels(gemm=101.0, flash=60.0, copy=5.0)}]  # fmt: skip
+    rows = kernel_differences(records, rows=2)["rows"]
+    assert [r["kernel"] for r in rows] == ["flash", "copy"]
+    assert rows[1] == {"kernel": "copy", "inductor_us": 0.0, "inductor_calls": 0.0, "rf_us": 5.0, "rf_calls": 1.0}
