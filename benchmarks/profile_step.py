@@ -11,6 +11,7 @@ variant, a step's:
 - ``busy_ms``: device time covered by some kernel; ``span_ms``: first kernel's start to the last one's end;
   ``idle_ms``: span minus busy (launch gaps: the host was late), ``lead_ms``: call start to first kernel;
 - ``op_cpu_ms``: host time inside ``rainfusion::attention`` (0 for inductor); ``sdpa``: the SDPA kernels' names;
+- ``syncs``: host waits for the device inside the call (``torch.cuda.set_sync_debug_mode``), with their messages;
 - kernels by device time, and the kernel names whose time differs most between the variants.
 
 Writes ``<name>.json`` and ``<name>.md`` under ``benchmarks/results/<gpu>/``.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -53,15 +55,22 @@ def profile_steps(model, preset, t: torch.Tensor, steps: int) -> dict:
     for _ in range(2):
         _call(model, preset, latent, t)
     torch.cuda.synchronize()
-    walls = []
+    walls, syncs = [], []
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for i in range(steps):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            with torch.profiler.record_function(f"step{i}"):
-                _call(model, preset, latent, t)
+            with torch.profiler.record_function(f"step{i}"), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")  # each host wait inside the call becomes a warning
+                try:
+                    _call(model, preset, latent, t)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
                 torch.cuda.synchronize()
+            syncs += [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
+                      if "synchroniz" in str(w.message)]  # fmt: skip
             walls.append((time.perf_counter() - start) * 1e3)
     events = prof.events()
     marks = {e.name: e.time_range for e in events if e.name.startswith("step") and e.device_type == DeviceType.CPU}
@@ -85,7 +94,8 @@ def profile_steps(model, preset, t: torch.Tensor, steps: int) -> dict:
     busy, span = median("busy"), median("span")
     return {
         "wall_ms": statistics.median(walls), "busy_ms": busy, "span_ms": span, "idle_ms": span - busy,
-        "lead_ms": median("lead"), "op_cpu_ms": op_cpu / steps / 1e3,
+        "lead_ms": median("lead"), "op_cpu_ms": op_cpu / steps / 1e3, "syncs": len(syncs) / steps,
+        "sync_messages": sorted(set(syncs))[:5],
         "sdpa": sorted({name for name in by_kernel if any(w in name.lower() for w in ATTENTION_WORDS)}),
         "kernels": {name: {"calls": c / steps, "us": us / steps} for name, (c, us) in by_kernel.items()},
     }  # fmt: skip
@@ -129,13 +139,15 @@ def kernel_differences(records: list[dict], rows: int = 15) -> dict:
 
 def write(records: list[dict], differences: dict, env: dict, out_dir: Path, stem: str) -> None:
     summary = markdown_table(records, ["model", "video_tokens", "seq_len", "variant", "wall_ms", "busy_ms",
-                                       "span_ms", "idle_ms", "lead_ms", "op_cpu_ms"])  # fmt: skip
+                                       "span_ms", "idle_ms", "lead_ms", "op_cpu_ms", "syncs"])  # fmt: skip
     sdpa = "\n".join(f"- {r['variant']}: {', '.join(r['sdpa']) or 'none'}" for r in records)
+    waits = "\n".join(f"- {r['variant']}: {m}" for r in records for m in r["sync_messages"]) or "none"
     diff = markdown_table(differences["rows"], list(differences["rows"][0])) if differences["rows"] else ""
     markdown = (
         f"# Where a compiled step's time goes\n\nenv: {env}\n\nPer step (median of the profiled calls): wall, "
         "device busy, first-to-last kernel span, idle inside the span, call start to first kernel, host time in "
-        f"rainfusion's op.\n\n{summary}\n\nAttention kernels:\n{sdpa}\n\nKernels whose device time a step differs "
+        f"rainfusion's op, host waits for the device.\n\n{summary}\n\nAttention kernels:\n{sdpa}\n\n"
+        f"Host waits (where):\n{waits}\n\nKernels whose device time a step differs "
         f"most (us a step, calls a step):\n\n{diff}\n"
     )
     for r in records:  # the per-kernel breakdown stays in the JSON; the markdown has the comparison
