@@ -2,9 +2,9 @@
 
 A few-block transformer of a published model (random weights, CFG batch 2, ``e2e.py``'s presets and calls) at
 1k-120k video tokens, for the head shapes of Wan2.1-1.3B (12 x 128) and CogVideoX-5B (48 x 64, 226 text tokens
-first) by default, Wan2.1-14B (40 x 128) with ``--shapes wan``. Per head shape and variant the blocks are
-compiled once (regional compilation, as ``e2e.py --regional``; Dynamo's automatic dynamic shapes take the later
-lengths), then every length runs:
+first) by default, Wan2.1-14B (40 x 128) with ``--shapes wan``. Per head shape every variant compiles the blocks
+of its own copy of the model once (the same weights; regional compilation, as ``e2e.py --regional``; Dynamo's
+automatic dynamic shapes take the later lengths), then every length runs, the variants in turns:
 
 - ``inductor``: ``backend="inductor"``;
 - ``rf``: rainfusion's defaults (v1, the cost model on: shapes where sparse would not pay stay dense);
@@ -12,11 +12,13 @@ lengths), then every length runs:
 
 Both rainfusion variants use ``dense_warmup=0``: every timed call is a sparse-phase call (the warm-up steps of a
 real loop are dense in every variant), and ``sparsity_ramp=0``: the timed calls share one timestep, where a ramp
-would keep its first step's blocks; flat is the ramp's mean. Per length: two untimed calls (compile, tune), then
-timed calls for at least 0.3 s (3-20); ``ms_per_step`` is their median, ``speedup_vs_inductor`` inductor's over
-it. rainfusion's records also say what its sites did (``decision``: sparse or dense, with the cost model's reason)
-and carry the cost model's own estimate (``est_ratio``, sparse over dense attention). Writes ``crossover.json``,
-``.md`` and ``.png`` under ``benchmarks/results/<gpu>/`` after every head shape and variant.
+would keep its first step's blocks; flat is the ramp's mean. Per length: two untimed calls of each variant
+(compile, tune), then rounds of one timed call of each variant in turn, for at least 0.3 s of the slowest one's
+calls (3-20 rounds), so that drift of the host or of the clocks falls on every variant alike; ``ms_per_step`` is a
+variant's median, ``speedup_vs_inductor`` inductor's over it. rainfusion's records also say what its sites did
+(``decision``: sparse or dense, with the cost model's reason) and carry the cost model's own estimate
+(``est_ratio``, sparse over dense attention). Writes ``crossover.json``, ``.md`` and ``.png`` under
+``benchmarks/results/<gpu>/`` after every head shape.
 
     python benchmarks/crossover.py                         # H200: about 4 minutes (estimated)
     python benchmarks/crossover.py --shapes wan --name crossover_wan14b    # 40 x 128 heads: another ~3 minutes
@@ -26,13 +28,17 @@ and carry the cost model's own estimate (``est_ratio``, sparse over dense attent
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import functools
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from e2e import MODELS, _call, _compiled, _log, _timed_call
+from e2e import MODELS, _compiled, _log, _timed_call
 from utils import environment, gpu_slug, markdown_table, write_results
 
 import rf_compile
@@ -72,11 +78,27 @@ def inputs_at(key: str, tokens: int, layers: int, device: str, dtype: torch.dtyp
 
 def time_steps(model, preset, t: torch.Tensor, reps_s: float) -> list[float]:
     """ms of each timed call: two untimed calls first, then at least ``reps_s`` seconds of calls (3-20)."""
-    latent = preset.args[0]
-    _call(model, preset, latent, t)
-    _, ms = _timed_call(model, preset, latent, t)
-    reps = max(3, min(20, math.ceil(reps_s * 1e3 / ms)))
-    return [_timed_call(model, preset, latent, t)[1] for _ in range(reps)]
+    return time_in_turns({"model": functools.partial(_timed_ms, model, preset, t)}, reps_s)["model"]
+
+
+def time_in_turns(calls: dict[str, Callable[[], float]], reps_s: float) -> dict[str, list[float]]:
+    """ms of each timed call of each variant: two untimed calls of each (compile, tune), then rounds of one call
+    of every variant in turn, at least ``reps_s`` seconds of the slowest variant's calls (3-20 rounds).
+
+    In turns, not one variant after the other: drift of the host or of the GPU clocks over a run (a ~2-10 ms
+    step timed one variant after another moved 6% between runs of an identical graph) falls on every variant.
+    ``calls`` map a variant to a function that makes one call and returns its ms.
+    """
+    slowest = 0.0
+    for call in calls.values():
+        call()
+        slowest = max(slowest, call())
+    reps = max(3, min(20, math.ceil(reps_s * 1e3 / max(slowest, 1e-3))))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            times[name].append(call())
+    return times
 
 
 def site_decision(model: torch.nn.Module, since_graph: int) -> tuple[str, str]:
@@ -113,35 +135,46 @@ def presets_at(key: str, tokens: list[int], layers: int, device: str, dtype: tor
     return presets
 
 
-def run_variant(key: str, name: str, presets: dict, reps_s: float) -> list[dict]:
-    """Every length of ``presets`` through one compile of ``name`` (see the module docstring)."""
-    spec, model_spec = VARIANTS[name], MODELS[key]
-    model = next(iter(presets.values())).model
-    layers = sum(type(m).__name__ in model_spec.blocks for m in model.modules())
-    regional = tuple(getattr(model, "_repeated_blocks", None) or model_spec.blocks)
-    t = model_spec.schedule(50, next(iter(presets.values())).args[0].dtype)[0]
+def run_shape(key: str, names: list[str], presets: dict, reps_s: float) -> list[dict]:
+    """Every length of ``presets`` for every variant of ``names``, each compiled once on its own copy of the
+    model (the same weights) and timed in turns with the others (``time_in_turns``)."""
+    model_spec = MODELS[key]
+    first = next(iter(presets.values()))
+    models = {name: first.model if i == 0 else copy.deepcopy(first.model) for i, name in enumerate(names)}
+    layers = sum(type(m).__name__ in model_spec.blocks for m in first.model.modules())
+    regional = tuple(getattr(first.model, "_repeated_blocks", None) or model_spec.blocks)
+    t = model_spec.schedule(50, first.args[0].dtype)[0]
     records = []
     torch._dynamo.reset()
-    with _compiled(model, spec, "default", 50, regional, {}) as compiled, torch.no_grad():
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        compiled = {name: stack.enter_context(_compiled(models[name], VARIANTS[name], "default", 50, regional, {}))
+                    for name in names}  # fmt: skip
         for n, preset in presets.items():
             rf_compile.reset()
             since = compiled_graphs()
-            times = time_steps(compiled, preset, t, reps_s)
+            calls = {name: functools.partial(_timed_ms, compiled[name], preset, t) for name in names}
+            times = time_in_turns(calls, reps_s)
             (layout,) = preset.expected_layouts
-            config = model.config
-            record = {
-                "model": model_spec.name, "layers": layers, "seq_len": layout.seq_len, "video_tokens": n,
-                "heads": config.num_attention_heads, "head_dim": config.attention_head_dim,
-                "batch": preset.args[0].shape[0], "variant": name, "ms_per_step": statistics.median(times),
-                "ms_steps": times,
-            }  # fmt: skip
-            if spec["backend"] == "rainfusion":
-                record["decision"], record["reason"] = site_decision(model, since)
-                record["est_ratio"] = estimate_ratio(preset, spec["options"])
-            records.append(record)
-            _log(f"{model_spec.name} {name} {n:,} tokens: {record['ms_per_step']:.2f} ms a step"
-                 + (f" ({record['decision']})" if "decision" in record else ""))  # fmt: skip
+            config = first.model.config
+            for name in names:
+                spec = VARIANTS[name]
+                record = {
+                    "model": model_spec.name, "layers": layers, "seq_len": layout.seq_len, "video_tokens": n,
+                    "heads": config.num_attention_heads, "head_dim": config.attention_head_dim,
+                    "batch": preset.args[0].shape[0], "variant": name,
+                    "ms_per_step": statistics.median(times[name]), "ms_steps": times[name],
+                }  # fmt: skip
+                if spec["backend"] == "rainfusion":
+                    record["decision"], record["reason"] = site_decision(models[name], since)
+                    record["est_ratio"] = estimate_ratio(preset, spec["options"])
+                records.append(record)
+                _log(f"{model_spec.name} {name} {n:,} tokens: {record['ms_per_step']:.2f} ms a step"
+                     + (f" ({record['decision']})" if "decision" in record else ""))  # fmt: skip
     return records
+
+
+def _timed_ms(model, preset, t: torch.Tensor) -> float:
+    return _timed_call(model, preset, preset.args[0], t)[1]
 
 
 def add_speedups(records: list[dict]) -> None:
@@ -189,7 +222,7 @@ def write(records: list[dict], env: dict, out_dir: Path, stem: str) -> str:
         f"# Crossover: rainfusion vs inductor by sequence length\n\nenv: {env}\n\nbf16, random weights, "
         f"{records[0]['layers'] if records else '?'} blocks, regional compilation, CFG batch 2; rf: defaults "
         "(cost model on), rf_sparse: cost_model=False; both with dense_warmup=0 (sparse-phase steps). "
-        "ms_per_step: median of the timed calls; est_ratio: the cost model's sparse / dense attention estimate; "
+        "ms_per_step: median of the timed calls, the variants timed in turns; est_ratio: the cost model's sparse / dense attention estimate; "
         f"decision: what rainfusion's sites did.\n\n{table}\n"
         + (f"\nSkipped (time budget): {', '.join(skipped)}\n" if skipped else "")
     )
@@ -209,7 +242,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     parser.add_argument("--reps-s", type=float, default=0.3, help="seconds of timed calls per length (3-20 calls)")
     parser.add_argument("--budget-minutes", type=float, default=4.5,
-                        help="skip the next variant when the time spent plus the longest so far would pass this")
+                        help="skip the next head shape when the time spent plus the longest so far would pass this")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/results/<gpu>)")
     parser.add_argument("--name", default="crossover", help="file stem (default crossover)")
     args = parser.parse_args()  # fmt: skip
@@ -227,18 +260,17 @@ def main() -> None:
     deadline = time.perf_counter() + args.budget_minutes * 60
     records: list[dict] = []
     table = ""
-    longest = 0.0  # the longest variant so far, of any head shape: what the budget check expects next
+    longest = 0.0  # the longest head shape so far: what the budget check expects next
     for key in args.shapes:
+        if time.perf_counter() + longest > deadline:
+            env["skipped"].append(MODELS[key].name)
+            _log(f"{MODELS[key].name}: skipped, the time budget would not cover it")
+            continue
+        start = time.perf_counter()
         presets = presets_at(key, args.tokens, args.layers, "cuda", torch.bfloat16)
-        for name in args.variants:
-            if time.perf_counter() + longest > deadline:
-                env["skipped"].append(f"{MODELS[key].name} {name}")
-                _log(f"{MODELS[key].name} {name}: skipped, the time budget would not cover it")
-                continue
-            start = time.perf_counter()
-            records += run_variant(key, name, presets, args.reps_s)
-            longest = max(longest, time.perf_counter() - start)
-            table = write(records, env, out_dir, args.name)
+        records += run_shape(key, args.variants, presets, args.reps_s)
+        longest = max(longest, time.perf_counter() - start)
+        table = write(records, env, out_dir, args.name)
         del presets
         torch.cuda.empty_cache()
     print(table)

@@ -455,3 +455,22 @@ def test_profile_step_reduces_kernel_times_against_a_direct_count():
     rows = kernel_differences(records, rows=2)["rows"]
     assert [r["kernel"] for r in rows] == ["flash", "copy"]
     assert rows[1] == {"kernel": "copy", "inductor_us": 0.0, "inductor_calls": 0.0, "rf_us": 5.0, "rf_calls": 1.0}
+
+
+def test_crossover_times_the_variants_in_turns():
+    """Two untimed calls of each variant, then rounds of one call of each in turn, as many rounds as ``reps_s``
+    of the slowest variant's calls take (3-20): drift over the run falls on every variant alike."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from crossover import time_in_turns
+
+    order: list[str] = []
+
+    def call(name: str, ms: float):
+        return lambda: order.append(name) or ms
+
+    times = time_in_turns({"inductor": call("inductor", 2.0), "rf": call("rf", 5.0)}, reps_s=0.02)
+    assert order[:4] == ["inductor", "inductor", "rf", "rf"]
+    assert order[4:] == ["inductor", "rf"] * 4  # 20 ms of the 5 ms variant: 4 rounds
+    assert times == {"inductor": [2.0] * 4, "rf": [5.0] * 4}
+    assert len(time_in_turns({"a": call("a", 1e-4)}, reps_s=10.0)["a"]) == 20
+    assert len(time_in_turns({"a": call("a", 1e3)}, reps_s=0.01)["a"]) == 3
