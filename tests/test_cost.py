@@ -129,6 +129,21 @@ def test_kept_dense_site_computes_sdpa_and_stats_say_why(priced):
     assert re.fullmatch(r"sparse would be slower at 109 tokens \(est\. [\d.]+x dense on H100/H200\)", reason)
 
 
+def test_a_shape_judged_dense_is_not_judged_again(priced, monkeypatch):
+    """The op judges a call shape once per site: later calls of the shape cost one lookup (no layout, kernel or
+    price), still compute SDPA and are counted; another shape is judged on its own."""
+    judged = []
+    monkeypatch.setattr(cost, "dense_reason", lambda *args: judged.append(args[1].seq_len) or "priced dense")
+    layout = VideoLayout(3, 5, 7, prefix=4)
+    key = register_site("cost.judged_once", layout, RainFusionConfig(dense_warmup=0.0))
+    for batch in (2, 2, 2, 1):
+        q, k, v = (torch.randn(batch, 3, layout.seq_len, 16) for _ in range(3))
+        out = attention(q, k, v, None, None, None, None, None, key, [])
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    assert judged == [layout.seq_len, layout.seq_len]  # batch 2 once, then batch 1
+    assert rf_compile.stats()[key]["dense_shapes"] == {"priced dense": 4}
+
+
 def test_site_with_the_option_off_runs_sparse(priced):
     key, (q, k, v), out = _op_call(RainFusionConfig(dense_warmup=0.0, cost_model=False, textural="checkerboard"),
                                  "cost.forced_sparse")  # the checkerboard: sparse inside one block

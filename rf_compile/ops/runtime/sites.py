@@ -31,6 +31,7 @@ class SiteSpec:
     symbols: tuple = ()  # the size symbols whose values the op receives as ``sizes``
     owner_path: str = ""  # dotted path of the owner parameter from the graph's root module
     _layouts: dict[tuple, VideoLayout | str] = dataclasses.field(default_factory=dict, repr=False)
+    _dense: dict[tuple, str] = dataclasses.field(default_factory=dict, repr=False)
 
     MAX_LAYOUTS = 32  # distinct call shapes remembered per site
 
@@ -43,10 +44,26 @@ class SiteSpec:
         found = self._layouts.get(key)
         if found is None:
             found = self.resolver(dict(zip(self.symbols, sizes)), model, seq_len)
-            if len(self._layouts) >= self.MAX_LAYOUTS:
-                self._layouts.pop(next(iter(self._layouts)))
-            self._layouts[key] = found
+            _remember(self._layouts, key, found, self.MAX_LAYOUTS)
         return found
+
+    def dense_verdict(self, call: tuple) -> str | None:
+        """Why calls like ``call`` (``remember_dense``'s key) stay dense, if one of them was judged so before."""
+        return self._dense.get(call)
+
+    def remember_dense(self, call: tuple, reason: str) -> None:
+        """Keep a call's dense verdict for the next calls of its key (bounded): a judged shape costs one lookup.
+
+        The key must hold all the verdict depends on besides the site: sizes, shapes, dtype, device, mask.
+        """
+        _remember(self._dense, call, reason, self.MAX_LAYOUTS)
+
+
+def _remember(cache: dict, key: tuple, value, limit: int) -> None:
+    """``cache[key] = value``, dropping the oldest entry first when ``limit`` are held."""
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
 
 
 _SPECS: dict[str, SiteSpec] = {}
