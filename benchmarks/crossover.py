@@ -222,8 +222,8 @@ def write(records: list[dict], env: dict, out_dir: Path, stem: str) -> str:
         f"# Crossover: rainfusion vs inductor by sequence length\n\nenv: {env}\n\nbf16, random weights, "
         f"{records[0]['layers'] if records else '?'} blocks, regional compilation, CFG batch 2; rf: defaults "
         "(cost model on), rf_sparse: cost_model=False; both with dense_warmup=0 (sparse-phase steps). "
-        "ms_per_step: median of the timed calls, the variants timed in turns; est_ratio: the cost model's sparse / dense attention estimate; "
-        f"decision: what rainfusion's sites did.\n\n{table}\n"
+        "ms_per_step: median of the timed calls, the variants timed in turns; est_ratio: the cost model's "
+        f"sparse / dense attention estimate; decision: what rainfusion's sites did.\n\n{table}\n"
         + (f"\nSkipped (time budget): {', '.join(skipped)}\n" if skipped else "")
     )
     write_results(out_dir, stem, env, records, markdown)
