@@ -10,7 +10,8 @@ variant, a step's:
 - ``wall_ms``: host time of the call with the device synchronised at both ends;
 - ``busy_ms``: device time covered by some kernel; ``span_ms``: first kernel's start to the last one's end;
   ``idle_ms``: span minus busy (launch gaps: the host was late), ``lead_ms``: call start to first kernel;
-- ``op_cpu_ms``: host time inside ``rainfusion::attention`` (0 for inductor); ``sdpa``: the SDPA kernels' names;
+- ``op_cpu_ms``: host time inside ``rainfusion::attention`` (0 for inductor); ``sdpa_cpu_ms``: host time inside
+  SDPA's backend ops (cuDNN, flash, ...), whoever calls them; ``sdpa``: the attention kernels' names;
 - ``syncs``: host waits for the device inside the call (``torch.cuda.set_sync_debug_mode``), with their messages;
 - kernels by device time, and the kernel names whose time differs most between the variants.
 
@@ -35,6 +36,10 @@ from e2e import MODELS, _call, _compiled, _log
 from utils import environment, gpu_slug, markdown_table, write_results
 
 ATTENTION_WORDS = ("flash", "fmha", "attention", "attn", "sdpa", "cudnn")
+# The backend ops SDPA dispatches to (cuDNN, flash, efficient, CPU flash), called by inductor's graph directly and
+# by the op through F.scaled_dot_product_attention: their host time compares across the variants. (The kernels
+# they call in turn, such as aten::_flash_attention_forward, would count twice.)
+SDPA_BACKEND_OPS = "aten::_scaled_dot_product_"
 
 
 def intervals_union(spans: list[tuple[float, float]]) -> float:
@@ -88,13 +93,16 @@ def profile_steps(model, preset, t: torch.Tensor, steps: int) -> dict:
     for k in kernels:
         by_kernel[k.name][0] += 1
         by_kernel[k.name][1] += k.time_range.elapsed_us()
-    op_cpu = sum(e.time_range.elapsed_us() for e in events
-                 if e.name == "rainfusion::attention" and e.device_type == DeviceType.CPU)  # fmt: skip
+    host = lambda names: sum(e.time_range.elapsed_us() for e in events  # noqa: E731
+                             if e.device_type == DeviceType.CPU and e.name.startswith(names))  # fmt: skip
+    op_cpu = host("rainfusion::attention")
+    sdpa_cpu = host(SDPA_BACKEND_OPS)
     median = lambda key: statistics.median(s[key] for s in per_step) / 1e3  # noqa: E731
     busy, span = median("busy"), median("span")
     return {
         "wall_ms": statistics.median(walls), "busy_ms": busy, "span_ms": span, "idle_ms": span - busy,
-        "lead_ms": median("lead"), "op_cpu_ms": op_cpu / steps / 1e3, "syncs": len(syncs) / steps,
+        "lead_ms": median("lead"), "op_cpu_ms": op_cpu / steps / 1e3, "sdpa_cpu_ms": sdpa_cpu / steps / 1e3,
+        "syncs": len(syncs) / steps,
         "sync_messages": sorted(set(syncs))[:5],
         "sdpa": sorted({name for name in by_kernel if any(w in name.lower() for w in ATTENTION_WORDS)}),
         "kernels": {name: {"calls": c / steps, "us": us / steps} for name, (c, us) in by_kernel.items()},
@@ -138,15 +146,17 @@ def kernel_differences(records: list[dict], rows: int = 15) -> dict:
 
 
 def write(records: list[dict], differences: dict, env: dict, out_dir: Path, stem: str) -> None:
-    summary = markdown_table(records, ["model", "video_tokens", "seq_len", "variant", "wall_ms", "busy_ms",
-                                       "span_ms", "idle_ms", "lead_ms", "op_cpu_ms", "syncs"])  # fmt: skip
+    columns = ["model", "video_tokens", "seq_len", "variant", "wall_ms", "busy_ms", "span_ms", "idle_ms", "lead_ms",
+               "op_cpu_ms", "sdpa_cpu_ms", "syncs"]  # fmt: skip
+    summary = markdown_table(records, columns)
     sdpa = "\n".join(f"- {r['variant']}: {', '.join(r['sdpa']) or 'none'}" for r in records)
     waits = "\n".join(f"- {r['variant']}: {m}" for r in records for m in r["sync_messages"]) or "none"
     diff = markdown_table(differences["rows"], list(differences["rows"][0])) if differences["rows"] else ""
     markdown = (
         f"# Where a compiled step's time goes\n\nenv: {env}\n\nPer step (median of the profiled calls): wall, "
         "device busy, first-to-last kernel span, idle inside the span, call start to first kernel, host time in "
-        f"rainfusion's op, host waits for the device.\n\n{summary}\n\nAttention kernels:\n{sdpa}\n\n"
+        f"rainfusion's op and in SDPA's backend ops, host waits for the device.\n\n{summary}\n\n"
+        f"Attention kernels:\n{sdpa}\n\n"
         f"Host waits (where):\n{waits}\n\nKernels whose device time a step differs "
         f"most (us a step, calls a step):\n\n{diff}\n"
     )

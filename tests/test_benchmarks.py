@@ -474,3 +474,31 @@ def test_crossover_times_the_variants_in_turns():
     assert times == {"inductor": [2.0] * 4, "rf": [5.0] * 4}
     assert len(time_in_turns({"a": call("a", 1e-4)}, reps_s=10.0)["a"]) == 20
     assert len(time_in_turns({"a": call("a", 1e3)}, reps_s=0.01)["a"]) == 3
+
+
+def test_crossover_runs_each_variant_on_its_own_copy_in_turns(monkeypatch):
+    """``run_shape`` on a tiny Wan (CPU, sites priced as on Hopper): one record per variant and length, each
+    variant timed as often as the other, the compiled copies distinct with the same weights, rainfusion's
+    decision read from its own copy (dense: too short to pay)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import crossover
+
+    from rf_compile.ops import cost
+    from rf_compile.presets import build_preset
+
+    monkeypatch.setattr(cost, "costs_for", lambda device, kernel: cost.HOPPER)
+    monkeypatch.setitem(crossover.VARIANTS, "rf", {"backend": "rainfusion",
+                                                   "options": {**crossover.RF, "min_video_tokens": 0}})  # fmt: skip
+    preset = build_preset("wan", "tiny")
+    preset.model.eval().requires_grad_(False)
+    copies = []
+    real_compiled = crossover._compiled
+    monkeypatch.setattr(crossover, "_compiled", lambda model, *a: copies.append(model) or real_compiled(model, *a))
+    (layout,) = preset.expected_layouts
+    records = crossover.run_shape("wan1.3b", ["inductor", "rf"], {layout.seq_len: preset}, reps_s=0.001)
+    assert [(r["variant"], r["seq_len"]) for r in records] == [("inductor", 72), ("rf", 72)]
+    assert len(records[0]["ms_steps"]) == len(records[1]["ms_steps"]) >= 3
+    assert copies[0] is preset.model and copies[1] is not preset.model
+    assert all(torch.equal(a, b) for a, b in zip(copies[0].parameters(), copies[1].parameters(), strict=True))
+    assert records[1]["decision"] == "dense" and "sparse would be slower" in records[1]["reason"]
+    assert "decision" not in records[0]
