@@ -142,6 +142,8 @@ def test_a_shape_judged_dense_is_not_judged_again(priced, monkeypatch):
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
     assert judged == [layout.seq_len, layout.seq_len]  # batch 2 once, then batch 1
     assert rf_compile.stats()[key]["dense_shapes"] == {"priced dense": 4}
+    with pytest.raises(ValueError, match="equal B, H, N"):  # a judged q shape does not skip the check of v's
+        attention(q, k, v[:, :2], None, None, None, None, None, key, [])
 
 
 def test_site_with_the_option_off_runs_sparse(priced):

@@ -298,12 +298,13 @@ def attention(
     state = site_state(spec, owner)
     if spec.config.mode == "dense":
         return _dense_call(q, k, v, attn_mask, query_mask, scale)
-    call = (tuple(sizes), q.shape, k.shape[-2], q.dtype, q.device, None if attn_mask is None else attn_mask.shape)
-    reason = spec.dense_verdict(call)  # a shape judged dense before: one lookup, nothing priced again
+    shape_key = (tuple(sizes), q.shape, k.shape, v.shape, q.dtype, q.device,
+                 None if attn_mask is None else attn_mask.shape)  # fmt: skip
+    reason = spec.dense_verdict(shape_key)  # a shape judged dense before: one lookup, nothing priced again
     if reason is None:
         layout, kernel, reason = _layout_and_kernel(spec, state, q, k, v, attn_mask, sizes)
         if reason:
-            spec.remember_dense(call, reason)
+            spec.remember_dense(shape_key, reason)
     if reason:  # no layout or kernel for this call, or the cost model expects sparse to be slower at its shape
         state.note_dense(reason)
         return _dense_call(q, k, v, attn_mask, query_mask, scale)
@@ -312,9 +313,9 @@ def attention(
         attach_clock(state)
     config = spec.config
     prepare = lambda variants: _prepare(q, layout, config, variants, kernel, state.name)
-    plan = state.begin(layout, q, timestep, prepare)
-    shape = plan.shape
-    sparse = (~plan.dense).double()
+    call = state.begin(layout, q, timestep, prepare)
+    shape = call.shape
+    sparse = (~call.dense).double()
     if config.mode == "calibrate":
         dense = _dense_call(q, k, v, attn_mask, query_mask, scale)
         _measure_candidates(q, k, v, layout, config, scale, kernel, attn_mask, query_mask, dense, shape, sparse)
@@ -322,24 +323,24 @@ def attention(
     out = output_like(q)
     if config.mode == "v2":
         densities = shape.prepared  # a profile's per-head densities, or None: ``sparsity``
-        if plan.progress is not None:
-            densities = v2.ramp_densities(config, plan.progress, q.shape[1])
-        table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=plan.dense, densities=densities)
+        if call.progress is not None:
+            densities = v2.ramp_densities(config, call.progress, q.shape[1])
+        table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense, densities=densities)
         density = table.density().view(q.shape[:2]).double()
         shape.block_density_sums.add_(density.sum(0) * sparse)
         shape.kept.add_(density.sum() * sparse)
         shape.sparse_heads.add_(sparse * density.numel())
     else:
         table = shape.prepared
-        new_variant, new_recall = arm.decide(q, k, layout, config, scale, enabled=plan.run_arm)
-        shape.variant.copy_(torch.where(plan.run_arm, new_variant, shape.variant))
-        shape.recall.copy_(torch.where(plan.run_arm, new_recall, shape.recall))
+        new_variant, new_recall = arm.decide(q, k, layout, config, scale, enabled=call.run_arm)
+        shape.variant.copy_(torch.where(call.run_arm, new_variant, shape.variant))
+        shape.recall.copy_(torch.where(call.run_arm, new_recall, shape.recall))
         variant_of_head = shape.variant
         if config.predicts_nonlocal:
             table, variant_of_head = nonlocal_blocks(q, k, layout, config, scale, table, variant_of_head,
-                                                     plan.progress)
+                                                     call.progress)
         _record(shape, sparse, table, variant_of_head)
-        variant_of_head = torch.where(plan.dense, len(shape.variants) - 1, variant_of_head)
+        variant_of_head = torch.where(call.dense, len(shape.variants) - 1, variant_of_head)
     out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out, config.precision)
     out = _zero_masked_rows(out, query_mask)
     if config.measure_error:

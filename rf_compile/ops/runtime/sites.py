@@ -47,16 +47,17 @@ class SiteSpec:
             _remember(self._layouts, key, found, self.MAX_LAYOUTS)
         return found
 
-    def dense_verdict(self, call: tuple) -> str | None:
-        """Why calls like ``call`` (``remember_dense``'s key) stay dense, if one of them was judged so before."""
-        return self._dense.get(call)
+    def dense_verdict(self, shape_key: tuple) -> str | None:
+        """Why calls of ``shape_key`` (``remember_dense``'s key) stay dense, if one of them was judged so before."""
+        return self._dense.get(shape_key)
 
-    def remember_dense(self, call: tuple, reason: str) -> None:
+    def remember_dense(self, shape_key: tuple, reason: str) -> None:
         """Keep a call's dense verdict for the next calls of its key (bounded): a judged shape costs one lookup.
 
-        The key must hold all the verdict depends on besides the site: sizes, shapes, dtype, device, mask.
+        The key must hold all that the verdict depends on besides the site: the call's sizes, its q, k and v
+        shapes (as checked), dtype, device and mask shape.
         """
-        _remember(self._dense, call, reason, self.MAX_LAYOUTS)
+        _remember(self._dense, shape_key, reason, self.MAX_LAYOUTS)
 
 
 def _remember(cache: dict, key: tuple, value, limit: int) -> None:
