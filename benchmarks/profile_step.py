@@ -109,7 +109,7 @@ def profile_steps(model, preset, t: torch.Tensor, steps: int) -> dict:
     }  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
+def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     model_spec = MODELS[args.shape]
     presets = presets_at(args.shape, args.tokens, args.layers, "cuda", torch.bfloat16)
     model = next(iter(presets.values())).model
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return records, kernel_differences(records)
 
 
-def kernel_differences(records: list[dict], rows: int = 15) -> dict:
+def kernel_differences(records: list[dict], rows: int = 15) -> list[dict]:
     """The kernel names whose device time a step differs most between the first variant and each other."""
     base, rest = records[0], records[1:]
     names = set(base["kernels"]).union(*(r["kernels"] for r in rest))
@@ -142,16 +142,16 @@ def kernel_differences(records: list[dict], rows: int = 15) -> dict:
         for r in records:
             row[f"{r['variant']}_us"], row[f"{r['variant']}_calls"] = us(r, name), calls(r, name)
         table.append(row)
-    return {"rows": table}
+    return table
 
 
-def write(records: list[dict], differences: dict, env: dict, out_dir: Path, stem: str) -> None:
+def write(records: list[dict], differences: list[dict], env: dict, out_dir: Path, stem: str) -> None:
     columns = ["model", "video_tokens", "seq_len", "variant", "wall_ms", "busy_ms", "span_ms", "idle_ms", "lead_ms",
                "op_cpu_ms", "sdpa_cpu_ms", "syncs"]  # fmt: skip
     summary = markdown_table(records, columns)
     sdpa = "\n".join(f"- {r['variant']}: {', '.join(r['sdpa']) or 'none'}" for r in records)
     waits = "\n".join(f"- {r['variant']}: {m}" for r in records for m in r["sync_messages"]) or "none"
-    diff = markdown_table(differences["rows"], list(differences["rows"][0])) if differences["rows"] else ""
+    diff = markdown_table(differences, list(differences[0])) if differences else ""
     markdown = (
         f"# Where a compiled step's time goes\n\nenv: {env}\n\nPer step (median of the profiled calls): wall, "
         "device busy, first-to-last kernel span, idle inside the span, call start to first kernel, host time in "
@@ -162,7 +162,7 @@ def write(records: list[dict], differences: dict, env: dict, out_dir: Path, stem
     )
     for r in records:  # the per-kernel breakdown stays in the JSON; the markdown has the comparison
         r["kernels"] = dict(sorted(r["kernels"].items(), key=lambda kv: -kv[1]["us"]))
-    write_results(out_dir, stem, env, records + [{"differences": differences["rows"]}], markdown)
+    write_results(out_dir, stem, env, records + [{"differences": differences}], markdown)
 
 
 def parse_args() -> argparse.Namespace:

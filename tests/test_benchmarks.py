@@ -452,7 +452,7 @@ def test_profile_step_reduces_kernel_times_against_a_direct_count():
     kernels = lambda **us: {name: {"calls": 1.0, "us": t} for name, t in us.items()}  # noqa: E731
     records = [{"variant": "inductor", "kernels": kernels(gemm=100.0, flash=50.0)},
                {"variant": "rf", "kernels": kernels(gemm=101.0, flash=60.0, copy=5.0)}]  # fmt: skip
-    rows = kernel_differences(records, rows=2)["rows"]
+    rows = kernel_differences(records, rows=2)
     assert [r["kernel"] for r in rows] == ["flash", "copy"]
     assert rows[1] == {"kernel": "copy", "inductor_us": 0.0, "inductor_calls": 0.0, "rf_us": 5.0, "rf_calls": 1.0}
 

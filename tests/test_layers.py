@@ -13,7 +13,7 @@ module may import its own layer and the layers of lower rank:
     rank 3  kernels/
     rank 2  plan.py
     rank 1  config.py, report.py                options and the report records (they import layout only)
-    rank 0  layout.py
+    rank 0  layout.py, bounded.py               VideoLayout; the bounded memo tables (no imports)
 
 Layers of equal rank but different names may not import each other (``presets`` must not import the
 facade, ``config`` not ``report``). ``reference/`` is the independent ground truth: it may import
@@ -46,6 +46,7 @@ RANKS = {
     "report": 1,
     "persistent": 1,
     "layout": 0,
+    "bounded": 0,
 }
 REFERENCE_MAY_IMPORT = {"layout", "reference"}
 REFERENCE_FROM_PLAN = {"Pattern"}

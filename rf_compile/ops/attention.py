@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops import arm, cost, profile, v2
-from rf_compile.ops.runtime.models import attach_clock, site_state
-from rf_compile.ops.runtime.sites import get_spec
+from rf_compile.ops.runtime.models import SiteState, attach_clock, site_state
+from rf_compile.ops.runtime.sites import SiteSpec, get_spec
 from rf_compile.ops.torch_attention import torch_sparse_attention
 from rf_compile.plan import KERNEL_HEAD_DIMS, Pattern, PlanTable, Variant, build_plan_table, concat_plans, variants_for
 
@@ -348,7 +348,10 @@ def attention(
     return out
 
 
-def _layout_and_kernel(spec, state, q, k, v, attn_mask, sizes) -> tuple[VideoLayout | None, str, str]:
+def _layout_and_kernel(
+    spec: SiteSpec, state: SiteState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    attn_mask: torch.Tensor | None, sizes: list[int],
+) -> tuple[VideoLayout | None, str, str]:  # fmt: skip
     """(layout, kernel, "") of a call the site can run sparse, or (None | layout, "", why it stays dense)."""
     if k.shape[-2] != q.shape[-2]:  # lengths only known per call (data-dependent) turned out different
         return None, "", f"cross-attention at this call (query length {q.shape[-2]}, key length {k.shape[-2]})"

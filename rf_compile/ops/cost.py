@@ -28,6 +28,7 @@ import functools
 
 import torch
 
+from rf_compile.bounded import remember
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops.v2 import keep_count, nonlocal_config, sink_frame_count
@@ -226,8 +227,6 @@ def dense_reason(config: RainFusionConfig, layout: VideoLayout, q: torch.Tensor,
     if key not in _VERDICTS:
         costs = costs_for(q.device, kernel)
         found = estimate(config, layout, int(B), int(H), int(D), costs) if costs is not None else None
-        if len(_VERDICTS) >= MAX_VERDICTS:
-            _VERDICTS.pop(next(iter(_VERDICTS)))
-        _VERDICTS[key] = None if found is None or found.sparse_pays else found.describe()
+        remember(_VERDICTS, key, None if found is None or found.sparse_pays else found.describe(), MAX_VERDICTS)
     return _VERDICTS[key]
 

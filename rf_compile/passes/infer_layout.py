@@ -31,6 +31,7 @@ import sympy
 import torch
 import torch.fx
 
+from rf_compile.bounded import remember
 from rf_compile.layout import VideoLayout
 from rf_compile.passes.dim_rules import propagate_dims
 from rf_compile.passes.nodes import SDPA_TARGETS, example, sdpa_arguments
@@ -82,10 +83,8 @@ def graph_dims(gm: Any, holding: Iterable[torch.fx.Node] = ()) -> GraphDims:
     key = tuple(sorted((str(symbol), int(value)) for symbol, value in (_BINDINGS.get() or {}).items()))
     found = per_bindings.get(key)
     if found is None or found.num_nodes != len(gm.graph.nodes) or any(n not in found.dims for n in holding):
-        found = GraphDims(len(gm.graph.nodes), propagate_dims(gm))
-        if len(per_bindings) >= 16:  # one entry per call shape met at run time: keep the newest few
-            per_bindings.pop(next(iter(per_bindings)))
-        per_bindings[key] = found
+        # One entry per call shape met at run time: keep the newest few.
+        found = remember(per_bindings, key, GraphDims(len(gm.graph.nodes), propagate_dims(gm)), 16)
     return found
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from rf_compile.bounded import remember
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.plan import Variant, variants_for
@@ -44,7 +45,7 @@ class SiteSpec:
         found = self._layouts.get(key)
         if found is None:
             found = self.resolver(dict(zip(self.symbols, sizes)), model, seq_len)
-            _remember(self._layouts, key, found, self.MAX_LAYOUTS)
+            remember(self._layouts, key, found, self.MAX_LAYOUTS)
         return found
 
     def dense_verdict(self, shape_key: tuple) -> str | None:
@@ -57,14 +58,7 @@ class SiteSpec:
         The key must hold all that the verdict depends on besides the site: the call's sizes, its q, k and v
         shapes (as checked), dtype, device and mask shape.
         """
-        _remember(self._dense, shape_key, reason, self.MAX_LAYOUTS)
-
-
-def _remember(cache: dict, key: tuple, value, limit: int) -> None:
-    """``cache[key] = value``, dropping the oldest entry first when ``limit`` are held."""
-    if len(cache) >= limit:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
+        remember(self._dense, shape_key, reason, self.MAX_LAYOUTS)
 
 
 _SPECS: dict[str, SiteSpec] = {}
