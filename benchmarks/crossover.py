@@ -8,9 +8,10 @@ automatic dynamic shapes take the later lengths), then every length runs, the va
 
 - ``inductor``: ``backend="inductor"``;
 - ``rf``: rainfusion's defaults (v1, the cost model on: shapes where sparse would not pay stay dense);
-- ``rf_sparse``: the same with ``cost_model=False``: sparse at every length, to show where it would have lost.
+- ``rf_sparse``: the same with ``cost_model=False``: sparse at every length, to show where it would have lost;
+- ``rf_v2`` (only when asked for): RainFusion 2.0 at its default 80% sparsity, the cost model on.
 
-Both rainfusion variants use ``dense_warmup=0``: every timed call is a sparse-phase call (the warm-up steps of a
+The rainfusion variants use ``dense_warmup=0``: every timed call is a sparse-phase call (the warm-up steps of a
 real loop are dense in every variant), and ``sparsity_ramp=0``: the timed calls share one timestep, where a ramp
 would keep its first step's blocks; flat is the ramp's mean. Per length: two untimed calls of each variant
 (compile, tune), then rounds of one timed call of each variant in turn, for at least 0.3 s of the slowest one's
@@ -65,7 +66,9 @@ VARIANTS = {
     "inductor": {"backend": "inductor"},
     "rf": {"backend": "rainfusion", "options": RF},
     "rf_sparse": {"backend": "rainfusion", "options": {**RF, "cost_model": False}},
+    "rf_v2": {"backend": "rainfusion", "options": {**RF, "mode": "v2"}},
 }
+DEFAULT_VARIANTS = ("inductor", "rf", "rf_sparse")
 
 
 def inputs_at(key: str, tokens: int, layers: int, device: str, dtype: torch.dtype):
@@ -198,7 +201,7 @@ def plot(records: list[dict], path: Path) -> None:
     for model, heads, head_dim, variant in lines:
         points = sorted((r["video_tokens"], r["speedup_vs_inductor"]) for r in records
                         if (r["model"], r["variant"]) == (model, variant))  # fmt: skip
-        style = "-o" if variant == "rf" else ":x"
+        style = {"rf": "-o", "rf_v2": "--s"}.get(variant, ":x")
         ax.plot(*zip(*points), style, label=f"{variant}, {model} ({heads} x {head_dim})")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.axhline(0.98, color="grey", linewidth=0.8, linestyle="--")
@@ -238,7 +241,8 @@ def parse_args() -> argparse.Namespace:
                         help="e2e.py model keys whose head shapes to sweep (default: wan1.3b cogvideox)")
     parser.add_argument("--tokens", nargs="+", type=int, default=list(GRIDS), choices=list(GRIDS),
                         help="video token counts (default: all)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
+                        help="default: inductor rf rf_sparse (inductor always runs: the others' base)")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     parser.add_argument("--reps-s", type=float, default=0.3, help="seconds of timed calls per length (3-20 calls)")
     parser.add_argument("--budget-minutes", type=float, default=4.5,
@@ -247,7 +251,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--name", default="crossover", help="file stem (default crossover)")
     args = parser.parse_args()  # fmt: skip
     args.tokens = sorted(args.tokens)
-    args.variants = [v for v in VARIANTS if v in args.variants]  # inductor first: the others' base
+    args.variants = ["inductor", *(v for v in VARIANTS if v in args.variants and v != "inductor")]
     return args
 
 

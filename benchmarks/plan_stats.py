@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.attention import PATTERNS, SHAPES, pattern_plan  # noqa: E402
 from benchmarks.utils import environment, markdown_table, write_results  # noqa: E402
 from rf_compile.config import ORDERS  # noqa: E402
-from rf_compile.kernels.block_sparse import SCHEDULES, plan_extras  # noqa: E402
+from rf_compile.kernels.block_sparse import SCHEDULES, launch_order, plan_extras  # noqa: E402
 
 SLOTS = {64: 264, 128: 132}  # resident programs on an H100 (132 SMs) per head dim
 
 
 def start_order(extras: dict, heads: int, schedule: str) -> list[tuple[int, int]]:
     """(batch x head, query block) of each program in the order the kernel starts them: ``work_item``'s mapping
-    of launch index to work, with ``SCHEDULES[schedule]``'s query-block order and heavy count."""
-    order_name, heavy_name = SCHEDULES[schedule]
-    order, heavy = extras[order_name].tolist(), int(extras[heavy_name])
+    of launch index to work, with ``schedule``'s query-block order and heavy count (``launch_order``)."""
+    order, heavy = launch_order(extras, schedule, len(extras["q_blocks_heavy_first"]))
+    order, heavy = order.tolist(), int(heavy)
     q_blocks, light = len(order), max(len(order) - heavy, 1)
     work = []
     for item in range(heads * q_blocks):

@@ -100,10 +100,16 @@ class PlanTable:
         Their indices (ascending), padded with 0 past ``kv_num_blocks``.
     block_full: bool [P, Mq, Mk]
         Whether the block at ``kv_indices[p, m, t]`` needs no element mask.
-    full_from: int or None
-        Plans from this index on list only full blocks (v2's predicted plans: no band, every key valid),
-        a fact known on the host, so the kernel's launcher need not sort their lists to put the blocks
-        that need the mask last: only a ragged last key block does, and it is already last. ``None``: none.
+    masked_last: (kv_indices, num_masked) or None
+        The block-sparse kernel's lists, where the builder knows them: ``kv_indices`` with each list's blocks
+        that need the element mask (not ``block_full``, or the ragged last key block) moved after the others,
+        and their count, int32 [P, Mq]. Built once with a static table; v2's ascending lists of whole blocks
+        are already in that form (only a ragged last block needs the mask). ``None``: the kernel's launcher
+        sorts the lists itself, a dozen small device ops on every new table.
+    schedule: (query-block order, heavy count) or None
+        The kernel's heavy-first launch order (``heavy_first_order``) where the builder knows it; ``None``: the
+        launcher finds the heavy rows in the lists. Any order of every query block is correct; heavy first
+        only keeps the longest programs from ending the launch alone.
     """
 
     layout: VideoLayout
@@ -118,7 +124,8 @@ class PlanTable:
     block_full: torch.Tensor
     block_m: int = BLOCK_M
     block_n: int = BLOCK_N
-    full_from: int | None = None
+    masked_last: tuple[torch.Tensor, torch.Tensor] | None = None
+    schedule: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_plans(self) -> int:
@@ -205,6 +212,7 @@ def _build_plan_table(
     kv_num_blocks, kv_indices = listed_blocks(any_blocks)
     listed = torch.arange(kv_indices.shape[-1], device=device) < kv_num_blocks[..., None]
     block_full = torch.gather(full_blocks, -1, kv_indices.long()) & listed
+    Mk = kv_indices.shape[-1]
     return PlanTable(
         layout=layout,
         variants=variants,
@@ -218,7 +226,37 @@ def _build_plan_table(
         block_full=block_full,
         block_m=block_m,
         block_n=block_n,
+        masked_last=lists_masked_last(kv_indices, kv_num_blocks, block_full, N, block_n),
+        schedule=heavy_first_order((kv_num_blocks >= Mk).all(0)),
     )
+
+
+def lists_masked_last(kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor, block_full: torch.Tensor,
+                      seq_len: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_indices, num_masked): each list's blocks that need the element mask after the others, and their count.
+
+    A block needs the mask when it is not ``block_full`` or it is the ragged last key block (its positions past
+    ``seq_len`` must be masked even where the plan calls it full). The softmax does not care about the order; the
+    kernel's unmasked loop then starts at 0, the form Triton's warp specialisation handles.
+    """
+    Mk = kv_indices.shape[-1]
+    live = torch.arange(Mk, device=kv_indices.device) < kv_num_blocks[..., None]
+    ragged = (kv_indices.long() + 1) * block_n > seq_len
+    needs_mask = live & (~block_full | ragged)
+    # Sort key: unmasked blocks 0, masked 1, padding 2 (stable keeps ascending order inside).
+    key = torch.where(live, needs_mask.to(torch.int8), torch.full_like(needs_mask, 2, dtype=torch.int8))
+    perm = torch.sort(key, dim=-1, stable=True).indices
+    return torch.gather(kv_indices, -1, perm).to(torch.int32), needs_mask.sum(-1, dtype=torch.int32)
+
+
+def heavy_first_order(heavy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's launch order of query blocks from bool [Mq] ``heavy`` (blocks every plan lists every key
+    block for: text rows): (int32 [Mq], the heavy ones first, the others after them in order; their count,
+    int32 [1]). On the device, no host sync."""
+    num_heavy = heavy.sum(dtype=torch.int32)
+    rank = torch.where(heavy, heavy.cumsum(0) - 1, num_heavy + (~heavy).cumsum(0) - 1)
+    in_order = torch.arange(heavy.shape[0], dtype=torch.int32, device=heavy.device)
+    return torch.empty_like(in_order).scatter_(0, rank, in_order), num_heavy.reshape(1)
 
 
 def concat_plans(first: PlanTable, second: PlanTable) -> PlanTable:
@@ -247,17 +285,10 @@ def concat_plans(first: PlanTable, second: PlanTable) -> PlanTable:
         block_full=torch.cat([first.block_full, second.block_full]),
         block_m=first.block_m,
         block_n=first.block_n,
-        full_from=_full_from(first, second),
+        masked_last=(None if first.masked_last is None or second.masked_last is None else
+                     tuple(torch.cat(pair) for pair in zip(first.masked_last, second.masked_last))),
+        schedule=first.schedule,  # v1's text rows, which v2's forced rows hold too: a hint, see the attribute
     )
-
-
-def _full_from(first: PlanTable, second: PlanTable) -> int | None:
-    """``full_from`` of ``concat_plans(first, second)``: the full plans must run to the end."""
-    if second.full_from is None:
-        return None
-    if second.full_from == 0 and first.full_from is not None:
-        return first.full_from
-    return first.num_plans + second.full_from
 
 
 def listed_blocks(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

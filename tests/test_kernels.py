@@ -354,26 +354,44 @@ def test_host_descriptors_fall_back_or_say_why(monkeypatch):
 
 
 @pytest.mark.parametrize("layout_name", ["prefix", "none_tail", "none_even"])
-def test_full_plans_skip_the_sort_and_keep_its_lists(layout_name):
-    """``full_from`` (v2's plans, and v1's predicted heads appended to its static plans) lets the launcher
-    skip sorting those lists; the kernel's lists and masked counts must equal the general sort's."""
+def test_tables_bring_the_kernels_lists_and_launch_order(layout_name):
+    """v1's static tables (built once), v2's predicted ones (one a call) and their concatenation (v1's predicted
+    non-local heads) bring the kernel's lists, masked blocks last and counted, and its heavy-first order: they
+    must equal what the launcher derives from the plain lists, and a v2 table's must cost no device op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from rf_compile.kernels.block_sparse import plan_extras
     from rf_compile.ops import v2
     from rf_compile.plan import concat_plans
 
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
     layout = LAYOUTS[layout_name]
     q, k, _ = make_qkv(2, 2, layout.seq_len, 64, torch.float32)
-    predicted = v2.predict_plan(q, k, layout, RainFusionConfig(mode="v2", sparsity=0.6, tile=(1, 4, 8)), block=32)
+    config = RainFusionConfig(mode="v2", sparsity=0.6, tile=(1, 4, 8))
+    predicted = v2.predict_plan(q, k, layout, config, block=32)
     static = build_plan_table(layout, V1, DEVICE, 32, 32)
     both = concat_plans(static, predicted)
-    assert (predicted.full_from, both.full_from) == (0, static.num_plans)
-    for table in (predicted, both):
-        fast = plan_extras(table)
-        sorted_ = plan_extras(dataclasses.replace(table, full_from=None))
-        for name in ("kv_indices", "num_masked"):
-            torch.testing.assert_close(fast[name], sorted_[name], msg=name)
+    for table in (static, predicted, both):
+        assert table.masked_last is not None and table.schedule is not None
+        made = plan_extras(table)
+        derived = plan_extras(dataclasses.replace(table, masked_last=None, schedule=None))
+        for name in ("kv_indices", "num_masked", "q_blocks_heavy_first", "num_heavy"):
+            torch.testing.assert_close(made[name], derived[name], msg=name)
     ragged = layout.seq_len % 32 != 0
-    assert (fast["num_masked"][static.num_plans:].sum() > 0) == ragged  # the diagonal keeps the ragged block
+    assert (made["num_masked"][static.num_plans:].sum() > 0) == ragged  # the diagonal keeps the ragged block
+    assert int(made["num_heavy"]) > 0 or layout.prefix + layout.suffix == 0
+    table = v2.predict_plan(q, k, layout, config, block=32)
+    with Ops() as ops:
+        plan_extras(table)
+    assert ops.seen == []
 
 
 @pytest.mark.parametrize("launch", [(64, 4), (32, 2)])

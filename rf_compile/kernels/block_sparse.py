@@ -58,10 +58,10 @@ from rf_compile.kernels.sparse_config import (
 )
 from rf_compile.kernels.sparse_loop import block_sparse_fwd_kernel
 from rf_compile.kernels.sparse_tiles import HOST_DESCRIPTOR_ARGS, host_descriptors, permute_rows_kernel
-from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable
+from rf_compile.plan import KERNEL_HEAD_DIMS, PlanTable, heavy_first_order, lists_masked_last
 
-__all__ = ["DESCRIPTORS", "SCHEDULES", "block_sparse_attention", "fp8_runs", "gpu_configs", "permuted_inputs",
-           "plan_extras", "restore_rows"]
+__all__ = ["DESCRIPTORS", "SCHEDULES", "block_sparse_attention", "fp8_runs", "gpu_configs", "launch_order",
+           "permuted_inputs", "plan_extras", "restore_rows"]
 
 # Benchmarks set this to a ``triton.Config`` to bypass the autotuner (tuning sweeps).
 _FORCED_CONFIG: triton.Config | None = None
@@ -70,27 +70,22 @@ _FORCED_CONFIG: triton.Config | None = None
 def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     """Per-table tensors the kernel needs beyond the plan, computed once and cached on the table.
 
-    ``kv_indices``: the plan's key blocks with the ones that need the element mask last (order
-    does not matter to the softmax; the unmasked loop then starts at 0, the form Triton's warp
-    specialisation handles), ``num_masked``: how many of those there are. A block needs
-    the mask when it is not ``block_full`` or it is the ragged last key block (its positions past
-    N must be masked even where the plan calls it full). Plans from ``table.full_from`` on are
-    already in that order (v2's, predicted each call): their lists are not sorted again.
+    ``kv_indices``: the plan's key blocks with the ones that need the element mask last, ``num_masked``: how
+    many of those there are (``plan.lists_masked_last``; the table's own ``masked_last`` where its builder made
+    them). ``q_blocks_heavy_first`` / ``num_heavy``: the launch order of ``schedule="heavy_first"``
+    (``work_item``; the table's ``schedule`` where known).
+    A table that brings both makes this a few lookups: v2 builds one each call, possibly in a CUDA graph.
     """
     cache = table.__dict__.get("_block_sparse_extras")
     if cache is not None:
         return cache
-    P = table.num_plans
-    full_from = P if table.full_from is None else table.full_from
-    parts = []
-    if full_from > 0:
-        parts.append(_masked_last(table.kv_indices[:full_from], table.kv_num_blocks[:full_from],
-                                  table.block_full[:full_from], table))
-    if full_from < P:
-        parts.append(_ragged_last(table.kv_indices[full_from:], table.kv_num_blocks[full_from:], table))
-    kv_indices, num_masked = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*parts))
+    Mk = table.kv_indices.shape[-1]
+    kv_indices, num_masked = table.masked_last or lists_masked_last(
+        table.kv_indices, table.kv_num_blocks, table.block_full, table.layout.seq_len, table.block_n)
+    order, num_heavy = table.schedule or heavy_first_order((table.kv_num_blocks >= Mk).all(0))
     cache = {
-        **_heavy_first(table),
+        "q_blocks_heavy_first": order,
+        "num_heavy": num_heavy,
         "kv_indices": kv_indices.to(torch.int32).contiguous(),
         "num_masked": num_masked.to(torch.int32).contiguous(),
         "orders": table.orders.to(torch.int32).contiguous(),
@@ -104,52 +99,12 @@ def plan_extras(table: PlanTable) -> dict[str, torch.Tensor]:
     return cache
 
 
-def _heavy_first(table: PlanTable) -> dict[str, torch.Tensor]:
-    """The kernel's query-block orders (``work_item``): ``q_blocks_heavy_first`` lists the query blocks that
-    see every key block in every plan (text rows) first, the others after them in order, with their count in
-    ``num_heavy`` (int32 [1]); ``q_blocks_in_order`` and ``no_heavy`` give the plain launch order. On the
-    device, without a host sync (v2 builds a table each call, possibly inside a CUDA graph)."""
-    P, Mq, Mk = table.kv_indices.shape
-    heavy = (table.kv_num_blocks >= Mk).all(0)
-    num_heavy = heavy.sum(dtype=torch.int32)
-    rank = torch.where(heavy, heavy.cumsum(0) - 1, num_heavy + (~heavy).cumsum(0) - 1)
-    in_order = torch.arange(Mq, dtype=torch.int32, device=heavy.device)
-    return {
-        "q_blocks_heavy_first": torch.empty_like(in_order).scatter_(0, rank, in_order),
-        "num_heavy": num_heavy.reshape(1),
-        "q_blocks_in_order": in_order,
-        "no_heavy": torch.zeros(1, dtype=torch.int32, device=heavy.device),
-    }
-
-
-def _masked_last(kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor, block_full: torch.Tensor,
-                 table: PlanTable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any plans: a stable sort puts the blocks that need the mask after the others."""
-    Mk = kv_indices.shape[-1]
-    live = torch.arange(Mk, device=kv_indices.device) < kv_num_blocks[..., None]
-    ragged = (kv_indices.long() + 1) * table.block_n > table.layout.seq_len
-    needs_mask = live & (~block_full | ragged)
-    # Sort key: unmasked blocks 0, masked 1, padding 2 (stable keeps ascending order inside).
-    key = torch.where(live, needs_mask.to(torch.int8), torch.full_like(needs_mask, 2, dtype=torch.int8))
-    perm = torch.sort(key, dim=-1, stable=True).indices
-    return torch.gather(kv_indices, -1, perm), needs_mask.sum(-1, dtype=torch.int32)
-
-
-def _ragged_last(kv_indices: torch.Tensor, kv_num_blocks: torch.Tensor,
-                 table: PlanTable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plans of full blocks in ascending lists: only a ragged last key block needs the mask, already last."""
-    if table.layout.seq_len % table.block_n == 0:
-        return kv_indices, torch.zeros_like(kv_num_blocks, dtype=torch.int32)
-    last = torch.gather(kv_indices, -1, (kv_num_blocks.long() - 1).clamp(min=0)[..., None])[..., 0]
-    return kv_indices, ((kv_num_blocks > 0) & (last == kv_indices.shape[-1] - 1)).to(torch.int32)
-
-
 # Rows and warps per program of the row copies. Their time, next to the kernel's: ``benchmarks/attention.py``'s
 # ``copies_ms`` (v2's tile order copies every head), which ``--copy-launches`` times at other values.
 COPY_LAUNCH = (64, 4)
 
-# schedule= option -> plan_extras' (query-block order, heavy count) that work_item reads.
-SCHEDULES = {"heavy_first": ("q_blocks_heavy_first", "num_heavy"), "grid": ("q_blocks_in_order", "no_heavy")}
+# schedule= option values: the query-block order work_item reads (plan_extras' heavy-first one, or the grid's).
+SCHEDULES = ("heavy_first", "grid")
 
 # descriptors= option values: who makes the TMA descriptors ("auto": the host where it can, else the device).
 DESCRIPTORS = ("device", "host", "auto")
@@ -353,7 +308,7 @@ def block_sparse_attention(
             meta = dict(_FORCED_CONFIG.kwargs, num_warps=_FORCED_CONFIG.num_warps,
                         num_stages=_FORCED_CONFIG.num_stages)
         _launch(kernel, grid, meta, tensors, copies, extras, voh, stride_biasb, table, N, D, scale, loop_pass,
-                key_bias is not None, use_tma, SCHEDULES[schedule], host)
+                key_bias is not None, use_tma, schedule, host)
     if use_tma:
         restore_rows(out, op, extras, voh)
     return out
@@ -387,9 +342,18 @@ def _permute_heads(x: torch.Tensor, xp: torch.Tensor, extras: dict, which: torch
     )
 
 
+def launch_order(extras: dict, schedule: str, num_q_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query-block order and heavy count ``work_item`` reads for option ``schedule``."""
+    if schedule == "heavy_first":
+        return extras["q_blocks_heavy_first"], extras["num_heavy"]
+    device = extras["num_heavy"].device  # "grid": made per call (a benchmark's option), so never in a graph's pool
+    in_order = torch.arange(num_q_blocks, dtype=torch.int32, device=device)
+    return in_order, torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, extras, voh, stride_biasb,
             table: PlanTable, N: int, D: int, scale: float | None, loop_pass: int, has_bias: bool,
-            use_tma: bool, schedule: tuple[str, str], host: dict | None) -> None:
+            use_tma: bool, schedule: str, host: dict | None) -> None:
     """One launch of the attention kernel (one ``LOOP`` pass) over every (query block, batch x head).
 
     ``tensors``: q, k, v, their scratch copies, out, its scratch, the bias and the LSE buffer; the
@@ -413,7 +377,7 @@ def _launch(kernel, grid, meta, tensors: tuple, copies: QuantizedCopies | None, 
     kernel[grid](
         q, k, v, qp, kp, vp, out, op, bias, lse, *scales,
         extras["orders"], extras["q_order"], extras["kv_order"], extras["band"], extras["kv_valid"],
-        extras["kv_num_blocks"], extras["num_masked"], extras["kv_indices"], voh, *(extras[n] for n in schedule),
+        extras["kv_num_blocks"], extras["num_masked"], extras["kv_indices"], voh, *launch_order(extras, schedule, Mq),
         *(host[name] for name in HOST_DESCRIPTOR_ARGS),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

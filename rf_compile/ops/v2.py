@@ -29,7 +29,7 @@ import torch
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops.shared_budget import select_shared
-from rf_compile.plan import BLOCK_M, PlanTable, listed_blocks
+from rf_compile.plan import BLOCK_M, PlanTable, heavy_first_order, listed_blocks
 
 
 def default_tile(layout: VideoLayout, block: int = BLOCK_M) -> tuple[int, int, int]:
@@ -204,6 +204,7 @@ class _Static:
     plan_order: torch.Tensor  # int32 [P]: the order every plan reads (0: in place, for ``order="tokens"``)
     no_band: torch.Tensor  # int32 [P] of -1: no band, the blocks are the mask
     kv_valid: torch.Tensor  # int32 [P] of N
+    schedule: tuple[torch.Tensor, torch.Tensor]  # the kernel's launch order: the forced (text, sink) rows first
 
 
 @functools.lru_cache(maxsize=32)
@@ -226,6 +227,7 @@ def _static(layout, tile, sinks, block, device: str, plans: int, order_name: str
         plan_order=(ones if tiles or layout.shards > 1 else ones * 0).to(device),
         no_band=(-ones).to(device),
         kv_valid=(ones * N).to(device),
+        schedule=tuple(t.to(device) for t in heavy_first_order(always.all(1))),  # forced rows list every block
     )
 
 
@@ -238,7 +240,8 @@ def block_lists(
     dense: torch.Tensor | None = None,
     fused: bool = False,
     keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ragged: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block lists of v2 plans from block means: scores, softmax, selection, forced blocks.
 
     Parameters
@@ -253,10 +256,13 @@ def block_lists(
         Rows of more than ``block_select.MAX_BLOCKS`` blocks take the PyTorch path.
     keep: int32 [P], optional
         Key blocks per query block of each plan instead of ``keep_count(M, config)``.
+    ragged:
+        Whether the last key block is ragged (the sequence is not a whole number of blocks): the one block of
+        these lists that needs the element mask, where a list has it (last, as the lists ascend).
 
     Returns
     -------
-    kv_num_blocks int32 [P, M], kv_indices int32 [P, M, M], block_full bool [P, M, M]
+    kv_num_blocks int32 [P, M], kv_indices int32 [P, M, M], block_full bool [P, M, M], num_masked int32 [P, M]
     """
     M = always.shape[0]
     if fused:
@@ -265,17 +271,20 @@ def block_lists(
         if M <= MAX_BLOCKS:
             mass = config.mass if config.select == "mass" else None
             budget = keep_count(M, config) if keep is None else keep
-            return block_select(pooled_q, pooled_k, always, scale, budget, mass, dense)
+            return block_select(pooled_q, pooled_k, always, scale, budget, mass, dense, ragged=ragged)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    return _lists_of(select_blocks(scores, config, always, keep), dense)
+    return _lists_of(select_blocks(scores, config, always, keep), dense, ragged)
 
 
-def _lists_of(chosen: torch.Tensor, dense: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kv_num_blocks, kv_indices, block_full) of chosen blocks bool [P, M, M]; every block where ``dense``."""
+def _lists_of(chosen: torch.Tensor, dense: torch.Tensor | None,
+              ragged: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``block_lists``' four tensors from chosen blocks bool [P, M, M]; every block where ``dense``."""
     if dense is not None:
         chosen = chosen | dense
     kv_num_blocks, kv_indices = listed_blocks(chosen)
-    return kv_num_blocks, kv_indices, torch.arange(chosen.shape[-1], device=chosen.device) < kv_num_blocks[..., None]
+    block_full = torch.arange(chosen.shape[-1], device=chosen.device) < kv_num_blocks[..., None]
+    num_masked = chosen[..., -1].to(torch.int32) if ragged else torch.zeros_like(kv_num_blocks)
+    return kv_num_blocks, kv_indices, block_full, num_masked
 
 
 def shared_block_lists(
@@ -285,11 +294,13 @@ def shared_block_lists(
     scale: float,
     config: RainFusionConfig,
     dense: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ragged: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``block_lists`` for a pooled ``budget`` (block means float32 [B, H, M, D]): lists of B * H plans."""
     B, H, M, _ = pooled_q.shape
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    return _lists_of(select_shared(scores, config, always, keep_count(M, config)).reshape(B * H, M, M), dense)
+    chosen = select_shared(scores, config, always, keep_count(M, config)).reshape(B * H, M, M)
+    return _lists_of(chosen, dense, ragged)
 
 
 def _predict(
@@ -304,12 +315,13 @@ def _predict(
     keep = None
     if densities is not None:  # ceil(M * d) per head, on the device
         keep = torch.ceil(densities.double() * M - SHARE_ROUNDING).clamp(1, M).to(torch.int32).repeat(B)
+    ragged = N % block != 0
     if config.budget != "query_block" and densities is None:
         pooled = pooled_q.reshape(B, H, M, D), pooled_k.reshape(B, H, M, D)
-        lists = shared_block_lists(*pooled, static.always, scale, config, dense)
+        lists = shared_block_lists(*pooled, static.always, scale, config, dense, ragged)
     else:
-        lists = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused, keep)
-    kv_num_blocks, kv_indices, block_full = lists
+        lists = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused, keep, ragged)
+    kv_num_blocks, kv_indices, block_full, num_masked = lists
     return PlanTable(
         layout=layout,
         variants=(),
@@ -323,5 +335,6 @@ def _predict(
         block_full=block_full,
         block_m=block,
         block_n=block,
-        full_from=0,  # no band, every key valid: every listed block is whole
+        masked_last=(kv_indices, num_masked),  # no band, every key valid: only a ragged last block needs the mask
+        schedule=static.schedule,
     )
