@@ -123,11 +123,10 @@ def select_resources(blocks: int, mass: bool, head_dim: int, target: GPUTarget, 
     constants = dict(HEAD_DIM=head_dim, BLOCK_Q=block_q, M_PAD=m_pad, LANES=block_select._LANES, MASS=mass,
                      LANE_DIM=lane_dim, CHUNK_DIM=2 - lane_dim,
                      HAS_DENSE=True, PER_PLAN_KEEP=False, ONE_BITS=block_select._ONE_BITS,
-                     STEPS=block_select._BISECT_STEPS, RAGGED=True,  # the masked count's reduction compiled in
+                     STEPS=block_select._BISECT_STEPS,
                      stride_qd=1, stride_km=1)  # fmt: skip  (query means [P, M, D], key means [P, D, M])
     types = {"PooledQ": "*fp32", "PooledK": "*fp32", "NumBlocks": "*i32", "Indices": "*i32", "mass": "fp32",
-             "qk_scale": "fp32", "Always": "*u8", "Dense": "*u8", "Keep": "*i32", "Full": "*u8",
-             "NumMasked": "*i32"}  # fmt: skip
+             "qk_scale": "fp32", "Always": "*u8", "Dense": "*u8", "Keep": "*i32", "Full": "*u8"}  # fmt: skip
     signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
     # Specialised as at run time: 16-byte aligned pointers, and the integers a launch at this size passes
     # marked divisible by 16 where they are, unless the kernel opts out (``do_not_specialize``: M = 256

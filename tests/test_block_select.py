@@ -9,12 +9,14 @@ may resolve differently.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from rf_compile.config import RainFusionConfig
+from rf_compile.kernels.block_sparse import plan_extras
 from rf_compile.layout import VideoLayout
 from rf_compile.ops import v2
 
@@ -51,24 +53,20 @@ def ambiguous_rows(pooled_q, pooled_k, scale, config, always, rtol=1e-5) -> torc
     return near | (inside & ((last - following) < rtol * last))
 
 
-def assert_same_lists(fused, reference, ambiguous=None, ragged=False):
-    """Equal counts, index lists, full flags and masked counts, row by row (rows in ``ambiguous`` may differ);
-    the masked count is 1 exactly where the sequence is ``ragged`` and a list holds the last key block."""
-    (num, idx, full, masked), (ref_num, ref_idx, ref_full, ref_masked) = fused, reference
-    assert num.dtype == idx.dtype == masked.dtype == torch.int32 and full.dtype == torch.bool
-    assert num.shape == ref_num.shape == masked.shape and idx.shape == ref_idx.shape and full.shape == ref_full.shape
-    M = idx.shape[-1]
-    holds_last = ((idx == M - 1) & (torch.arange(M, device=idx.device) < num[..., None])).any(-1)
-    assert torch.equal(masked, (holds_last & ragged).to(torch.int32))
-    same = (num == ref_num) & (idx == ref_idx).all(-1) & (full == ref_full).all(-1) & (masked == ref_masked)
+def assert_same_lists(fused, reference, ambiguous=None):
+    """Equal counts, index lists and full flags, row by row (rows in ``ambiguous`` may differ)."""
+    (num, idx, full), (ref_num, ref_idx, ref_full) = fused, reference
+    assert num.dtype == idx.dtype == torch.int32 and full.dtype == torch.bool
+    assert num.shape == ref_num.shape and idx.shape == ref_idx.shape and full.shape == ref_full.shape
+    same = (num == ref_num) & (idx == ref_idx).all(-1) & (full == ref_full).all(-1)
     if ambiguous is not None:
         same |= ambiguous
     assert same.all(), f"{int((~same).sum())} rows differ, first at {(~same).nonzero()[0].tolist()}"
 
 
-def both_paths(pooled_q, pooled_k, always, scale, config, dense=None, ragged=False):
+def both_paths(pooled_q, pooled_k, always, scale, config, dense=None):
     args = (pooled_q, pooled_k, always, scale, config, dense)
-    return v2.block_lists(*args, fused=True, ragged=ragged), v2.block_lists(*args, fused=False, ragged=ragged)
+    return v2.block_lists(*args, fused=True), v2.block_lists(*args, fused=False)
 
 
 CONFIGS = {
@@ -94,11 +92,10 @@ def test_fused_lists_equal_the_torch_path(config_name, M, D, lane_dim, monkeypat
     pooled_k = torch.randn(P, M, D, device=DEVICE)
     always = forced_blocks(M, forced=min(2, M - 1))
     scale = D**-0.5
-    ragged = M % 2 == 1  # the last key block holds fewer tokens (the attention kernel masks it)
-    fused, reference = both_paths(pooled_q, pooled_k, always, scale, config, ragged=ragged)
+    fused, reference = both_paths(pooled_q, pooled_k, always, scale, config)
     ambiguous = ambiguous_rows(pooled_q, pooled_k, scale, config, always)
     assert ambiguous.float().mean() < 0.05
-    assert_same_lists(fused, reference, ambiguous, ragged)
+    assert_same_lists(fused, reference, ambiguous)
     if config_name == "mass" and M > 8:  # both branches of the mass rule ran
         free = v2.block_lists(pooled_q, pooled_k, torch.zeros_like(always), scale, config)[0]
         assert (free < v2.keep_count(M, config)).any() and (free == v2.keep_count(M, config)).any()
@@ -112,8 +109,8 @@ def test_dense_flag_keeps_every_block(select):
     always = forced_blocks(M, forced=1)
     for flag in (False, True):
         dense = torch.tensor(flag, device=DEVICE)
-        fused, reference = both_paths(pooled_q, pooled_k, always, D**-0.5, config, dense, ragged=True)
-        assert_same_lists(fused, reference, ragged=True)
+        fused, reference = both_paths(pooled_q, pooled_k, always, D**-0.5, config, dense)
+        assert_same_lists(fused, reference)
         assert bool((fused[0] == M).all()) == flag
 
 
@@ -135,7 +132,7 @@ def test_ties_keep_the_torch_count_and_the_lowest_blocks(select):
     P, M, D = 2, 20, 16
     pooled_q, pooled_k = torch.zeros(P, M, D, device=DEVICE), torch.randn(P, M, D, device=DEVICE)
     always = torch.zeros(M, M, dtype=torch.bool, device=DEVICE)
-    num, idx, full, _ = v2.block_lists(pooled_q, pooled_k, always, 1.0, config, fused=True)
+    num, idx, full = v2.block_lists(pooled_q, pooled_k, always, 1.0, config, fused=True)
     ref_num = v2.block_lists(pooled_q, pooled_k, always, 1.0, config)[0]
     expected = math.ceil(0.43 * M) if select == "mass" else v2.keep_count(M, config)  # 9 of 1/20 each, or 10
     assert (num == expected).all() and torch.equal(num, ref_num)
@@ -151,7 +148,7 @@ def test_tie_at_the_threshold_fills_by_index():
     pooled_q = torch.ones(1, M, 1, device=DEVICE)
     pooled_k = logits.view(1, M, 1)
     always = torch.zeros(M, M, dtype=torch.bool, device=DEVICE)
-    num, idx, _, _ = v2.block_lists(pooled_q, pooled_k, always, 1.0, config, fused=True)
+    num, idx, _ = v2.block_lists(pooled_q, pooled_k, always, 1.0, config, fused=True)
     assert (num == 4).all()
     assert idx[0, :, :4].tolist() == [[1, 2, 3, 10]] * M
 
@@ -188,10 +185,14 @@ def test_predict_plan_fused_equals_torch(layout, select):
     for dense in (None, torch.tensor(False, device=DEVICE)):
         fused = v2.predict_plan(q, k, layout, config, block=16, dense=dense, fused=True)
         reference = v2.predict_plan(q, k, layout, config, block=16, dense=dense, fused=False)
-        lists = [(t.kv_num_blocks, t.kv_indices, t.block_full, t.masked_last[1]) for t in (fused, reference)]
-        assert_same_lists(*lists, ragged=layout.seq_len % 16 != 0)
-        assert fused.masked_last[0] is fused.kv_indices  # ascending lists of whole blocks: already the kernel's
+        lists = [(t.kv_num_blocks, t.kv_indices, t.block_full) for t in (fused, reference)]
+        assert_same_lists(*lists)
         assert fused.density().max() < 1.0
+        # The kernel's lists and launch order the table brings, against the launcher's general derivation.
+        made = plan_extras(fused)
+        derived = plan_extras(dataclasses.replace(fused, masked_last=None, schedule=None))
+        for name in ("kv_indices", "num_masked", "q_blocks_heavy_first", "num_heavy"):
+            assert torch.equal(made[name], derived[name]), name
 
 
 # -- GPU ----------------------------------------------------------------------------------------
@@ -237,8 +238,8 @@ def test_gpu_predict_plan_fused_equals_torch():
     pooled_q, pooled_k = (v2.block_means(x, static, block).reshape(B * H, M, D) for x in (q, k))
     ambiguous = ambiguous_rows(pooled_q, pooled_k, D**-0.5, config, static.always)
     assert ambiguous.float().mean() < 0.01
-    lists = [(t.kv_num_blocks, t.kv_indices, t.block_full, t.masked_last[1]) for t in (fused, reference)]
-    assert_same_lists(*lists, ambiguous, ragged=layout.seq_len % block != 0)
+    lists = [(t.kv_num_blocks, t.kv_indices, t.block_full) for t in (fused, reference)]
+    assert_same_lists(*lists, ambiguous)
 
 
 @pytest.mark.parametrize("select", ["topk", "mass"])

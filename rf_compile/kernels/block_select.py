@@ -5,8 +5,7 @@ queries against every pooled key block, takes the softmax over key blocks, selec
 (``select_blocks`` of ``ops.v2``: top-k count, or the cumulative-mass prefix of the top-k), takes the
 forced blocks (text / sink rows and columns, the diagonal) first and inside the budget, ORs in the dense
 warm-up flag, and writes
-``kv_num_blocks``, ``kv_indices`` (ascending, padded with 0), ``block_full`` and the attention kernel's
-``num_masked`` (1 where a list holds a ragged last key block) directly. No
+``kv_num_blocks``, ``kv_indices`` (ascending, padded with 0) and ``block_full`` directly. No
 [plans, M, M] float tensor is written; the PyTorch path writes three (scores, scaled scores, softmax),
 bool and int8 masks of that size, and sorts every row (int64 indices).
 
@@ -103,14 +102,14 @@ def _row_cumsum(x, LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr):
 # lowers the row scans for sm_90 with a layout its ScanOpToLLVM asserts on (crashed on the H200).
 @triton.jit(do_not_specialize=["M", "keep", "stride_qp", "stride_qm", "stride_kp", "stride_kd"])
 def _block_select_kernel(
-    PooledQ, PooledK, Always, Dense, Keep, NumBlocks, Indices, Full, NumMasked,
+    PooledQ, PooledK, Always, Dense, Keep, NumBlocks, Indices, Full,
     stride_qp, stride_qm, stride_qd,
     stride_kp, stride_km, stride_kd,
     M, keep, mass, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, M_PAD: tl.constexpr, LANES: tl.constexpr,
     LANE_DIM: tl.constexpr, CHUNK_DIM: tl.constexpr,
     MASS: tl.constexpr, HAS_DENSE: tl.constexpr, PER_PLAN_KEEP: tl.constexpr, ONE_BITS: tl.constexpr,
-    STEPS: tl.constexpr, RAGGED: tl.constexpr,
+    STEPS: tl.constexpr,
 ):  # fmt: skip
     # A tile is 3-D: query-block rows on dim 1, key block ``chunk * LANES + lane`` on the other two (see
     # ``_lane_dim``), laid out with lanes over a warp and rows over warps: a row lives in one warp
@@ -199,13 +198,6 @@ def _block_select_kernel(
     tl.store(Indices + base + local * M + position, tl.where(chosen, cols, 0), mask=live)
     tl.store(Full + base + tile, (cols < total).to(tl.uint8), mask=live)
     tl.store(NumBlocks + plan * M + row0 + local, total, mask=live_row)
-    # -- the attention kernel's masked count: a ragged last key block where it is kept (listed last: lists ascend).
-    # Last, as the row reduction raises the registers at 591 blocks (8 bytes spilled at top-k, sm_90) --
-    if RAGGED:
-        masked = _row_sum((chosen & (cols == M - 1)).to(tl.int32), LANE_DIM, CHUNK_DIM)
-    else:
-        masked = tl.zeros_like(total)
-    tl.store(NumMasked + plan * M + row0 + local, masked, mask=live_row)
 
 
 def _lane_dim() -> int:
@@ -243,8 +235,7 @@ def block_select(
     mass: float | None = None,
     dense: torch.Tensor | None = None,
     num_warps: int | None = None,
-    ragged: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Key blocks per query block from pooled scores, as ``ops.v2.select_blocks`` + ``plan.listed_blocks``.
 
     Parameters
@@ -268,16 +259,12 @@ def block_select(
         on the host.
     num_warps:
         Override of the launch's warps (default: ``launch_shape``).
-    ragged:
-        Whether the last key block is ragged (the sequence is not a whole number of blocks).
 
     Returns
     -------
     kv_num_blocks: int32 [P, M]
     kv_indices: int32 [P, M, M], ascending, padded with 0
     block_full: bool [P, M, M], True at the listed positions
-    num_masked: int32 [P, M], the listed blocks that need the attention kernel's element mask: 1 where
-        ``ragged`` and the last key block is kept (it is then listed last), else 0
     """
     assert pooled_q.dim() == 3 and pooled_k.shape == pooled_q.shape, (
         f"pooled_q and pooled_k must be [P, M, D] of one shape, got {tuple(pooled_q.shape)}, {tuple(pooled_k.shape)}"
@@ -302,16 +289,15 @@ def block_select(
     kv_num_blocks = torch.empty(P, M, dtype=torch.int32, device=device)
     kv_indices = torch.empty(P, M, M, dtype=torch.int32, device=device)
     block_full = torch.empty(P, M, M, dtype=torch.bool, device=device)
-    num_masked = torch.empty(P, M, dtype=torch.int32, device=device)
     always_u8 = always.view(torch.uint8)
     dense_u8 = always_u8 if dense is None else dense.reshape(()).to(torch.bool).view(torch.uint8)
     _block_select_kernel[(triton.cdiv(M, block_q), P)](
         pooled_q, pooled_k, always_u8, dense_u8, keep if per_plan else kv_num_blocks, kv_num_blocks, kv_indices,
-        block_full.view(torch.uint8), num_masked, *pooled_q.stride(), *pooled_k.stride(),
+        block_full.view(torch.uint8), *pooled_q.stride(), *pooled_k.stride(),
         M, 0 if per_plan else keep, 0.0 if mass is None else float(mass), scale * 1.44269504,  # log2(e): exp2
         HEAD_DIM=D, BLOCK_Q=block_q, M_PAD=m_pad, LANES=_LANES, LANE_DIM=lane_dim, CHUNK_DIM=2 - lane_dim,
         MASS=mass is not None, HAS_DENSE=dense is not None, PER_PLAN_KEEP=per_plan, ONE_BITS=_ONE_BITS,
-        STEPS=_BISECT_STEPS, RAGGED=ragged,
+        STEPS=_BISECT_STEPS,
         num_warps=warps if num_warps is None else num_warps,
     )  # fmt: skip
-    return kv_num_blocks, kv_indices, block_full, num_masked
+    return kv_num_blocks, kv_indices, block_full

@@ -240,8 +240,7 @@ def block_lists(
     dense: torch.Tensor | None = None,
     fused: bool = False,
     keep: torch.Tensor | None = None,
-    ragged: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block lists of v2 plans from block means: scores, softmax, selection, forced blocks.
 
     Parameters
@@ -256,13 +255,10 @@ def block_lists(
         Rows of more than ``block_select.MAX_BLOCKS`` blocks take the PyTorch path.
     keep: int32 [P], optional
         Key blocks per query block of each plan instead of ``keep_count(M, config)``.
-    ragged:
-        Whether the last key block is ragged (the sequence is not a whole number of blocks): the one block of
-        these lists that needs the element mask, where a list has it (last, as the lists ascend).
 
     Returns
     -------
-    kv_num_blocks int32 [P, M], kv_indices int32 [P, M, M], block_full bool [P, M, M], num_masked int32 [P, M]
+    kv_num_blocks int32 [P, M], kv_indices int32 [P, M, M], block_full bool [P, M, M]
     """
     M = always.shape[0]
     if fused:
@@ -271,20 +267,17 @@ def block_lists(
         if M <= MAX_BLOCKS:
             mass = config.mass if config.select == "mass" else None
             budget = keep_count(M, config) if keep is None else keep
-            return block_select(pooled_q, pooled_k, always, scale, budget, mass, dense, ragged=ragged)
+            return block_select(pooled_q, pooled_k, always, scale, budget, mass, dense)
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    return _lists_of(select_blocks(scores, config, always, keep), dense, ragged)
+    return _lists_of(select_blocks(scores, config, always, keep), dense)
 
 
-def _lists_of(chosen: torch.Tensor, dense: torch.Tensor | None,
-              ragged: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``block_lists``' four tensors from chosen blocks bool [P, M, M]; every block where ``dense``."""
+def _lists_of(chosen: torch.Tensor, dense: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kv_num_blocks, kv_indices, block_full) of chosen blocks bool [P, M, M]; every block where ``dense``."""
     if dense is not None:
         chosen = chosen | dense
     kv_num_blocks, kv_indices = listed_blocks(chosen)
-    block_full = torch.arange(chosen.shape[-1], device=chosen.device) < kv_num_blocks[..., None]
-    num_masked = chosen[..., -1].to(torch.int32) if ragged else torch.zeros_like(kv_num_blocks)
-    return kv_num_blocks, kv_indices, block_full, num_masked
+    return kv_num_blocks, kv_indices, torch.arange(chosen.shape[-1], device=chosen.device) < kv_num_blocks[..., None]
 
 
 def shared_block_lists(
@@ -294,13 +287,22 @@ def shared_block_lists(
     scale: float,
     config: RainFusionConfig,
     dense: torch.Tensor | None = None,
-    ragged: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``block_lists`` for a pooled ``budget`` (block means float32 [B, H, M, D]): lists of B * H plans."""
     B, H, M, _ = pooled_q.shape
     scores = torch.softmax(pooled_q @ pooled_k.transpose(-1, -2) * scale, dim=-1)
-    chosen = select_shared(scores, config, always, keep_count(M, config)).reshape(B * H, M, M)
-    return _lists_of(chosen, dense, ragged)
+    return _lists_of(select_shared(scores, config, always, keep_count(M, config)).reshape(B * H, M, M), dense)
+
+
+def _ragged_last_kept(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, seq_len: int,
+                     block: int) -> torch.Tensor:
+    """int32 [P, M]: the kernel's masked count of v2's lists (no band, every key valid, so every listed block is
+    whole but a ragged last one, listed last as the lists ascend): 1 where a list ends with it. A gather of each
+    list's last entry on a ragged sequence, where the launcher's general path would sort every list."""
+    if seq_len % block == 0:
+        return torch.zeros_like(kv_num_blocks)
+    last = kv_indices.gather(-1, (kv_num_blocks.long() - 1).clamp_(min=0).unsqueeze(-1)).squeeze(-1)
+    return ((last == kv_indices.shape[-1] - 1) & (kv_num_blocks > 0)).to(torch.int32)
 
 
 def _predict(
@@ -315,13 +317,12 @@ def _predict(
     keep = None
     if densities is not None:  # ceil(M * d) per head, on the device
         keep = torch.ceil(densities.double() * M - SHARE_ROUNDING).clamp(1, M).to(torch.int32).repeat(B)
-    ragged = N % block != 0
     if config.budget != "query_block" and densities is None:
         pooled = pooled_q.reshape(B, H, M, D), pooled_k.reshape(B, H, M, D)
-        lists = shared_block_lists(*pooled, static.always, scale, config, dense, ragged)
+        lists = shared_block_lists(*pooled, static.always, scale, config, dense)
     else:
-        lists = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused, keep, ragged)
-    kv_num_blocks, kv_indices, block_full, num_masked = lists
+        lists = block_lists(pooled_q, pooled_k, static.always, scale, config, dense, fused, keep)
+    kv_num_blocks, kv_indices, block_full = lists
     return PlanTable(
         layout=layout,
         variants=(),
@@ -335,6 +336,6 @@ def _predict(
         block_full=block_full,
         block_m=block,
         block_n=block,
-        masked_last=(kv_indices, num_masked),  # no band, every key valid: only a ragged last block needs the mask
+        masked_last=(kv_indices, _ragged_last_kept(kv_num_blocks, kv_indices, N, block)),
         schedule=static.schedule,
     )
