@@ -357,3 +357,34 @@ def test_sparsity_ramp_gives_the_early_sparse_steps_more_blocks_and_keeps_the_me
             expected = F.scaled_dot_product_attention(q[0, h], k[0, h], v[0, h], attn_mask=mask[of][:, of])
             torch.testing.assert_close(out[0, h], expected, atol=1e-12, rtol=1e-12)
     assert stats()["test.ramp"]["block_density"] == pytest.approx((12 + 10 + 7 + 4) / 64)
+
+
+def test_stats_follow_each_heads_decision_and_plan():
+    """The per-call statistics (accumulated on the device in a few fused ops) against the shape state's own
+    decisions: per head the pattern counts, the mean estimated recall and the block density of its plan, and the
+    site's density from the plans' score densities; the dense warm-up call counts in none of them."""
+    from rf_compile.ops.runtime.models import site_state
+    from rf_compile.ops.runtime.sites import get_spec
+
+    reset()
+    layout = VideoLayout(4, 6, 8, prefix=5)
+    patterns = [Pattern.SPATIAL, Pattern.TEMPORAL, Pattern.TEXTURAL, Pattern.SPATIAL]
+    q, k = planted_qk(layout, patterns, head_dim=32, batch=2, seed=4)
+    v = torch.randn_like(q)
+    config = RainFusionConfig(dense_warmup=0.5, num_steps=2, textural="checkerboard")
+    key = register_site("test.stats", layout, config)
+    for t in (900.0, 400.0):  # dense, then sparse
+        attention(q, k, v, None, None, torch.tensor([t, t]), None, None, key, [])
+    shape = next(iter(site_state(get_spec(key), None).shapes.values()))
+    variant, recall, table = shape.variant, shape.recall.double(), shape.prepared
+    site = stats()["test.stats"]
+    assert (site["calls"], site["sparse_calls"]) == (2, 1)
+    for h, head in enumerate(site["heads"]):
+        chosen = [table.variants[int(p)].pattern.name.lower() for p in variant[:, h]]
+        assert {name: head[name] for name in ("spatial", "temporal", "textural")} == {
+            name: chosen.count(name) for name in ("spatial", "temporal", "textural")}
+        known = recall[:, h][~recall[:, h].isnan()]
+        assert head["mean_recall"] == (pytest.approx(float(known.mean())) if len(known) else None)
+        assert head["block_density"] == pytest.approx(float(table.density()[variant[:, h]].double().mean()))
+    assert site["density"] == pytest.approx(float(table.score_density[variant].double().mean()))
+    assert len({name for head in site["heads"] for name in ("spatial", "temporal", "textural") if head[name]}) > 1

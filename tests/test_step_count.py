@@ -152,3 +152,20 @@ def test_a_schedule_rounded_by_the_pipeline_keeps_its_step_counts():
     model, key = _model("step_count.rounded", dense_warmup=0.1, dense_last_steps=2)
     # 5 warm-up steps and the last 2, two calls each: as the schedule's own 50 steps count them
     assert _video_dense_calls(key, lambda: RoundingPipeline(model)(50)) == 2 * (5 + 2)
+
+
+def test_step_clock_counts_falling_timesteps_and_restarts_on_a_rise():
+    """The device clock against the rule in Python: a new video (step 0) on the first value or a rise, one step
+    on each fall, none on a repeat (every site of a step ticks with the same value); float16 values too."""
+    from rf_compile.ops.runtime.clock import StepClock
+
+    values = [999.0, 999.0, 800.0, 800.0, 600.0, 999.0, 500.0, 500.0, 700.0, 1.0]
+    for dtype in (torch.float32, torch.float16, torch.int64):
+        clock, last, step, seen = StepClock(torch.device("cpu")), None, 0, []
+        for value in values:
+            step = 0 if last is None or value > last else step + (value != last)
+            last = value
+            seen.append(int(clock.tick(torch.tensor([value, value]).to(dtype))))
+            assert seen[-1] == step, (dtype, value, seen)
+        clock.reset()
+        assert int(clock.tick(torch.tensor([1.0]))) == 0

@@ -326,10 +326,11 @@ def attention(
         if call.progress is not None:
             densities = v2.ramp_densities(config, call.progress, q.shape[1])
         table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense, densities=densities)
-        density = table.density().view(q.shape[:2]).double()
-        shape.block_density_sums.add_(density.sum(0) * sparse)
-        shape.kept.add_(density.sum() * sparse)
-        shape.sparse_heads.add_(sparse * density.numel())
+        # Plans are (batch element, head) in order: each head's listed blocks over the batch, as fractions.
+        blocks = table.kv_num_blocks.sum(-1, dtype=torch.float64).view(q.shape[:2]).sum(0)
+        shape.block_density_sums.addcmul_(blocks, sparse, value=1 / table.block_pairs)
+        shape.kept.addcmul_(blocks.sum(), sparse, value=1 / table.block_pairs)
+        shape.sparse_heads.add_(sparse, alpha=q.shape[0] * q.shape[1])
     else:
         table = shape.prepared
         new_variant, new_recall = arm.decide(q, k, layout, config, scale, enabled=call.run_arm)
@@ -407,19 +408,17 @@ def _record(shape, sparse: torch.Tensor, table: PlanTable, plan_of_head: torch.T
     """Accumulate pattern counts, estimated recalls, the kept fraction and the block density per head
     (``sparse``: 1.0 on sparse calls, 0.0 on dense ones; ``plan_of_head``: each head's row of ``table``)."""
     B, H = shape.variant.shape
-    P, device = len(shape.variants), shape.variant.device
-    # Counts per (head, variant) without one_hot, whose range check would sync with the device.
-    cells = (torch.arange(H, device=device) * P + shape.variant).flatten()
-    shape.variant_counts.view(-1).index_add_(0, cells, sparse.long().expand_as(cells))
-    known = ~shape.recall.isnan()
-    shape.recall_sums[:, 0] += torch.where(known, shape.recall, 0).double().sum(0) * sparse
-    shape.recall_sums[:, 1] += known.double().sum(0) * sparse
-    blocks = table.density()[plan_of_head].double()  # [B, H]
+    # Counts per (head, variant): a scatter along each head's row (one_hot's range check would sync).
+    shape.variant_counts.scatter_add_(1, shape.variant.t(), sparse.long().expand(H, B))
+    recall = shape.recall.double()
+    known = recall == recall  # not NaN (textural heads have no estimate)
+    shape.recall_sums.addcmul_(torch.stack((recall.nan_to_num(0.0), known.double()), -1).sum(0), sparse)
+    blocks = table.kv_num_blocks.sum(-1, dtype=torch.float64).div_(table.block_pairs)[plan_of_head]  # [B, H]
     static = shape.prepared  # v1's plans; rows past them are predicted (their scores are their blocks)
-    scores = static.score_density[plan_of_head.clamp(max=static.num_plans - 1)].double()
-    shape.kept.add_(torch.where(plan_of_head < static.num_plans, scores, blocks).sum() * sparse)
-    shape.block_density_sums.add_(blocks.sum(0) * sparse)
-    shape.sparse_heads.add_(sparse * (B * H))
+    scores = static.score_density.double()[plan_of_head.clamp(max=static.num_plans - 1)]
+    shape.kept.addcmul_(torch.where(plan_of_head < static.num_plans, scores, blocks).sum(), sparse)
+    shape.block_density_sums.addcmul_(blocks.sum(0), sparse)
+    shape.sparse_heads.add_(sparse, alpha=B * H)
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -125,8 +125,8 @@ def nonlocal_config(config: RainFusionConfig) -> RainFusionConfig:
 def ramp_densities(config: RainFusionConfig, progress: torch.Tensor, heads: int) -> torch.Tensor:
     """float64 [heads]: every head's share of key blocks at ``progress`` (0: first sparse step, 1: last)
     through the sparse steps, for option ``sparsity_ramp``; the mean over the steps is ``1 - sparsity``."""
-    sparsity = config.sparsity - config.ramp + 2 * config.ramp * progress
-    return (1.0 - sparsity).expand(heads)
+    # 1 - (sparsity - ramp + 2 ramp progress), in two device ops (every call of every site runs it)
+    return progress.mul(-2 * config.ramp).add_(1.0 - config.sparsity + config.ramp).expand(heads)
 
 
 def select_blocks(

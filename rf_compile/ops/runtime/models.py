@@ -74,10 +74,12 @@ class SiteState:
         if self.index < config.dense_layers:
             dense = torch.ones_like(dense)
         shape.calls += 1
-        shape.dense_calls += dense.long()
-        sparse_index = shape.calls - shape.dense_calls - 1  # of this call, when it is sparse
-        run_arm = ~dense & (sparse_index % self.spec.config.arm_every == 0)
-        shape.arm_runs += run_arm.long()
+        shape.dense_calls += dense
+        run_arm = ~dense
+        arm_every = self.spec.config.arm_every
+        if arm_every > 1:  # this call's index among the sparse ones (calls - dense_calls - 1) is a multiple of it
+            run_arm &= (shape.calls - shape.dense_calls) % arm_every == 1
+        shape.arm_runs += run_arm
         return CallPlan(shape, dense, run_arm, progress)
 
     def _step(self, device: torch.device, timestep: torch.Tensor | None) -> torch.Tensor:

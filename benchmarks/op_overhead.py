@@ -1,0 +1,144 @@
+"""What the op does around its kernels, per call: the small device ops it issues and its host time, on the CPU.
+
+A sparse call of ``rainfusion::attention`` runs, besides the attention kernel, a step clock, the call's decisions
+(dense step? ARM run? ramp progress), v2's prediction or v1's ARM, the kernel's per-table tensors and the stats.
+On a GPU each of those small ops is a launch (host time) and a kernel of a few microseconds (device time), so
+their count is what a call pays before its attention. This counts them by the function that issues them
+(``TorchDispatchMode``) and times the whole call on the host, for v1's and v2's defaults in their sparse phase
+(the CPU path is never priced by the cost model, so no dense verdict here). The attention itself is left out:
+``run_plan`` is replaced by what the Triton path does before its launch (``plan_extras``). On the CPU the
+selection and the ARM are PyTorch paths (``topk``, ``sort`` ...) where CUDA runs a few Triton kernels: their
+stage is listed apart.
+
+Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default ``benchmarks/results/cpu``).
+
+    python benchmarks/op_overhead.py
+    python benchmarks/op_overhead.py --name op_overhead_before --calls 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.utils import environment, markdown_table, write_results  # noqa: E402
+from rf_compile.config import RainFusionConfig  # noqa: E402
+from rf_compile.layout import VideoLayout  # noqa: E402
+from rf_compile.ops import attention as op  # noqa: E402
+from rf_compile.ops.runtime.sites import register_site  # noqa: E402
+from rf_compile.ops.runtime.stats import reset  # noqa: E402
+
+# Ops that make no kernel on a GPU (views, metadata, allocation).
+NO_KERNEL = ("view", "slice", "select", "unsqueeze", "squeeze", "transpose", "reshape", "expand", "alias",
+             "detach", "empty", "permute", "_unsafe_view", "t.default", "lift_fresh", "as_strided")
+SPARSE = {"dense_warmup": 0.0, "cost_model": False}
+MODES = {
+    "v1 (default)": RainFusionConfig(**SPARSE),
+    "v2 (default)": RainFusionConfig(mode="v2", **SPARSE),
+}
+# Where an op comes from (the innermost rf_compile function) -> the stage it is reported under.
+STAGES = {
+    "tick": "step clock", "begin": "call decisions", "_progress": "call decisions", "_step": "call decisions",
+    "ramp_densities": "v2 budget", "_predict": "v2 budget", "plan_extras": "kernel tables",
+    "heavy_first_order": "kernel tables", "lists_masked_last": "kernel tables", "_ragged_last_kept": "kernel tables",
+    "density": "stats", "_record": "stats", "attention": "op body", "output_like": "op body",
+    "concat_plans": "v1 non-local plans", "nonlocal_blocks": "v1 non-local plans",
+}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that make a kernel, by the stage of the rf_compile function that issued them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if not any(part in name for part in NO_KERNEL):
+            frames = [f for f in traceback.extract_stack() if "rf_compile" in f.filename]
+            where = frames[-1].name if frames else "?"
+            self.stages[STAGES.get(where, "prediction / ARM" if frames and _in_prediction(frames) else where)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _in_prediction(frames) -> bool:
+    return any(f.filename.endswith(("ops/v2.py", "ops/arm.py", "plan.py", "shared_budget.py")) for f in frames)
+
+
+def kernel_tables_only(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out=None, precision="bf16"):
+    """``run_plan`` without the attention: what the Triton path computes before its launch."""
+    from rf_compile.kernels.block_sparse import plan_extras
+
+    plan_extras(table)
+    variant_of_head.int()
+    return out
+
+
+def one_mode(name: str, config: RainFusionConfig, args) -> dict:
+    layout = VideoLayout(*args.grid, prefix=args.text)
+    key = register_site(f"overhead.{name}", layout, config)
+    q, k, v = (torch.randn(args.batch, args.heads, layout.seq_len, args.head_dim) for _ in range(3))
+    timestep = torch.full((args.batch,), 500.0)
+
+    def call(step: int) -> None:
+        op.attention._init_fn(q, k, v, None, None, timestep - step, None, None, key, [])
+
+    for step in range(3):  # the shape's first call builds its state
+        call(step)
+    counter = OpCounter()
+    with counter:
+        call(3)
+    times = []
+    for step in range(args.calls):
+        start = time.perf_counter()
+        call(4 + step)
+        times.append((time.perf_counter() - start) * 1e6)
+    stages = dict(sorted(counter.stages.items(), key=lambda item: -item[1]))
+    return {"mode": name, "ops": sum(stages.values()), "host_us": statistics.median(times), "stages": stages,
+            "layout": layout.describe(), "shape": [args.batch, args.heads, layout.seq_len, args.head_dim]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", nargs=3, type=int, default=[3, 16, 24], metavar=("F", "H", "W"),
+                        help="latent frames, height, width (default 3 16 24: 1,152 video tokens)")
+    parser.add_argument("--text", type=int, default=0, help="text tokens before the video (default 0)")
+    parser.add_argument("--batch", type=int, default=2, help="batch (default 2: CFG)")
+    parser.add_argument("--heads", type=int, default=4, help="heads (default 4)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head dim (default 64)")
+    parser.add_argument("--calls", type=int, default=200, help="timed calls per mode (default 200)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu")
+    parser.add_argument("--name", default="op_overhead", help="file stem (default op_overhead)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    op.run_plan = kernel_tables_only
+    reset()
+    records = [one_mode(name, config, args) for name, config in MODES.items()]
+    for record in records:
+        print(f"{record['mode']}: {record['ops']} ops, {record['host_us']:.0f} us a call; {record['stages']}")
+    stage_names = sorted({s for r in records for s in r["stages"]})
+    rows = [{"mode": r["mode"], "ops": r["ops"], "host_us": round(r["host_us"]),
+             **{s: r["stages"].get(s, "") for s in stage_names}} for r in records]
+    env = environment()
+    markdown = (f"# What the op does around its kernels, per call (CPU)\n\nenv: {env}\n\n"
+                f"{records[0]['shape']} (B, H, N, D), layout {records[0]['layout']}, fp32 on the CPU. `ops`: ops that "
+                "make a kernel on a GPU, by the stage that issues them; `host_us`: median host time of a call without "
+                "the attention (the Triton path's per-table work instead), over "
+                f"{args.calls} calls. v2's `prediction / ARM` is the CPU's PyTorch selection (CUDA: three kernels).\n\n"
+                + markdown_table(rows, ["mode", "ops", "host_us", *stage_names]) + "\n")
+    write_results(args.out, args.name, env, records, markdown)
+
+
+if __name__ == "__main__":
+    main()
