@@ -38,23 +38,20 @@ from rf_compile.ops import attention as op  # noqa: E402
 from rf_compile.ops.runtime.sites import register_site  # noqa: E402
 from rf_compile.ops.runtime.stats import reset  # noqa: E402
 
-# Ops that make no kernel on a GPU (views, metadata, allocation).
-NO_KERNEL = ("view", "slice", "select", "unsqueeze", "squeeze", "transpose", "reshape", "expand", "alias",
-             "detach", "empty", "permute", "_unsafe_view", "t.default", "lift_fresh", "as_strided")
+# Ops that make no kernel on a GPU (views, metadata, allocation), by name.
+NO_KERNEL = {"view", "slice", "select", "unsqueeze", "squeeze", "transpose", "reshape", "_reshape_alias", "expand",
+             "alias", "detach", "empty", "empty_like", "empty_strided", "new_empty", "permute", "_unsafe_view", "t",
+             "lift_fresh", "as_strided"}
 SPARSE = {"dense_warmup": 0.0, "cost_model": False}
 MODES = {
     "v1 (default)": RainFusionConfig(**SPARSE),
     "v2 (default)": RainFusionConfig(mode="v2", **SPARSE),
 }
-# Where an op comes from (the innermost rf_compile function) -> the stage it is reported under.
-STAGES = {
-    "tick": "step clock", "begin": "call decisions", "_progress": "call decisions", "_step": "call decisions",
-    "ramp_densities": "v2 budget", "_predict": "v2 budget", "plan_extras": "kernel tables",
-    "heavy_first_order": "kernel tables", "lists_masked_last": "kernel tables", "_ragged_last_kept": "kernel tables",
-    "density": "stats", "_record": "stats", "attention": "op body", "output_like": "op body",
-    "concat_plans": "v1 non-local plans", "nonlocal_blocks": "v1 non-local plans",
-}
-
+# Where an op comes from -> the stage it is reported under: functions that own every op under them, and functions
+# that own only the ops they issue themselves (they call into other stages).
+ENCLOSING = {"tick": "step clock", "begin": "call decisions", "plan_extras": "kernel tables",
+             "_ragged_last_kept": "kernel tables", "concat_plans": "v1 non-local plans", "_record": "stats"}
+OWN = {"_predict": "v2 budget", "ramp_densities": "v2 budget", "nonlocal_blocks": "v1 non-local plans"}
 
 class OpCounter(TorchDispatchMode):
     """Counts the ops that make a kernel, by the stage of the rf_compile function that issued them."""
@@ -64,16 +61,22 @@ class OpCounter(TorchDispatchMode):
         self.stages: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if not any(part in name for part in NO_KERNEL):
-            frames = [f for f in traceback.extract_stack() if "rf_compile" in f.filename]
-            where = frames[-1].name if frames else "?"
-            self.stages[STAGES.get(where, "prediction / ARM" if frames and _in_prediction(frames) else where)] += 1
+        if func.overloadpacket.__name__ not in NO_KERNEL:
+            self.stages[_stage([f for f in traceback.extract_stack() if "rf_compile" in f.filename])] += 1
         return func(*args, **(kwargs or {}))
 
 
-def _in_prediction(frames) -> bool:
-    return any(f.filename.endswith(("ops/v2.py", "ops/arm.py", "plan.py", "shared_budget.py")) for f in frames)
+def _stage(frames) -> str:
+    """The stage of an op from the rf_compile frames that issue it, innermost last (``ENCLOSING``, ``OWN``),
+    else the prediction's or the ARM's modules, else the op's own body."""
+    for frame in reversed(frames):
+        if frame.name in ENCLOSING:
+            return ENCLOSING[frame.name]
+    if frames and frames[-1].name in OWN:
+        return OWN[frames[-1].name]
+    if any(f.filename.endswith(("ops/v2.py", "ops/arm.py", "kernels/arm.py", "shared_budget.py")) for f in frames):
+        return "prediction / ARM"
+    return "op body"
 
 
 def kernel_tables_only(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out=None, precision="bf16"):

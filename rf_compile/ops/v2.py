@@ -295,14 +295,15 @@ def shared_block_lists(
 
 
 def _ragged_last_kept(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, seq_len: int,
-                     block: int) -> torch.Tensor:
+                      block: int) -> torch.Tensor:
     """int32 [P, M]: the kernel's masked count of v2's lists (no band, every key valid, so every listed block is
     whole but a ragged last one, listed last as the lists ascend): 1 where a list ends with it. A gather of each
-    list's last entry on a ragged sequence, where the launcher's general path would sort every list."""
+    list's last entry (every list holds at least its diagonal block), where the launcher's general path would
+    sort every list."""
     if seq_len % block == 0:
         return torch.zeros_like(kv_num_blocks)
-    last = kv_indices.gather(-1, (kv_num_blocks.long() - 1).clamp_(min=0).unsqueeze(-1)).squeeze(-1)
-    return ((last == kv_indices.shape[-1] - 1) & (kv_num_blocks > 0)).to(torch.int32)
+    last = kv_indices.gather(-1, (kv_num_blocks - 1).long().unsqueeze(-1)).squeeze(-1)
+    return (last == kv_indices.shape[-1] - 1).to(torch.int32)
 
 
 def _predict(
