@@ -502,3 +502,20 @@ def test_crossover_runs_each_variant_on_its_own_copy_in_turns(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(copies[0].parameters(), copies[1].parameters(), strict=True))
     assert records[1]["decision"] == "dense" and "sparse would be slower" in records[1]["reason"]
     assert "decision" not in records[0]
+
+
+def test_op_overhead_counts_a_sparse_calls_small_ops_by_stage(tmp_path):
+    """op_overhead.py's stages partition the ops it counts, and a sparse call stays within its budget of small
+    device ops: v2's tables cost a gather (no per-call sort or launch-order scan), the clock and the call's
+    decisions 20 at most (there were 30 before they were fused into fewer ops)."""
+    command = [sys.executable, str(BENCHMARKS / "op_overhead.py"), "--grid", "2", "8", "16", "--text", "5",
+               "--calls", "3", "--out", str(tmp_path), "--name", "oo"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = {r["mode"]: r for r in json.loads((tmp_path / "oo.json").read_text())["records"]}
+    assert set(records) == {"v1 (default)", "v2 (default)"}
+    for record in records.values():
+        assert sum(record["stages"].values()) == record["ops"] > 0
+        assert record["stages"]["step clock"] + record["stages"]["call decisions"] <= 20
+    assert records["v2 (default)"]["stages"]["kernel tables"] <= 5  # 261 tokens: a ragged last block
+    assert "v1 non-local plans" in records["v1 (default)"]["stages"]
