@@ -408,8 +408,11 @@ def _record(shape, sparse: torch.Tensor, table: PlanTable, plan_of_head: torch.T
     """Accumulate pattern counts, estimated recalls, the kept fraction and the block density per head
     (``sparse``: 1.0 on sparse calls, 0.0 on dense ones; ``plan_of_head``: each head's row of ``table``)."""
     B, H = shape.variant.shape
-    # Counts per (head, variant): a scatter along each head's row (one_hot's range check would sync).
-    shape.variant_counts.scatter_add_(1, shape.variant.t(), sparse.long().expand(H, B))
+    P = len(shape.variants)
+    # Counts per (head, variant) as cells of the flat [H, P] table: one_hot's range check would sync, and CUDA's
+    # scatter_add_ on more than one dim refuses torch.use_deterministic_algorithms, where index_add_ complies.
+    cells = (shape.variant + torch.arange(0, H * P, P, device=shape.variant.device)).flatten()
+    shape.variant_counts.view(-1).index_add_(0, cells, sparse.long().expand_as(cells))
     recall = shape.recall.double()
     known = recall == recall  # not NaN (textural heads have no estimate)
     shape.recall_sums.addcmul_(torch.stack((recall.nan_to_num(0.0), known.double()), -1).sum(0), sparse)
