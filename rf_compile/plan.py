@@ -105,7 +105,8 @@ class PlanTable:
         that need the element mask (not ``block_full``, or the ragged last key block) moved after the others,
         and their count, int32 [P, Mq]. Built once with a static table; v2's ascending lists of whole blocks
         are already in that form (only a ragged last block needs the mask). ``None``: the kernel's launcher
-        sorts the lists itself, a dozen small device ops on every new table.
+        sorts the lists itself, a dozen small device ops on every new table. Derived from the lists: a table
+        made by ``dataclasses.replace`` of the lists must pass ``masked_last=None`` (and ``schedule=None``).
     schedule: (query-block order, heavy count) or None
         The kernel's heavy-first launch order (``heavy_first_order``) where the builder knows it; ``None``: the
         launcher finds the heavy rows in the lists. Any order of every query block is correct; heavy first
