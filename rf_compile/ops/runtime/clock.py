@@ -25,7 +25,8 @@ class StepClock:
         self.dtype = timestep.dtype
         t = timestep.reshape(-1)[0].to(device=self.last.device, dtype=torch.float64)
         # A step on while the value falls or stays; a new video (0) where it rises or the clock is fresh: NaN
-        # compares false, so ``t <= last`` covers both. Five small device ops a call: each call of every site ticks.
+        # compares false, so ``t <= last`` covers both. Seven small device ops a call (eleven before): every call of
+        # every site ticks.
         self.step.copy_(torch.where(t <= self.last, self.step + (t != self.last), 0))
         self.last.copy_(t)
         return self.step
