@@ -133,14 +133,10 @@ class PlanTable:
         """P: one plan per variant (v1) or per (batch element, head) (v2)."""
         return self.kv_num_blocks.shape[0]
 
-    @property
-    def block_pairs(self) -> int:
-        """(query block, key block) pairs of a plan: what ``density`` divides by."""
-        return self.kv_num_blocks.shape[-1] * -(-self.layout.seq_len // self.block_n)
-
-    def density(self) -> torch.Tensor:
-        """Float [P]: fraction of (query block, key block) pairs each variant computes."""
-        return self.kv_num_blocks.float().sum(-1) / self.block_pairs
+    def density(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[P] of ``dtype``: fraction of (query block, key block) pairs each variant computes (two device ops)."""
+        blocks_k = -(-self.layout.seq_len // self.block_n)
+        return self.kv_num_blocks.sum(-1, dtype=dtype) / (self.kv_num_blocks.shape[-1] * blocks_k)
 
     @functools.cached_property
     def score_density(self) -> torch.Tensor:

@@ -326,11 +326,10 @@ def attention(
         if call.progress is not None:
             densities = v2.ramp_densities(config, call.progress, q.shape[1])
         table, variant_of_head = v2_plan(q, k, layout, config, scale, dense=call.dense, densities=densities)
-        # Plans are (batch element, head) in order: each head's listed blocks over the batch, as fractions.
-        blocks = table.kv_num_blocks.sum(-1, dtype=torch.float64).view(q.shape[:2]).sum(0)
-        shape.block_density_sums.addcmul_(blocks, sparse, value=1 / table.block_pairs)
-        shape.kept.addcmul_(blocks.sum(), sparse, value=1 / table.block_pairs)
-        shape.sparse_heads.add_(sparse, alpha=q.shape[0] * q.shape[1])
+        density = table.density(torch.float64).view(q.shape[:2])  # plans are (batch element, head) in order
+        shape.block_density_sums.addcmul_(density.sum(0), sparse)
+        shape.kept.addcmul_(density.sum(), sparse)
+        shape.sparse_heads.add_(sparse, alpha=density.numel())
     else:
         table = shape.prepared
         new_variant, new_recall = arm.decide(q, k, layout, config, scale, enabled=call.run_arm)
@@ -416,7 +415,7 @@ def _record(shape, sparse: torch.Tensor, table: PlanTable, plan_of_head: torch.T
     recall = shape.recall.double()
     known = recall == recall  # not NaN (textural heads have no estimate)
     shape.recall_sums.addcmul_(torch.stack((recall.nan_to_num(0.0), known.double()), -1).sum(0), sparse)
-    blocks = table.kv_num_blocks.sum(-1, dtype=torch.float64).div_(table.block_pairs)[plan_of_head]  # [B, H]
+    blocks = table.density(torch.float64)[plan_of_head]  # [B, H]
     static = shape.prepared  # v1's plans; rows past them are predicted (their scores are their blocks)
     scores = static.score_density.double()[plan_of_head.clamp(max=static.num_plans - 1)]
     shape.kept.addcmul_(torch.where(plan_of_head < static.num_plans, scores, blocks).sum(), sparse)
