@@ -5,10 +5,14 @@ A sparse call of ``rainfusion::attention`` runs, besides the attention kernel, a
 On a GPU each of those small ops is a launch (host time) and a kernel of a few microseconds (device time), so
 their count is what a call pays before its attention. This counts them by the function that issues them
 (``TorchDispatchMode``) and times the whole call on the host, for v1's and v2's defaults in their sparse phase
-(the CPU path is never priced by the cost model, so no dense verdict here). The attention itself is left out:
+(the CPU path is never priced by the cost model, so no dense verdict there). The attention itself is left out:
 ``run_plan`` is replaced by what the Triton path does before its launch (``plan_extras``). On the CPU the
 selection and the ARM are PyTorch paths (``topk``, ``sort`` ...) where CUDA runs a few Triton kernels: their
 stage is listed apart.
+
+A last record times a call that stays dense (its shape judged so before) through the dispatcher, as a compiled
+graph makes it, against the SDPA call and the output copy it wraps: what the op's registration and lookups cost
+every call of every site.
 
 Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default ``benchmarks/results/cpu``).
 
@@ -27,6 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,7 +40,7 @@ from benchmarks.utils import environment, markdown_table, write_results  # noqa:
 from rf_compile.config import RainFusionConfig  # noqa: E402
 from rf_compile.layout import VideoLayout  # noqa: E402
 from rf_compile.ops import attention as op  # noqa: E402
-from rf_compile.ops.runtime.sites import register_site  # noqa: E402
+from rf_compile.ops.runtime.sites import get_spec, register_site  # noqa: E402
 from rf_compile.ops.runtime.stats import reset  # noqa: E402
 
 # Ops that make no kernel on a GPU (views, metadata, allocation), by name.
@@ -95,21 +100,52 @@ def one_mode(name: str, config: RainFusionConfig, args) -> dict:
     timestep = torch.full((args.batch,), 500.0)
 
     def call(step: int) -> None:
-        op.attention._init_fn(q, k, v, None, None, timestep - step, None, None, key, [])
+        op._attention(q, k, v, None, None, timestep - step, None, None, key, [])
 
     for step in range(3):  # the shape's first call builds its state
         call(step)
     counter = OpCounter()
     with counter:
         call(3)
-    times = []
-    for step in range(args.calls):
-        start = time.perf_counter()
-        call(4 + step)
-        times.append((time.perf_counter() - start) * 1e6)
+    steps = iter(range(4, 4 + 10 + args.calls))
+    host_us = _median_us(lambda: call(next(steps)), args.calls)
     stages = dict(sorted(counter.stages.items(), key=lambda item: -item[1]))
-    return {"mode": name, "ops": sum(stages.values()), "host_us": statistics.median(times), "stages": stages,
+    return {"mode": name, "ops": sum(stages.values()), "host_us": host_us, "stages": stages,
             "layout": layout.describe(), "shape": [args.batch, args.heads, layout.seq_len, args.head_dim]}
+
+
+def dense_call(args) -> dict:
+    """Host time of a dense-verdict call through ``torch.ops.rainfusion.attention`` (no_grad, as pipelines run)
+    against what it runs: SDPA and the copy into the op's output layout. A tiny shape (1 x 1 x 4 x 8), so that
+    the difference is the op's own cost rather than the CPU's attention."""
+    layout = VideoLayout(1, 2, 2)
+    key = register_site("overhead.dense", layout, RainFusionConfig())
+    q, k, v = (torch.randn(1, 1, layout.seq_len, 8) for _ in range(3))
+    shape_key = ((), q.shape, k.shape, v.shape, q.dtype, q.device, None)
+    get_spec(key).remember_dense(shape_key, "benchmark: a shape judged dense")
+
+    def through_op() -> None:
+        torch.ops.rainfusion.attention.default(q, k, v, None, None, None, None, None, key, [])
+
+    def sdpa_alone() -> None:
+        op.output_like(q).copy_(F.scaled_dot_product_attention(q, k, v))
+
+    with torch.no_grad():
+        op_us, sdpa_us = _median_us(through_op, args.calls), _median_us(sdpa_alone, args.calls)
+    return {"mode": "dense verdict, through the dispatcher", "ops": 0, "host_us": op_us, "sdpa_us": sdpa_us,
+            "overhead_us": op_us - sdpa_us, "stages": {}, "layout": layout.describe(), "shape": list(q.shape)}
+
+
+def _median_us(fn, calls: int) -> float:
+    """Median host time of ``fn`` in microseconds over ``calls`` calls, the two kinds interleaved by the caller."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -130,6 +166,8 @@ def main() -> None:
     records = [one_mode(name, config, args) for name, config in MODES.items()]
     for record in records:
         print(f"{record['mode']}: {record['ops']} ops, {record['host_us']:.0f} us a call; {record['stages']}")
+    dense = dense_call(args)
+    print(f"{dense['mode']}: {dense['host_us']:.1f} us a call, SDPA and copy alone {dense['sdpa_us']:.1f} us")
     stage_names = sorted({s for r in records for s in r["stages"]})
     rows = [{"mode": r["mode"], "ops": r["ops"], "host_us": round(r["host_us"]),
              **{s: r["stages"].get(s, "") for s in stage_names}} for r in records]
@@ -139,8 +177,12 @@ def main() -> None:
                 "make a kernel on a GPU, by the stage that issues them; `host_us`: median host time of a call without "
                 "the attention (the Triton path's per-table work instead), over "
                 f"{args.calls} calls. v2's `prediction / ARM` is the CPU's PyTorch selection (CUDA: three kernels).\n\n"
-                + markdown_table(rows, ["mode", "ops", "host_us", *stage_names]) + "\n")
-    write_results(args.out, args.name, env, records, markdown)
+                + markdown_table(rows, ["mode", "ops", "host_us", *stage_names])
+                + f"\n\nA call that stays dense (shape judged before; {dense['shape']}), through the dispatcher "
+                f"under no_grad: {dense['host_us']:.1f} us a call, of which SDPA and the copy into the op's output "
+                f"layout {dense['sdpa_us']:.1f} us: **{dense['overhead_us']:.1f} us** the op's own (median of "
+                f"{args.calls}).\n")
+    write_results(args.out, args.name, env, [*records, dense], markdown)
 
 
 if __name__ == "__main__":

@@ -513,6 +513,8 @@ def test_op_overhead_counts_a_sparse_calls_small_ops_by_stage(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     records = {r["mode"]: r for r in json.loads((tmp_path / "oo.json").read_text())["records"]}
+    dense = records.pop("dense verdict, through the dispatcher")
+    assert 0 < dense["sdpa_us"] < dense["host_us"] and dense["stages"] == {}
     assert set(records) == {"v1 (default)", "v2 (default)"}
     for record in records.values():
         assert sum(record["stages"].values()) == record["ops"] > 0

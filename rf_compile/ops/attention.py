@@ -3,7 +3,7 @@
 One call = the site's layout for this shape -> device-side decisions (dense warm-up step, ARM
 re-run, see ``runtime``) -> ARM (variant per batch element and head) -> block-sparse attention
 with each head's plan, where "dense" is one more plan. No host sync, so CUDA graphs capture it.
-The op is opaque to inductor (``register_fake`` gives it its output shape) and inference-only.
+The op is opaque to inductor (its fake kernel gives it its output shape) and inference-only.
 ``sparse_attention`` is the same computation as a plain function, for users who call attention
 themselves.
 """
@@ -176,6 +176,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Vid
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     layout.check_seq_len(q.shape[-2])
+    _refuse_grad(q, k, v)
+
+
+def _refuse_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError(
             "rainfusion attention is inference-only: run the model under torch.no_grad() "
@@ -274,8 +278,18 @@ def _dense_call(q, k, v, attn_mask, query_mask, scale) -> torch.Tensor:
     return _in_output_layout(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
 
 
-@torch.library.custom_op("rainfusion::attention", mutates_args=())
-def attention(
+# Defined through ``torch.library.Library`` rather than ``torch.library.custom_op``: the latter's Python autograd
+# wrapper, redispatch and aliasing check cost ~13 us a call on the CI CPU against ~5 here (+3 for the autograd
+# kernel below), and every call of every site pays it, dense ones included.
+_LIBRARY = torch.library.Library("rainfusion", "DEF")
+_LIBRARY.define(
+    "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? query_mask, Tensor? timestep, "
+    "Tensor? owner, float? scale, str site, SymInt[] sizes) -> Tensor",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+
+
+def _attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -437,6 +451,18 @@ def _record_error(shape, sparse: torch.Tensor, out: torch.Tensor, reference: tor
     shape.error_sums[:, 1] += error.shape[0] * sparse
 
 
-@attention.register_fake
-def _(q, k, v, attn_mask, query_mask, timestep, owner, scale, site, sizes):
+def _inference_only(keyset, q, k, v, *rest):
+    """The op's autograd kernel: no gradient can flow through it, so a call that would record one raises (also
+    while torch.compile traces a graph that needs gradients); any other call goes straight to the op."""
+    _refuse_grad(q, k, v)
+    return attention.redispatch(keyset & torch._C._after_autograd_keyset, q, k, v, *rest)
+
+
+def _fake(q, k, v, attn_mask, query_mask, timestep, owner, scale, site, sizes):
     return output_like(q)
+
+
+_LIBRARY.impl("attention", _attention, "CompositeExplicitAutograd")
+_LIBRARY.impl("attention", _inference_only, "Autograd", with_keyset=True)
+torch.library.register_fake("rainfusion::attention", _fake, lib=_LIBRARY)
+attention = torch.ops.rainfusion.attention.default
