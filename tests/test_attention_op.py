@@ -170,6 +170,42 @@ def test_grad_required_raises_clear_error():
         sparse_attention(q, k, v, layout)
 
 
+@pytest.mark.parametrize("mode", ["v1", "dense"])
+def test_op_refuses_calls_that_record_gradients(mode):
+    """Every call through the op that autograd would record raises (dense mode too, which never reaches the sparse
+    path's own checks); under no_grad the same call runs and matches SDPA in dense mode."""
+    layout = VideoLayout(2, 3, 4)
+    key = register_site(f"test.grad.{mode}", layout, RainFusionConfig(mode=mode, dense_warmup=0.0))
+    q, k, v = qkv(layout)
+    args = (None, None, None, None, None, key, [])
+    with pytest.raises(RuntimeError, match="inference-only"):
+        attention(q, k, v.requires_grad_(True), *args)
+    with torch.no_grad():
+        out = attention(q, k, v, *args)
+    assert not out.requires_grad
+    if mode == "dense":
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_compiling_a_graph_that_needs_gradients_names_the_cause():
+    """torch.compile traces the op's autograd kernel: a model called with gradients on fails at compile time with
+    the inference-only message (no opaque "no autograd formula" from deep inside AOTAutograd)."""
+    layout = VideoLayout(2, 3, 4)
+
+    class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(24, 24)
+
+        def forward(self, x):
+            q = self.proj(x).view(1, layout.seq_len, 2, 12).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q)
+
+    model = torch.compile(Attend(), backend="rainfusion", options={"layout": layout, "min_video_tokens": 0})
+    with pytest.raises(Exception, match="inference-only"):
+        model(torch.randn(1, layout.seq_len, 24))
+
+
 def test_mismatched_layout_and_shapes_raise():
     layout = VideoLayout(2, 3, 4)
     q, k, v = qkv(layout)
