@@ -267,10 +267,11 @@ def v2_plan(
     densities: torch.Tensor | None = None,
 ) -> tuple[PlanTable, torch.Tensor]:
     """RainFusion 2.0 plan: one variant per (batch element, head); every block where ``dense`` is True;
-    ``densities`` (float [H]): each head's share of key blocks instead of ``sparsity``."""
+    ``densities`` (float [H]): each head's share of key blocks instead of ``sparsity``. The plan of each head comes
+    as int32, the kernel's index type (no conversion before the launch)."""
     B, H = q.shape[:2]
     table = v2.predict_plan(q, k, layout, config, scale, dense=dense, densities=densities)
-    return table, torch.arange(B * H, device=q.device).view(B, H)
+    return table, torch.arange(B * H, dtype=torch.int32, device=q.device).view(B, H)
 
 
 def _dense_call(q, k, v, attn_mask, query_mask, scale) -> torch.Tensor:
