@@ -10,19 +10,23 @@ their count is what a call pays before its attention. This counts them by the fu
 selection and the ARM are PyTorch paths (``topk``, ``sort`` ...) where CUDA runs a few Triton kernels: their
 stage is listed apart.
 
-A last record times a call that stays dense (its shape judged so before) through the dispatcher, as a compiled
+A further record times a call that stays dense (its shape judged so before) through the dispatcher, as a compiled
 graph makes it, against the SDPA call and the output copy it wraps: what the op's registration and lookups cost
-every call of every site.
+every call of every site. With ``--graph``, a last one compiles a small attention block three times (inductor;
+rainfusion with ``mode="dense"``; the same without the step count's forward pre-hook) and times whole calls in
+turns: what the op and the hook add to a compiled step over inductor's own SDPA call.
 
 Writes ``<name>.json`` and ``<name>.md`` under ``--out`` (default ``benchmarks/results/cpu``).
 
     python benchmarks/op_overhead.py
     python benchmarks/op_overhead.py --name op_overhead_before --calls 400
+    python benchmarks/op_overhead.py --graph --calls 2000
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -40,6 +44,7 @@ from benchmarks.utils import environment, markdown_table, write_results  # noqa:
 from rf_compile.config import RainFusionConfig  # noqa: E402
 from rf_compile.layout import VideoLayout  # noqa: E402
 from rf_compile.ops import attention as op  # noqa: E402
+from rf_compile.ops.runtime.models import site_state  # noqa: E402
 from rf_compile.ops.runtime.sites import get_spec, register_site  # noqa: E402
 from rf_compile.ops.runtime.stats import reset  # noqa: E402
 
@@ -121,8 +126,8 @@ def dense_call(args) -> dict:
     layout = VideoLayout(1, 2, 2)
     key = register_site("overhead.dense", layout, RainFusionConfig())
     q, k, v = (torch.randn(1, 1, layout.seq_len, 8) for _ in range(3))
-    shape_key = ((), q.shape, k.shape, v.shape, q.dtype, q.device, None)
-    get_spec(key).remember_dense(shape_key, "benchmark: a shape judged dense")
+    reason = "benchmark: a shape judged dense"
+    get_spec(key).remember_dense(((), q.shape, k.shape, v.shape, q.dtype, q.device, None), reason)  # the op's key
 
     def through_op() -> None:
         torch.ops.rainfusion.attention.default(q, k, v, None, None, None, None, None, key, [])
@@ -132,20 +137,63 @@ def dense_call(args) -> dict:
 
     with torch.no_grad():
         op_us, sdpa_us = _median_us(through_op, args.calls), _median_us(sdpa_alone, args.calls)
+    if site_state(get_spec(key), None).dense_reasons.get(reason, 0) < args.calls:
+        raise RuntimeError("the op did not take the remembered dense verdict: its shape key changed, update this one")
     return {"mode": "dense verdict, through the dispatcher", "ops": 0, "host_us": op_us, "sdpa_us": sdpa_us,
             "overhead_us": op_us - sdpa_us, "stages": {}, "layout": layout.describe(), "shape": list(q.shape)}
 
 
 def _median_us(fn, calls: int) -> float:
-    """Median host time of ``fn`` in microseconds over ``calls`` calls, the two kinds interleaved by the caller."""
+    """Median host time of ``fn`` in microseconds over ``calls`` calls, after ten untimed ones."""
+    return _in_turns({"fn": fn}, calls)["fn"]
+
+
+def _in_turns(fns: dict, calls: int) -> dict[str, float]:
+    """Median host time in microseconds of each of ``fns``, one call of each per round (drift falls on all)."""
     for _ in range(10):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e6)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+class _Block(torch.nn.Module):
+    """A projection, self-attention over a small video and a projection: the graph a compiled step wraps."""
+
+    def __init__(self, layout: VideoLayout, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.layout, self.heads = layout, heads
+        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+def graph_calls(args) -> dict:
+    """Host time of a compiled block's call: inductor, rainfusion in ``mode="dense"`` (the op computes SDPA), and
+    rainfusion without the step count's forward pre-hook, in turns."""
+    layout = VideoLayout(2, 4, 4)
+    options = {"layout": layout, "min_video_tokens": 0, "mode": "dense"}
+    x = torch.randn(1, layout.seq_len, 32)
+    models = {"inductor": torch.compile(_Block(layout), backend="inductor"),
+              "rainfusion": torch.compile(_Block(layout), backend="rainfusion", options=options),
+              "rainfusion, no pre-hook": torch.compile(_Block(layout), backend="rainfusion", options=options)}
+    with torch.no_grad():
+        for model in models.values():
+            model(x)  # compiles; rainfusion's first call registers the pre-hook
+        models["rainfusion, no pre-hook"]._orig_mod._forward_pre_hooks.clear()
+        us = _in_turns({name: functools.partial(model, x) for name, model in models.items()}, args.calls)
+    return {"mode": "compiled block, in turns", "ops": 0, "host_us": us["rainfusion"], "stages": {}, "calls_us": us,
+            "op_us": us["rainfusion, no pre-hook"] - us["inductor"],
+            "hook_us": us["rainfusion"] - us["rainfusion, no pre-hook"], "layout": layout.describe(),
+            "shape": [1, 2, layout.seq_len, 16]}
 
 
 def main() -> None:
@@ -159,6 +207,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="timed calls per mode (default 200)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu")
     parser.add_argument("--name", default="op_overhead", help="file stem (default op_overhead)")
+    parser.add_argument("--graph", action="store_true",
+                        help="also time a compiled block's call against inductor's (compiles three times)")
     args = parser.parse_args()
     torch.manual_seed(0)
     op.run_plan = kernel_tables_only
@@ -168,6 +218,9 @@ def main() -> None:
         print(f"{record['mode']}: {record['ops']} ops, {record['host_us']:.0f} us a call; {record['stages']}")
     dense = dense_call(args)
     print(f"{dense['mode']}: {dense['host_us']:.1f} us a call, SDPA and copy alone {dense['sdpa_us']:.1f} us")
+    graph = graph_calls(args) if args.graph else None
+    if graph:
+        print(f"{graph['mode']}: {graph['calls_us']}")
     stage_names = sorted({s for r in records for s in r["stages"]})
     rows = [{"mode": r["mode"], "ops": r["ops"], "host_us": round(r["host_us"]),
              **{s: r["stages"].get(s, "") for s in stage_names}} for r in records]
@@ -182,7 +235,12 @@ def main() -> None:
                 f"under no_grad: {dense['host_us']:.1f} us a call, of which SDPA and the copy into the op's output "
                 f"layout {dense['sdpa_us']:.1f} us: **{dense['overhead_us']:.1f} us** the op's own (median of "
                 f"{args.calls}).\n")
-    write_results(args.out, args.name, env, [*records, dense], markdown)
+    if graph:
+        markdown += (f"\nA compiled block ({graph['shape']}, one attention site), whole calls in turns over "
+                     f"{args.calls} rounds: inductor {graph['calls_us']['inductor']:.1f} us, rainfusion "
+                     f"(`mode=\"dense\"`) {graph['host_us']:.1f} us: the op **{graph['op_us']:.1f} us** over "
+                     f"inductor's own SDPA call, the step count's pre-hook **{graph['hook_us']:.1f} us** a forward.\n")
+    write_results(args.out, args.name, env, [*records, dense, *([graph] if graph else [])], markdown)
 
 
 if __name__ == "__main__":

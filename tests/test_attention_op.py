@@ -204,10 +204,11 @@ def test_compiling_a_graph_that_needs_gradients_names_the_cause():
     model = torch.compile(Attend(), backend="rainfusion", options={"layout": layout, "min_video_tokens": 0})
     # Inductor's caches key a graph by its ops, not by their Python kernels: a graph cached while the op was
     # registered otherwise would skip the trace this test is about.
-    no_caches = torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(
-        enable_autograd_cache=False
-    )
-    with no_caches[0], no_caches[1], pytest.raises(Exception, match="inference-only"):
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+        pytest.raises(Exception, match="inference-only"),
+    ):
         model(torch.randn(1, layout.seq_len, 24))
 
 

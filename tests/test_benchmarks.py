@@ -507,14 +507,19 @@ def test_crossover_runs_each_variant_on_its_own_copy_in_turns(monkeypatch):
 def test_op_overhead_counts_a_sparse_calls_small_ops_by_stage(tmp_path):
     """op_overhead.py's stages partition the ops it counts, and a sparse call stays within its budget of small
     device ops: v2's tables cost a gather (no per-call sort or launch-order scan), the clock and the call's
-    decisions 20 at most (there were 30 before they were fused into fewer ops)."""
+    decisions 20 at most (there were 30 before they were fused into fewer ops). Its dense-verdict record times the
+    op around SDPA, and ``--graph`` compiles a block three ways and reports the op's share apart from the hook's."""
     command = [sys.executable, str(BENCHMARKS / "op_overhead.py"), "--grid", "2", "8", "16", "--text", "5",
-               "--calls", "3", "--out", str(tmp_path), "--name", "oo"]  # fmt: skip
+               "--calls", "3", "--graph", "--out", str(tmp_path), "--name", "oo"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     records = {r["mode"]: r for r in json.loads((tmp_path / "oo.json").read_text())["records"]}
     dense = records.pop("dense verdict, through the dispatcher")
     assert 0 < dense["sdpa_us"] < dense["host_us"] and dense["stages"] == {}
+    graph = records.pop("compiled block, in turns")
+    calls = graph["calls_us"]
+    assert set(calls) == {"inductor", "rainfusion", "rainfusion, no pre-hook"} and min(calls.values()) > 0
+    assert graph["op_us"] == calls["rainfusion, no pre-hook"] - calls["inductor"]
     assert set(records) == {"v1 (default)", "v2 (default)"}
     for record in records.values():
         assert sum(record["stages"].values()) == record["ops"] > 0
