@@ -148,6 +148,7 @@ def run_shape(key: str, names: list[str], presets: dict, reps_s: float) -> list[
     regional = tuple(getattr(first.model, "_repeated_blocks", None) or model_spec.blocks)
     t = model_spec.schedule(50, first.args[0].dtype)[0]
     records = []
+    served = {name: ("none", "") for name in names}  # each variant's last compile-time decision
     torch._dynamo.reset()
     with contextlib.ExitStack() as stack, torch.no_grad():
         compiled = {name: stack.enter_context(_compiled(models[name], VARIANTS[name], "default", 50, regional, {}))
@@ -168,7 +169,10 @@ def run_shape(key: str, names: list[str], presets: dict, reps_s: float) -> list[
                     "ms_per_step": statistics.median(times[name]), "ms_steps": times[name],
                 }  # fmt: skip
                 if spec["backend"] == "rainfusion":
-                    record["decision"], record["reason"] = site_decision(models[name], since)
+                    decision = site_decision(models[name], since)
+                    if decision[0] == "none":  # no op ran and nothing compiled: a graph kept dense earlier served it
+                        decision = served[name]
+                    served[name] = record["decision"], record["reason"] = decision
                     record["est_ratio"] = estimate_ratio(preset, spec["options"])
                 records.append(record)
                 _log(f"{model_spec.name} {name} {n:,} tokens: {record['ms_per_step']:.2f} ms a step"

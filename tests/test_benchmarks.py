@@ -504,6 +504,31 @@ def test_crossover_runs_each_variant_on_its_own_copy_in_turns(monkeypatch):
     assert "decision" not in records[0]
 
 
+def test_crossover_reports_a_length_served_by_a_graph_kept_dense_earlier(monkeypatch):
+    """After the first length, Dynamo compiles the blocks with a symbolic length; one below the cost model's floor
+    keeps SDPA under a guard, and the next length reuses that graph: no op runs and nothing compiles, so its
+    record takes the decision of the graph that served it, not "none"."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import crossover
+
+    from rf_compile.ops import cost
+    from rf_compile.presets import build_preset
+
+    monkeypatch.setattr(cost, "costs_for", lambda device, kernel: cost.HOPPER)
+    monkeypatch.setitem(crossover.VARIANTS, "rf", {"backend": "rainfusion", "options": {
+        **crossover.RF, "min_video_tokens": 0, "compiler": "eager"}})  # fmt: skip
+    presets = {}
+    for latent in ((3, 8, 12), (2, 8, 8), (8, 8, 8)):  # 72, 32 and 128 tokens, all below Hopper's floor
+        preset = build_preset("wan", "tiny", latent=latent)
+        presets[preset.expected_layouts[0].seq_len] = preset
+        preset.model = presets[72].model.eval().requires_grad_(False)
+    records = crossover.run_shape("wan1.3b", ["rf"], presets, reps_s=0.001)
+    decisions = {r["seq_len"]: (r["decision"], r["reason"]) for r in records}
+    assert decisions[72][0] == "dense" and decisions[72][1].startswith("sparse would be slower at 72 tokens")
+    assert decisions[32][0] == "dense" and "this graph is guarded to calls shorter than" in decisions[32][1]
+    assert decisions[128] == decisions[32]
+
+
 def test_op_overhead_counts_a_sparse_calls_small_ops_by_stage(tmp_path):
     """op_overhead.py's stages partition the ops it counts, and a sparse call stays within its budget of small
     device ops: v2's tables cost a gather (no per-call sort or launch-order scan), the clock and the call's

@@ -174,21 +174,52 @@ def _dense_and_fixed_ms(
 
 
 def shape_dense_reason(config: RainFusionConfig, q: torch.Tensor, kernel: str) -> str | None:
-    """Why a call of ``q``'s static shape stays dense at any layout: what a sparse call costs before its kept
-    blocks is already more than ``SPARSE_BELOW`` of dense. For sites whose layout comes only at the call
-    (regional graphs: from the calling model), so the pass can leave their SDPA in place at small shapes
-    instead of running the op there to decide dense (host time a short step shows)."""
-    if not _judged(config):
+    """Why a call of ``q``'s static shape stays dense at any layout: it is shorter than ``sparse_floor``. For
+    sites whose layout comes only at the call (regional graphs: from the calling model), so the pass can leave
+    their SDPA in place at small shapes instead of running the op there to decide dense (host time a short
+    step shows)."""
+    B, H, N, D = (int(size) for size in q.shape)
+    floor = sparse_floor(config, B, H, D, q.device, kernel)
+    if floor is None or N >= floor[0]:
         return None
     costs = costs_for(q.device, kernel)
-    if costs is None:
-        return None
-    B, H, N, D = (int(size) for size in q.shape)
     dense_ms, fixed = _dense_and_fixed_ms(config, B, H, N, D, costs)
-    if fixed <= SPARSE_BELOW * dense_ms:
-        return None
     return (f"sparse would be slower at {N:,} tokens whatever the layout (est. its per-call cost alone "
             f"{fixed / dense_ms:.2f}x dense on {costs.name})")  # fmt: skip
+
+
+def sparse_floor(
+    config: RainFusionConfig, batch: int, heads: int, head_dim: int, device: torch.device, kernel: str
+) -> tuple[int, str] | None:
+    """The fewest tokens at which a call of ``batch`` x ``heads`` heads of ``head_dim`` could pay sparse at some
+    layout, and why shorter ones cannot; None where the model does not judge. Below it, what a sparse call costs
+    before its kept blocks (``_dense_and_fixed_ms``) is already more than ``SPARSE_BELOW`` of dense. The pass
+    guards symbolic lengths on it (``passes.length_guard``)."""
+    if not _judged(config):
+        return None
+    costs = costs_for(device, kernel)
+    if costs is None:
+        return None
+    tokens = _fewest_paying_tokens(config, batch, heads, head_dim, costs)
+    return tokens, f"sparse would be slower below {tokens:,} tokens whatever the layout (est. on {costs.name})"
+
+
+@functools.lru_cache(maxsize=64)
+def _fewest_paying_tokens(config: RainFusionConfig, batch: int, heads: int, head_dim: int, costs: DeviceCosts) -> int:
+    """Bisection: the fixed cost grows linearly with the tokens and dense quadratically, so once the fixed
+    cost is within ``SPARSE_BELOW`` of dense it stays so."""
+
+    def pays(tokens: int) -> bool:
+        dense_ms, fixed = _dense_and_fixed_ms(config, batch, heads, tokens, head_dim, costs)
+        return fixed <= SPARSE_BELOW * dense_ms
+
+    low, high = 0, 1  # pays(high), not pays(low)
+    while not pays(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if pays(middle) else (middle, high)
+    return high
 
 
 @functools.lru_cache(maxsize=64)
@@ -229,4 +260,3 @@ def dense_reason(config: RainFusionConfig, layout: VideoLayout, q: torch.Tensor,
         found = estimate(config, layout, int(B), int(H), int(D), costs) if costs is not None else None
         remember(_VERDICTS, key, None if found is None or found.sparse_pays else found.describe(), MAX_VERDICTS)
     return _VERDICTS[key]
-

@@ -5,7 +5,9 @@
   under the call's sizes (``bindings``), so one compile serves every resolution;
 - a graph with no video grid at all (regional compilation) takes the layout from one trace of the
   model that calls it, on the first call (``parent_trace``).
-Sites where sparsity does not apply or does not pay stay dense, with the reason.
+Sites where sparsity does not apply or does not pay stay dense, with the reason: static ones from their one
+shape; symbolic ones only under a guard on their length (``length_guard``), for the compile-time example
+must not decide for every length the graph serves.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from rf_compile.ops.runtime.call_stack import calling_frame_arguments
 from rf_compile.ops.runtime.sites import LayoutResolver
 from rf_compile.passes.context import PassContext, Site
 from rf_compile.passes.infer_layout import PartialGraph, infer_site_layout
+from rf_compile.passes.length_guard import short_site_reason
 from rf_compile.passes.nodes import example
 from rf_compile.passes.parent_trace import RecordedGraph, layout_from_calling_model
 from rf_compile.passes.symbols import graph_symbols, hint_bindings
@@ -40,6 +43,11 @@ def assign_layouts(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
             site.make_dense(reason)
             continue
         site.report.kernel = kernel
+        guarded = site.report.symbolic and config.layout is None  # (the layout option fixes the length)
+        reason = short_site_reason(config, _kernel_inputs(site)[0], kernel) if guarded else None
+        if reason:  # too short at any layout for every length this graph serves: SDPA stays in the graph
+            site.make_dense(reason)
+            continue
         if config.layout is not None:
             _use_layout_option(site, config)
             continue
@@ -65,11 +73,11 @@ def assign_layouts(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
             continue
         site.report.layout = layout
         site.report.layout_source = "graph, per call shape" if site.resolver else "graph"
-        reason = layout_dense_reason(layout, config)
-        if not reason and site.resolver is None:  # static shapes: the one call shape is priced now
-            reason = cost.dense_reason(config, layout, _kernel_inputs(site)[0], kernel)
-        if reason:
-            site.make_dense(reason)
+        if site.resolver is None:  # static shapes: the one call shape is judged now (symbolic: by the op per call)
+            q = _kernel_inputs(site)[0]
+            reason = layout_dense_reason(layout, config) or cost.dense_reason(config, layout, q, kernel)
+            if reason:
+                site.make_dense(reason)
     if config.layout is not None and candidates and not any(s.report.layout or s.resolver for s in candidates):
         lengths = sorted({s.report.seq_len for s in candidates}, key=str)
         raise OptionError(
