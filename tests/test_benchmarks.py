@@ -520,7 +520,8 @@ def test_crossover_reports_a_length_served_by_a_graph_kept_dense_earlier(monkeyp
     presets = {}
     for latent in ((3, 8, 12), (2, 8, 8), (8, 8, 8)):  # 72, 32 and 128 tokens, all below Hopper's floor
         preset = build_preset("wan", "tiny", latent=latent)
-        presets[preset.expected_layouts[0].seq_len] = preset
+        (layout,) = preset.expected_layouts
+        presets[layout.seq_len] = preset
         preset.model = presets[72].model.eval().requires_grad_(False)
     records = crossover.run_shape("wan1.3b", ["rf"], presets, reps_s=0.001)
     decisions = {r["seq_len"]: (r["decision"], r["reason"]) for r in records}

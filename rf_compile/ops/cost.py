@@ -15,7 +15,8 @@ blocks. A shape stays dense unless sparse is expected at most
 ``SPARSE_BELOW`` of dense. The answer depends only on the shape, the config and the GPU, so it is
 cached, makes no device read (CUDA graphs replay a call unchanged) and is the same at compile time
 (static shapes: the pass leaves SDPA in place) and at run time (symbolic shapes: the op computes
-dense SDPA and ``stats()`` lists the reason under ``dense_shapes``).
+dense SDPA and ``stats()`` lists the reason under ``dense_shapes``). Below ``sparse_floor`` no layout
+pays: there the pass keeps SDPA for symbolic lengths too, under a guard (``passes.length_guard``).
 
 It prices the Triton kernel only: the CPU reference path exists to check the plans, not to be fast,
 and is never judged. Not here: which kernel can run a call (``ops.attention.choose_kernel``).
