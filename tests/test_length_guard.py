@@ -159,23 +159,26 @@ def test_a_length_range_fixed_by_mark_dynamic_is_left_to_the_op():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_gpu_dynamic_graph_keeps_sdpa_below_the_floor_and_compiles_sparse_above(mode):
-    """Wan2.1-1.3B's 12 heads of 128, CFG batch 2, one block: 1,024 tokens below v1's floor (~7,500 on Hopper),
-    32,760 above it, in one dynamic compile, with and without CUDA graphs."""
+def test_gpu_symbolic_length_keeps_sdpa_below_the_floor_and_compiles_sparse_above(mode):
+    """Wan2.1-1.3B's 12 heads of 128, CFG batch 2, one block, the default ``dynamic=None``: 1,024 tokens compile
+    static, 3,120 symbolic and below v1's floor (~7,500 on Hopper), so SDPA under the guard; 32,760 fails it and
+    compiles sparse. With and without CUDA graphs."""
     presets = [build_preset("wan1.3b", "full", batch=2, device="cuda", dtype=torch.bfloat16, layers=1, latent=latent)
-               for latent in ((2, 32, 64), (21, 60, 104))]  # fmt: skip
+               for latent in ((2, 32, 64), (2, 60, 104), (21, 60, 104))]  # fmt: skip
     model = presets[0].model.eval()
     torch._dynamo.reset()
     rf_compile.reset()
-    options = {"dense_warmup": 0.0, "compile_mode": mode}
-    compiled = torch.compile(model, backend="rainfusion", options=options, dynamic=True)
+    compiled = torch.compile(model, backend="rainfusion", options={"dense_warmup": 0.0, "compile_mode": mode})
+    sites = []
     with torch.no_grad():
-        start = compiled_graphs()
-        compiled(*presets[0].args, **presets[0].kwargs)
-        short = _video_sites(start)
-        middle = compiled_graphs()
-        compiled(*presets[1].args, **presets[1].kwargs)
-        long = _video_sites(middle)
+        for preset in presets:
+            since = compiled_graphs()
+            compiled(*preset.args, **preset.kwargs)
+            sites.append(_video_sites(since))
+    static, short, long = sites
+    assert static and all(site.reason.startswith("sparse would be slower at 1,024 tokens") for site in static)
     assert short and all(site.reason.startswith("sparse would be slower below") for site in short)
+    assert "guarded to calls shorter than" in short[0].reason
     assert long and all(site.status == "sparse" for site in long)
-    assert all(s["sparse_calls"] == 1 for s in rf_compile.stats(model).values())
+    stats = rf_compile.stats(model)
+    assert stats and all(s["sparse_calls"] == 1 and s["calls"] == 1 for s in stats.values())
