@@ -10,7 +10,8 @@ graph, with no op to decide dense at every call (host time a short step shows), 
 loses its sparsity to a short first call.
 
 A length that cannot take a guard (data-dependent, or a range the user fixed with ``mark_dynamic``,
-which a narrower guard would violate) is left to the op, which decides per call as before.
+which a narrower guard would violate) is left to the op, which decides per call as before; so is the
+cost floor where the batch is symbolic (``dynamic=True``), as the floor depends on it.
 """
 
 from __future__ import annotations
