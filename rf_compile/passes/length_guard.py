@@ -26,7 +26,8 @@ from rf_compile.ops import cost
 
 def short_site_reason(config: RainFusionConfig, q: torch.Tensor, kernel: str) -> str | None:
     """Why the symbolic site of query ``q`` (B, H, N, D) keeps SDPA in this graph, or None. A reason means
-    the graph now holds the guard ``N < floor``; None with a guardable ``N`` means it holds ``N >= floor``."""
+    the graph now holds the guard ``N < floor``; None with a floor above zero and a guardable ``N`` means it
+    holds ``N >= floor``."""
     B, H, N, D = q.shape
     least = config.min_video_tokens
     floors = [(least, f"fewer video tokens than min_video_tokens={least} at any layout")]
