@@ -15,8 +15,9 @@ blocks. A shape stays dense unless sparse is expected at most
 ``SPARSE_BELOW`` of dense. The answer depends only on the shape, the config and the GPU, so it is
 cached, makes no device read (CUDA graphs replay a call unchanged) and is the same at compile time
 (static shapes: the pass leaves SDPA in place) and at run time (symbolic shapes: the op computes
-dense SDPA and ``stats()`` lists the reason under ``dense_shapes``). Below ``sparse_floor`` no layout
-pays: there the pass keeps SDPA for symbolic lengths too, under a guard (``passes.length_guard``).
+dense SDPA and ``stats()`` lists the reason under ``dense_shapes``). Below ``sparse_floor`` (a symbolic
+batch: ``sparse_work_floor``) no layout pays: there the pass keeps SDPA for symbolic shapes too, under a
+guard (``passes.length_guard``).
 
 It prices the Triton kernel only: the CPU reference path exists to check the plans, not to be fast,
 and is never judged. Not here: which kernel can run a call (``ops.attention.choose_kernel``).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -221,6 +223,31 @@ def _fewest_paying_tokens(config: RainFusionConfig, batch: int, heads: int, head
         middle = (low + high) // 2
         low, high = (low, middle) if pays(middle) else (middle, high)
     return high
+
+
+def sparse_work_floor(
+    config: RainFusionConfig, heads: int, head_dim: int, device: torch.device, kernel: str
+) -> tuple[int, str] | None:
+    """For a symbolic batch: the least batch x tokens^2 at which a call of ``heads`` heads of ``head_dim`` could pay
+    sparse at some layout, whatever its batch, and why smaller ones cannot; None where the model does not judge.
+    Dense grows as batch x tokens^2, and a sparse call costs at least the part of ``_dense_and_fixed_ms``'s fixed
+    cost that no row adds (the ARM, the launches, the host), so below this product sparse is never within
+    ``SPARSE_BELOW`` of dense: the floor itself for v1's paper form, short of it where a prediction's per-row cost
+    adds (a guard on it keeps SDPA only where sparse cannot pay)."""
+    if not _judged(config):
+        return None
+    costs = costs_for(device, kernel)
+    if costs is None:
+        return None
+    work = _least_paying_work(config, heads, head_dim, costs)
+    return work, f"sparse would be slower below batch x tokens^2 = {work:,} whatever the layout (est. on {costs.name})"
+
+
+@functools.lru_cache(maxsize=64)
+def _least_paying_work(config: RainFusionConfig, heads: int, head_dim: int, costs: DeviceCosts) -> int:
+    unit_ms, _ = _dense_and_fixed_ms(config, 1, heads, 1, head_dim, costs)  # dense per unit of batch x tokens^2
+    _, call_ms = _dense_and_fixed_ms(config, 1, heads, 0, head_dim, costs)  # the fixed cost that no row adds
+    return math.ceil(call_ms / (SPARSE_BELOW * unit_ms))
 
 
 @functools.lru_cache(maxsize=64)

@@ -9,12 +9,16 @@ the op, which decides per call shape. Each graph then serves one side: short ste
 graph, with no op to decide dense at every call (host time a short step shows), and no longer call
 loses its sparsity to a short first call.
 
-A length that cannot take a guard (data-dependent, or a range the user fixed with ``mark_dynamic``,
-which a narrower guard would violate) is left to the op, which decides per call as before; so is the
-cost floor where the batch is symbolic (``dynamic=True``), as the floor depends on it.
+Where the batch is symbolic too (``dynamic=True`` makes CFG's batch of 2 so), the cost floor depends on
+it: dense grows as batch x length^2 and a sparse call's fixed cost does not shrink with the batch, so the
+guard is on that product (``cost.sparse_work_floor``). A size that cannot take a guard (data-dependent, or
+a range the user fixed with ``mark_dynamic``, which a narrower guard would violate) is left to the op, which
+decides per call as before; so is the cost floor where the head count or head dim is symbolic.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch._guards import TracingContext
@@ -26,21 +30,35 @@ from rf_compile.ops import cost
 
 def short_site_reason(config: RainFusionConfig, q: torch.Tensor, kernel: str) -> str | None:
     """Why the symbolic site of query ``q`` (B, H, N, D) keeps SDPA in this graph, or None. A reason means
-    the graph now holds the guard ``N < floor``; None with a floor above zero and a guardable ``N`` means it
-    holds ``N >= floor``."""
+    the graph now holds the guard ``N < floor`` (a symbolic batch: ``B N^2 < floor``); None with floors above
+    zero and guardable sizes means it holds the opposite ones."""
     B, H, N, D = q.shape
     least = config.min_video_tokens
     floors = [(least, f"fewer video tokens than min_video_tokens={least} at any layout")]
-    if all(isinstance(size, int) for size in (B, H, D)):  # a symbolic batch or head count: the op prices it
+    static = all(isinstance(size, int) for size in (H, D))  # a symbolic head count or dim: the op prices it
+    if static and isinstance(B, int):
         floors.append(cost.sparse_floor(config, B, H, D, q.device, kernel) or (0, ""))
     floor, why = max(floors)
-    if floor <= 0 or not _below(N, floor):
+    if floor > 0 and _below(N, floor):
+        return f"{why}; this graph is guarded to calls shorter than {floor:,} tokens (a longer one compiles again)"
+    work = cost.sparse_work_floor(config, H, D, q.device, kernel) if static and not isinstance(B, int) else None
+    if work is None or not _below(B * N * N, work[0]):
         return None
-    return f"{why}; this graph is guarded to calls shorter than {floor:,} tokens (a longer one compiles again)"
+    return f"{work[1]}; this graph is guarded to calls with batch x tokens^2 under {work[0]:,}{_at_hint(B, work[0])}"
+
+
+def _at_hint(batch: torch.SymInt, work: int) -> str:
+    """The work floor in tokens at the compile-time batch, for the report."""
+    hint = batch.node.hint
+    if hint is None:  # (data-dependent: no example value)
+        return " (a larger call compiles again)"
+    tokens = math.isqrt((work - 1) // int(hint)) + 1  # the least N with hint x N^2 >= work
+    return f" (at batch {int(hint)}: {tokens:,} tokens; a larger call compiles again)"
 
 
 def _below(length: torch.SymInt | int, floor: int) -> bool:
-    """Whether ``length < floor``, guarded where the shape environment cannot tell from its ranges alone."""
+    """Whether ``length`` (a size, or a product of sizes) ``< floor``, guarded where the shape environment
+    cannot tell from its ranges alone."""
     if statically_known_true(length < floor):
         return True
     if statically_known_true(length >= floor) or not _guardable(length):
