@@ -24,7 +24,8 @@ from utils import environment, gpu_slug, markdown_table, write_results
 
 from rf_compile import Pattern, RainFusionConfig, VideoLayout
 from rf_compile.ops import arm
-from rf_compile.ops.attention import choose_kernel, run_plan, v2_plan
+from rf_compile.ops.attention import v2_plan
+from rf_compile.ops.executors import choose_kernel, run_plan
 from rf_compile.plan import build_plan_table, element_mask, variants_for
 from rf_compile.reference.synthetic import planted_qk
 

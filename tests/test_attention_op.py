@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from rf_compile import Pattern, RainFusionConfig, VideoLayout, classify_heads, sparse_attention
-from rf_compile.ops.attention import attention, key_padding_bias
+from rf_compile.ops.attention import attention
+from rf_compile.ops.masks import key_padding_bias
 from rf_compile.ops.runtime.sites import register_site
 from rf_compile.ops.runtime.stats import reset, stats
 from rf_compile.ops.torch_attention import torch_sparse_attention as sparse_attention_reference

@@ -127,7 +127,7 @@ def test_v2_output_equals_sdpa_under_its_plan_mask(layout):
     config = RainFusionConfig(mode="v2", sparsity=0.6, tile=(2, 2, 4) if layout.frames > 1 else (1, 4, 4))
     q, k, v = (torch.randn(2, 2, layout.seq_len, 16, dtype=torch.float64) for _ in range(3))
     table = v2.predict_plan(q, k, layout, config, block=16)
-    from rf_compile.ops.attention import run_plan
+    from rf_compile.ops.executors import run_plan
 
     out = run_plan(q, k, v, table, torch.arange(4).view(2, 2), None, None, "reference")
     order = v2.tile_order(layout, config.tile, v2.sink_frame_count(layout, config))
@@ -207,7 +207,7 @@ def test_token_order_plans_are_blocks_of_the_model_order_read_in_place(layout):
     q, k, v = (torch.randn(1, 2, layout.seq_len, 16, dtype=torch.float64) for _ in range(3))
     table = v2.predict_plan(q, k, layout, config, block=16)
     assert table.q_order.eq(0).all() and table.kv_order.eq(0).all()  # order 0: the kernel reads in place
-    from rf_compile.ops.attention import run_plan
+    from rf_compile.ops.executors import run_plan
 
     out = run_plan(q, k, v, table, torch.arange(2).view(1, 2), None, None, "reference")
     of = torch.arange(layout.seq_len) // 16

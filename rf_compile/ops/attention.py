@@ -19,146 +19,17 @@ import torch.nn.functional as F
 from rf_compile.config import RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops import arm, cost, profile, v2
+from rf_compile.ops.executors import choose_kernel, run_plan
+from rf_compile.ops.masks import full_mask, zero_masked_rows
 from rf_compile.ops.runtime.models import SiteState, attach_clock, site_state
 from rf_compile.ops.runtime.sites import SiteSpec, get_spec
-from rf_compile.ops.torch_attention import torch_sparse_attention
-from rf_compile.plan import KERNEL_HEAD_DIMS, Pattern, PlanTable, Variant, build_plan_table, concat_plans, variants_for
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+from rf_compile.plan import Pattern, PlanTable, Variant, build_plan_table, concat_plans, variants_for
 
 
 def output_like(q: torch.Tensor) -> torch.Tensor:
     """Empty [B, H, N, D] output laid out as (B, N, H, D) memory, the layout SDPA callers reshape for free."""
     B, H, N, D = q.shape
     return q.new_empty(B, N, H, D).transpose(1, 2)
-
-
-# -- masks ------------------------------------------------------------------------------------------
-
-
-def is_key_padding_mask(shape: tuple[int, ...] | torch.Size, seq_len: int) -> bool:
-    """Whether an SDPA mask of this shape varies only along the key dimension (and batch)."""
-    shape = tuple(shape)
-    if shape[-1:] != (seq_len,):
-        return False
-    if len(shape) == 4:
-        return shape[1] == 1 and shape[2] == 1
-    return all(s == 1 for s in shape[:-1])
-
-
-def key_padding_bias(attn_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
-    """Turn a mask that only varies along keys ([B|1, 1, 1, N]) into an additive float [B, N] bias.
-
-    Returns None for no mask; raises ValueError for masks of any other shape.
-    """
-    if attn_mask is None:
-        return None
-    if not is_key_padding_mask(attn_mask.shape, seq_len):
-        raise ValueError(f"attention mask of shape {tuple(attn_mask.shape)} is not a key-padding mask [B|1, 1, 1, N]")
-    mask = attn_mask.reshape(attn_mask.shape[0] if attn_mask.dim() == 4 else 1, seq_len).expand(batch, seq_len)
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return mask.float().contiguous()
-
-
-def rows_attending(query_mask: torch.Tensor) -> torch.Tensor:
-    """Bool [B|1, 1, N, 1]: query rows that see any key under a row factor of an outer-product mask.
-
-    A row whose factor is False (boolean) or -inf (additive) is fully masked; SDPA returns zeros
-    for it. A finite additive row factor shifts every score of the row alike: no effect.
-    """
-    return query_mask if query_mask.dtype == torch.bool else torch.isfinite(query_mask)
-
-
-def _zero_masked_rows(out: torch.Tensor, query_mask: torch.Tensor | None) -> torch.Tensor:
-    if query_mask is None:
-        return out
-    return out.masked_fill_(~rows_attending(query_mask), 0.0)
-
-
-def _full_mask(attn_mask: torch.Tensor | None, query_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The SDPA mask a (key mask, row mask) pair stands for (dense calls of such sites)."""
-    if query_mask is None:
-        return attn_mask
-    rows = rows_attending(query_mask)
-    if attn_mask is None:
-        return rows
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & rows
-    return attn_mask.masked_fill(~rows, float("-inf"))
-
-
-# -- what runs a call -------------------------------------------------------------------------------
-
-
-def kernel_unsupported_reason(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> str | None:
-    """Why the Triton kernel cannot run this call (None if it can). Works on fake tensors too."""
-    if q.device.type != "cuda":
-        return f"tensors on {q.device.type}, the kernel needs CUDA"
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} (kernel: float16, bfloat16)"
-    if q.shape[-1] not in KERNEL_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} (kernel: {', '.join(map(str, KERNEL_HEAD_DIMS))})"
-    if attn_mask is not None and not is_key_padding_mask(attn_mask.shape, k.shape[-2]):
-        return f"attention mask of shape {tuple(attn_mask.shape)} (kernel: key-padding masks [B|1, 1, 1, N])"
-    return None
-
-
-def choose_kernel(
-    option: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, precision: str = "bf16"
-) -> tuple[str, str]:
-    """``("triton" | "reference", "")``, or ``("", reason)`` when the call must stay dense SDPA.
-
-    One policy for the compile-time pass and the run-time op: the O(N^2) PyTorch path is no option
-    at GPU sizes, so a CUDA call the kernel cannot run stays dense rather than going to it. The
-    8-bit precisions (``"fp8"``, ``"int8"``) run on the Triton kernel with TMA loads only.
-    """
-    kernel, reason = _kernel_for(option, q, k, attn_mask)
-    if kernel and precision != "bf16":
-        from rf_compile.kernels.block_sparse import fp8_runs
-
-        if kernel != "triton" or not fp8_runs(q.device):
-            return "", (f"precision={precision!r} needs the Triton kernel on a Hopper GPU (TMA loads); this call has "
-                        f"the {kernel} kernel on {q.device.type}: use precision='bf16'")
-    return kernel, reason
-
-
-def _kernel_for(option: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[str, str]:
-    if option == "reference":
-        return "reference", ""
-    reason = kernel_unsupported_reason(q, k, attn_mask)
-    if reason is None:
-        return "triton", ""
-    if q.device.type == "cuda" or option == "triton":
-        return "", f"kernel does not support {reason}"
-    return "reference", ""
-
-
-def run_plan(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    table: PlanTable,
-    variant_of_head: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    scale: float | None,
-    kernel: str,
-    out: torch.Tensor | None = None,
-    precision: str = "bf16",
-) -> torch.Tensor:
-    """Each (batch, head) under its plan (a row of ``table``): the Triton kernel or the PyTorch path.
-
-    ``kernel`` is ``"triton"`` or ``"reference"`` (``choose_kernel``, which also vetted ``precision``);
-    ``attn_mask`` a key-padding mask.
-    """
-    if kernel == "triton":
-        from rf_compile.kernels.block_sparse import block_sparse_attention
-
-        bias = key_padding_bias(attn_mask, q.shape[0], k.shape[-2])
-        return block_sparse_attention(q, k, v, table, variant_of_head.int(), scale=scale, key_bias=bias, out=out,
-                                      precision=precision)
-    result = torch_sparse_attention(q, k, v, table, variant_of_head, attn_mask, scale)
-    return result if out is None else out.copy_(result)
 
 
 def _in_output_layout(x: torch.Tensor) -> torch.Tensor:
@@ -275,7 +146,7 @@ def v2_plan(
 
 
 def _dense_call(q, k, v, attn_mask, query_mask, scale) -> torch.Tensor:
-    mask = _full_mask(attn_mask, query_mask)
+    mask = full_mask(attn_mask, query_mask)
     return _in_output_layout(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
 
 
@@ -357,7 +228,7 @@ def _attention(
         _record(shape, sparse, table, variant_of_head)
         variant_of_head = torch.where(call.dense, len(shape.variants) - 1, variant_of_head)
     out = run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel, out, config.precision)
-    out = _zero_masked_rows(out, query_mask)
+    out = zero_masked_rows(out, query_mask)
     if config.measure_error:
         _record_error(shape, sparse, out, _dense_call(q, k, v, attn_mask, query_mask, scale))
     return out
@@ -390,7 +261,7 @@ def _measure_candidates(q, k, v, layout, config, scale, kernel, attn_mask, query
     B, H = q.shape[:2]
     for c, density in enumerate(config.candidates):
         table, variant_of_head = v2_plan(q, k, layout, candidate_config(config, density), scale)
-        out = _zero_masked_rows(run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel), query_mask)
+        out = zero_masked_rows(run_plan(q, k, v, table, variant_of_head, attn_mask, scale, kernel), query_mask)
         shape.candidate_errors[:, c] += relative_error(out, dense).sum(0) * sparse
     shape.sparse_heads.add_(sparse * (B * H))
 

@@ -20,7 +20,7 @@ batch: ``sparse_work_floor``) no layout pays: there the pass keeps SDPA for symb
 guard (``passes.length_guard``).
 
 It prices the Triton kernel only: the CPU reference path exists to check the plans, not to be fast,
-and is never judged. Not here: which kernel can run a call (``ops.attention.choose_kernel``).
+and is never judged. Not here: which kernel can run a call (``ops.executors.choose_kernel``).
 """
 
 from __future__ import annotations

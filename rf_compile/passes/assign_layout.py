@@ -18,7 +18,7 @@ import torch
 from rf_compile.config import OptionError, RainFusionConfig
 from rf_compile.layout import VideoLayout
 from rf_compile.ops import cost
-from rf_compile.ops.attention import choose_kernel
+from rf_compile.ops.executors import choose_kernel
 from rf_compile.ops.runtime.call_stack import calling_frame_arguments
 from rf_compile.ops.runtime.sites import LayoutResolver
 from rf_compile.passes.context import PassContext, Site

@@ -14,7 +14,7 @@ import re
 import torch
 
 from rf_compile.layout import VideoLayout
-from rf_compile.ops.attention import is_key_padding_mask
+from rf_compile.ops.masks import is_key_padding_mask
 from rf_compile.passes.context import PassContext, Site
 from rf_compile.passes.masks import outer_product_factors
 from rf_compile.passes.nodes import example, is_sdpa, same_size, sdpa_arguments, without_hooks
