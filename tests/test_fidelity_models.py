@@ -314,6 +314,13 @@ def test_quant_error_emulation_matches_exact_rounding_and_ranks_int8_scores_firs
     int8 = error("int8: int8 scores, K per head, e4m3 P V (precision='int8')")
     assert int8 < 0.6 * fp8, (int8, fp8)
     assert error("e4m3 scores alone") > 2 * error("e4m3 P V alone")
+    # Q smoothed: its mean comes back exactly as a per-key bias, so only the centred part is rounded; a large
+    # shared offset in q then no longer sets the rounding error of every score
+    q_offset = q + 4.0 * torch.randn(64, generator=g)
+    exact = F.scaled_dot_product_attention(q_offset.double(), k.double(), v.double())
+    raw, smoothed = (float((quant_error.emulate(q_offset, k, v, "fp8", "block", "bf16", "head", smooth).double() - exact)
+                           .norm() / exact.norm()) for smooth in (False, True))  # fmt: skip
+    assert smoothed < 0.7 * raw, (smoothed, raw)
     # the block scale puts each 128-row block's largest |x| on the grid's top
     x = torch.randn(1, 200, 8, generator=g)
     amax = quant_error.block_amax(x)
