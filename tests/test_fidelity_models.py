@@ -318,8 +318,9 @@ def test_quant_error_emulation_matches_exact_rounding_and_ranks_int8_scores_firs
     # shared offset in q then no longer sets the rounding error of every score
     q_offset = q + 4.0 * torch.randn(64, generator=g)
     exact = F.scaled_dot_product_attention(q_offset.double(), k.double(), v.double())
-    raw, smoothed = (float((quant_error.emulate(q_offset, k, v, "fp8", "block", "bf16", "head", smooth).double() - exact)
-                           .norm() / exact.norm()) for smooth in (False, True))  # fmt: skip
+    raw, smoothed = (quant_error.emulate(q_offset, k, v, "fp8", "block", "bf16", "head", smooth).double()
+                     for smooth in (False, True))  # fmt: skip
+    raw, smoothed = (float((out - exact).norm() / exact.norm()) for out in (raw, smoothed))
     assert smoothed < 0.7 * raw, (smoothed, raw)
     # the block scale puts each 128-row block's largest |x| on the grid's top
     x = torch.randn(1, 200, 8, generator=g)
