@@ -103,6 +103,16 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
     }  # fmt: skip
 
 
+def parse_config(name: str) -> triton.Config:
+    """``w8/s2/ws1/n1`` (``benchmarks.utils.config_name``'s form) as the launcher's configuration."""
+    match = re.fullmatch(r"w(\d+)/s(\d+)/ws([01])/n(\d+)", name)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"configuration {name!r}: expected wWARPS/sSTAGES/ws0|ws1/nSPLIT, "
+                                         "e.g. w8/s2/ws1/n1")  # fmt: skip
+    warps, stages, specialise, split = (int(group) for group in match.groups())
+    return sparse_config.launch_config(bool(specialise), split, warps, stages)
+
+
 def cubin_usage(kernel) -> tuple[int, int]:
     """(registers per thread, stack bytes) of a compiled kernel, read from its cubin."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -170,6 +180,10 @@ def main() -> None:
     parser.add_argument("--loops", nargs="+", default=list(PASSES), choices=list(PASSES),
                         help="kernel passes: split, masked, and two_pass's unmasked and fixup launches")
     parser.add_argument("--max-configs", type=int, default=None, help="only the first N kept configurations")
+    parser.add_argument("--configs", nargs="+", type=parse_config, default=None, metavar="wW/sS/wsX/nN",
+                        help="compile these launch configurations instead of the launcher's kept ones (warps, "
+                             "stages, warp specialisation 0|1, key sub-tiles), e.g. w8/s2/ws1/n1: to see what a "
+                             "configuration the launcher prunes would compile to")  # fmt: skip
     parser.add_argument("--precisions", nargs="+", default=["bf16"], choices=list(INPUT_TYPES),
                         help="the kernel's input precision (its `precision` option)")
     parser.add_argument("--descriptors", nargs="+", default=["host"], choices=["device", "host"],
@@ -190,9 +204,9 @@ def main() -> None:
     for precision, descriptors in ((p, d) for p in args.precisions for d in args.descriptors):
         for head_dim in args.head_dims:
             for loop in args.loops:
-                kept = sparse_config.prune_configs(sparse_config.gpu_configs(warp_specialize=True),
-                                                   {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True,
-                                                    "LOOP": PASSES[loop]})  # fmt: skip
+                kept = args.configs or sparse_config.prune_configs(
+                    sparse_config.gpu_configs(warp_specialize=True),
+                    {"HEAD_DIM": head_dim, "BLOCK_N": 128, "USE_TMA": True, "LOOP": PASSES[loop]})  # fmt: skip
                 for config in kept[: args.max_configs]:
                     records.append(resources(config, head_dim, loop, target, precision, descriptors))
                     print(records[-1], flush=True)

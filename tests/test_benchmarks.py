@@ -369,6 +369,21 @@ def test_kernel_resources_compiles_for_sm90_without_a_gpu(tmp_path):
         assert record["descriptors"] == "host" and (record["tensormap_fences"] > 0) == record["warp_specialized"]
 
 
+def test_kernel_resources_compiles_a_named_configuration(tmp_path):
+    """``--configs`` compiles a configuration the launcher prunes (8 warps, specialised, FP8) and records it under
+    its name; a malformed name is refused with the accepted form."""
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dims", "128", "--loops", "unmasked",
+               "--precisions", "fp8", "--out", str(tmp_path), "--configs"]  # fmt: skip
+    result = subprocess.run([*command, "w8/s2/ws1/n1"], capture_output=True, text=True, cwd=BENCHMARKS, timeout=600,
+                            env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    (record,) = json.loads((tmp_path / "kernel_resources.json").read_text())["records"]
+    assert record["config"] == "w8/s2/ws1/n1" and record["precision"] == "fp8" and record["warps"] >= 8
+    bad = subprocess.run([*command, "w8/s2"], capture_output=True, text=True, cwd=BENCHMARKS, timeout=600, env=env)
+    assert bad.returncode == 2 and "expected wWARPS/sSTAGES/ws0|ws1/nSPLIT" in bad.stderr
+
+
 def test_block_select_compiles_for_sm90_as_launched(tmp_path):
     """The fused v2 selection compiles for sm_90 at 256 key blocks (Wan 480p) with the divisibility
     hints a launch there gets: with M = 256 specialised, Triton 3.6 crashed lowering its row scans."""

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["CONFIGS", "INTERPRET", "descriptor_blocks", "fp8_runs", "gpu_configs", "has_tma", "prune_configs",
-           "supports_warp_specialize", "tma_runs"]
+__all__ = ["CONFIGS", "INTERPRET", "descriptor_blocks", "fp8_runs", "gpu_configs", "has_tma", "launch_config",
+           "prune_configs", "supports_warp_specialize", "tma_runs"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -62,7 +62,8 @@ def descriptor_blocks(nargs: dict) -> None:
     nargs["VDesc"].block_shape = [1, 1, 1, d, sub_n] if nargs["FP8"] else [1, 1, 1, sub_n, d]
 
 
-def _config(warp_specialize: bool, split_n: int, warps: int, stages: int) -> triton.Config:
+def launch_config(warp_specialize: bool, split_n: int, warps: int, stages: int) -> triton.Config:
+    """One launch configuration of the block-sparse kernel (its tile shapes set by ``descriptor_blocks``)."""
     return triton.Config({"WARP_SPECIALIZE": warp_specialize, "SPLIT_N": split_n}, num_warps=warps,
                          num_stages=stages, pre_hook=descriptor_blocks)
 
@@ -75,18 +76,18 @@ def gpu_configs(warp_specialize: bool) -> list[triton.Config]:
     # (warps, stages, key sub-tiles per plan block). H100 run 2 chose w4/s3 + warp specialisation at
     # d=64 and w8/s3 at d=128; SPLIT_N=2 never won (benchmarks/results/nvidia-h100-80gb-hbm3/NOTES.md).
     plain = [(4, 2, 1), (4, 3, 1), (8, 2, 1), (8, 3, 1), (8, 3, 2)]
-    configs = [_config(False, n, w, s) for w, s, n in plain]
+    configs = [launch_config(False, n, w, s) for w, s, n in plain]
     # Triton 3.6: warp specialisation only takes with 4 warps, and only with 2 stages: with 3 it gave NaN at
     # every one of 30 repeats at d=64 in bf16 (the intermittent two_pass NaN: the autotuner chose it at times)
     # and needs more shared memory than the H100 has at d=128 (stress_two_pass_run1.log there).
     if warp_specialize:
-        configs.append(_config(True, 1, 4, 2))
+        configs.append(launch_config(True, 1, 4, 2))
     return configs
 
 
 def _configs() -> list[triton.Config]:
     if INTERPRET or not torch.cuda.is_available():
-        return [_config(False, 1, 4, 1)]
+        return [launch_config(False, 1, 4, 1)]
     return gpu_configs(supports_warp_specialize())
 
 
