@@ -10,6 +10,10 @@ loads, under each kernel pass (``split``: masked blocks first, then the unmasked
 Triton version matters: the device runs the one in the environment.
 
     python benchmarks/kernel_resources.py --out benchmarks/results/cpu
+    python benchmarks/kernel_resources.py --head-dims 128 --loops unmasked --configs w8/s2/ws1/n1 w4/s2/ws1/n1
+
+``--configs`` compiles the named configurations instead of the launcher's kept ones: does one it prunes
+(8 warps specialised, say) form its partitions with this Triton?
 
 ``--kernel block_select`` does the same for v2's fused block selection, at the launch shape its
 launcher picks per number of key blocks (``block_select.launch_shape``), top-k and mass rules.
