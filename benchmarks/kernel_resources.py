@@ -104,7 +104,24 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
         "warps": kernel.metadata.num_warps, "warp_specialized": kernel.metadata.num_warps > config.num_warps,
         # Descriptors made in the program: each a tensormap write and fence pair (none with host-made ones).
         "tensormap_fences": kernel.asm["ptx"].count("fence.proxy.tensormap"),
+        "ex2_under_wgmma": exponentials_under_wgmma(kernel.asm["ptx"]),
     }  # fmt: skip
+
+
+def exponentials_under_wgmma(ptx: str) -> int:
+    """Exponentials placed while a committed ``wgmma`` group may still run (before the ``wait_group`` that drains
+    it), in program order: FlashAttention-3's overlap of one block's softmax with the tensor cores' next product.
+    0: every product is waited for before the softmax that follows it."""
+    in_flight, count = False, 0
+    for line in ptx.splitlines():
+        line = line.strip()
+        if line.startswith("wgmma.commit_group"):
+            in_flight = True
+        elif line.startswith("wgmma.wait_group"):
+            in_flight = line.rstrip(";").split()[-1] != "0"
+        elif line.startswith("ex2.approx"):
+            count += in_flight
+    return count
 
 
 def parse_config(name: str) -> triton.Config:
@@ -216,7 +233,7 @@ def main() -> None:
                     print(records[-1], flush=True)
     env = environment()
     columns = ["precision", "descriptors", "head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes",
-               "warps", "warp_specialized", "tensormap_fences"]
+               "warps", "warp_specialized", "tensormap_fences", "ex2_under_wgmma"]
     markdown = (
         f"# Block-sparse kernel resources for sm_90 (compiled offline, triton {triton.__version__})\n\n"
         f"Command: `{env['command']}`\n\nTMA loads and stores, 128 x 128 blocks; `stack_bytes` > 0: "

@@ -384,6 +384,36 @@ def test_kernel_resources_compiles_a_named_configuration(tmp_path):
     assert bad.returncode == 2 and "expected wWARPS/sSTAGES/ws0|ws1/nSPLIT" in bad.stderr
 
 
+def test_exponentials_under_wgmma_counts_only_while_a_group_is_in_flight():
+    """A hand-written PTX order: an exponential after ``wait_group 0`` is not under a product, one after a commit
+    or under ``wait_group 1`` (one group may still run) is."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.kernel_resources import exponentials_under_wgmma
+
+    commit, ex2 = "wgmma.commit_group.sync.aligned;", "ex2.approx.ftz.f32 %r1, %r2;"
+    wait = "wgmma.wait_group.sync.aligned {};".format
+    drained = "\n".join(["wgmma.mma_async.sync.aligned.m64n128k16;", commit, wait(0), ex2])
+    assert exponentials_under_wgmma(drained) == 0
+    overlapped = "\n".join([commit, "  " + ex2, wait(1), ex2, wait(0), ex2])
+    assert exponentials_under_wgmma(overlapped) == 2
+
+
+def test_wgmma_overlap_compiles_both_toy_loops_for_sm90(tmp_path):
+    """The probe compiles the plain and the look-ahead loop for sm_90 here; each has its two products (scores,
+    then P V) and the softmax's exponentials in its PTX, and the look-ahead loop one product more before them."""
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, str(BENCHMARKS / "wgmma_overlap.py"), "--precisions", "fp8", "--stages", "2",
+               "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=BENCHMARKS, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain, ahead = json.loads((tmp_path / "wgmma_overlap.json").read_text())["records"]
+    assert (plain["loop"], ahead["loop"]) == ("plain", "look-ahead")
+    for record in (plain, ahead):
+        assert "EX2" in record["ptx_events"] and record["ex2_under_wgmma"] >= 0
+    mma_runs = [event for event in ahead["ptx_events"].split() if event.startswith("MMA")]
+    assert ahead["ptx_events"].index("EX2") > ahead["ptx_events"].index("MMA") and len(mma_runs) >= 3
+
+
 def test_block_select_compiles_for_sm90_as_launched(tmp_path):
     """The fused v2 selection compiles for sm_90 at 256 key blocks (Wan 480p) with the divisibility
     hints a launch there gets: with M = 256 specialised, Triton 3.6 crashed lowering its row scans."""
