@@ -6,8 +6,9 @@ kernel's PTX waits for every ``wgmma`` group before the softmax that follows (``
 ``ex2_under_wgmma`` column: 0), so FP8's faster products leave the softmax on the critical path. This
 compiles the plain online-softmax loop and the same loop written with that look-ahead (the next block's
 scores computed before this block's softmax, carried to the next iteration) and reports where the
-compiler put the waits: whether the look-ahead can be had from plain Triton, or needs explicit async
-products (Gluon's ``warpgroup_mma(is_async=True)`` / ``warpgroup_mma_wait``). No GPU is needed.
+compiler put the waits: whether the look-ahead can be had from plain Triton. A third loop writes the
+look-ahead in Gluon (Triton's lower-level language, one warpgroup of 64 rows, bf16), whose
+``warpgroup_mma(is_async=True)`` and ``warpgroup_mma_wait`` place the wait by hand. No GPU is needed.
 
     python benchmarks/wgmma_overlap.py --out benchmarks/results/cpu
 """
@@ -23,6 +24,10 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -66,6 +71,48 @@ def toy_attention(Q, K, V, Out, n_blocks, qk_scale, D: tl.constexpr, BM: tl.cons
     o_desc.store([0, 0], (acc / l_i[:, None]).to(tl.bfloat16))
 
 
+@gluon.jit
+def gluon_look_ahead(Q, K, V, Out, n_blocks, qk_scale, D: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr):
+    """``toy_attention``'s look-ahead with the waits placed by hand: block t+1's scores are issued asynchronously,
+    block t's softmax and P V follow, and one wait drains both. Plain loads into shared memory (no TMA, one
+    buffer of V): the schedule is the subject, not the data movement."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 16])
+    rows: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1],
+                                          order=[1, 0])  # fmt: skip
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], gl.bfloat16)
+    q_rows = gl.arange(0, BM, layout=gl.SliceLayout(1, rows))
+    kv_rows = gl.arange(0, BN, layout=gl.SliceLayout(1, rows))
+    dims = gl.arange(0, D, layout=gl.SliceLayout(0, rows))
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [BM, D], q_layout, gl.load(Q + q_rows[:, None] * D + dims[None, :]))
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BN, D], kv_layout)
+    v_smem = gl.allocate_shared_memory(gl.bfloat16, [BN, D], kv_layout)
+    k_smem.index(0).store(gl.load(K + kv_rows[:, None] * D + dims[None, :]))
+    fence_async_shared()
+    no_scores = gl.zeros([BM, BN], gl.float32, layout=mma)
+    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), no_scores, use_acc=False)
+    m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, mma))
+    l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, mma))
+    acc = gl.zeros([BM, D], gl.float32, layout=mma)
+    for t in range(1, n_blocks + 1):
+        ahead = gl.minimum(t, n_blocks - 1)
+        k_smem.index(t % 2).store(gl.load(K + (ahead * BN + kv_rows)[:, None] * D + dims[None, :]))
+        v_smem.store(gl.load(V + ((t - 1) * BN + kv_rows)[:, None] * D + dims[None, :]))
+        fence_async_shared()
+        qk_next = warpgroup_mma(q_smem, k_smem.index(t % 2).permute((1, 0)), no_scores, use_acc=False,
+                                is_async=True)  # fmt: skip
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        p = gl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        p = gl.convert_layout(p.to(gl.bfloat16), gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2))
+        acc = warpgroup_mma(p, v_smem, acc * alpha[:, None], is_async=True)
+        qk, acc = warpgroup_mma_wait(0, deps=[qk_next, acc])
+        m_i = m_new
+    out = gl.convert_layout((acc / l_i[:, None]).to(gl.bfloat16), rows)
+    gl.store(Out + q_rows[:, None] * D + dims[None, :], out)
+
+
 def ptx_events(ptx: str) -> str:
     """The PTX's products, waits and exponentials in program order, runs collapsed: "MMAx8 WAIT0 EX2x66 ..."."""
     events: list[list] = []
@@ -98,6 +145,15 @@ def compile_toy(look_ahead: bool, precision: str, warps: int, stages: int) -> di
             "ex2_under_wgmma": exponentials_under_wgmma(ptx), "ptx_events": ptx_events(ptx)}  # fmt: skip
 
 
+def compile_gluon() -> dict:
+    signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "n_blocks": "i32", "qk_scale": "fp32",
+                 "D": "constexpr", "BM": "constexpr", "BN": "constexpr"}  # fmt: skip
+    source = GluonASTSource(fn=gluon_look_ahead, signature=signature, constexprs={"D": 128, "BM": 64, "BN": 128})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return {"loop": "look-ahead (Gluon)", "precision": "bf16", "warps": 4, "stages": "by hand",
+            "ex2_under_wgmma": exponentials_under_wgmma(ptx), "ptx_events": ptx_events(ptx)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
@@ -109,14 +165,16 @@ def main() -> None:
         raise SystemExit("wgmma_overlap.py compiles for sm_90: unset TRITON_INTERPRET")
     records = [compile_toy(look_ahead, precision, 8, stages)
                for precision in args.precisions for stages in args.stages for look_ahead in (False, True)]
+    records.append(compile_gluon())
     for record in records:
         print(record, flush=True)
     env = environment()
     markdown = (
         f"# Softmax under the tensor cores? Toy attention loops for sm_90 (compiled offline, triton "
         f"{triton.__version__})\n\nCommand: `{env['command']}`\n\nOne query block of 128 rows, head dim 128, 8 warps, "
-        "TMA loads. `ex2_under_wgmma`: exponentials placed while a `wgmma` group may still run; `ptx_events`: "
-        "products (MMA), waits (WAITn: until n groups remain) and exponentials (EX2) in program order.\n\n"
+        "TMA loads (the Gluon loop: 64 rows, one warpgroup, plain loads). `ex2_under_wgmma`: exponentials placed "
+        "while a `wgmma` group may still run; `ptx_events`: products (MMA), waits (WAITn: until n groups remain) "
+        "and exponentials (EX2) in program order.\n\n"
         f"{markdown_table(records, list(records[0]))}\n"
     )
     write_results(args.out, args.stem, env, records, markdown)

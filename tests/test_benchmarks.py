@@ -400,14 +400,16 @@ def test_exponentials_under_wgmma_counts_only_while_a_group_is_in_flight():
 
 def test_wgmma_overlap_compiles_both_toy_loops_for_sm90(tmp_path):
     """The probe compiles the plain and the look-ahead loop for sm_90 here; each has its two products (scores,
-    then P V) and the softmax's exponentials in its PTX, and the look-ahead loop one product more before them."""
+    then P V) and the softmax's exponentials in its PTX, and the look-ahead loop one product more before them.
+    The Gluon loop, whose waits are placed by hand, has the softmax under the next block's product."""
     env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, str(BENCHMARKS / "wgmma_overlap.py"), "--precisions", "fp8", "--stages", "2",
                "--out", str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=BENCHMARKS, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    plain, ahead = json.loads((tmp_path / "wgmma_overlap.json").read_text())["records"]
-    assert (plain["loop"], ahead["loop"]) == ("plain", "look-ahead")
+    plain, ahead, by_hand = json.loads((tmp_path / "wgmma_overlap.json").read_text())["records"]
+    assert (plain["loop"], ahead["loop"], by_hand["loop"]) == ("plain", "look-ahead", "look-ahead (Gluon)")
+    assert by_hand["ex2_under_wgmma"] > 0 and by_hand["ptx_events"].index("EX2") < by_hand["ptx_events"].rindex("WAIT0")
     for record in (plain, ahead):
         assert "EX2" in record["ptx_events"] and record["ex2_under_wgmma"] >= 0
     mma_runs = [event for event in ahead["ptx_events"].split() if event.startswith("MMA")]
