@@ -105,7 +105,18 @@ def resources(config: triton.Config, head_dim: int, loop: str, target: GPUTarget
         # Descriptors made in the program: each a tensormap write and fence pair (none with host-made ones).
         "tensormap_fences": kernel.asm["ptx"].count("fence.proxy.tensormap"),
         "ex2_under_wgmma": exponentials_under_wgmma(kernel.asm["ptx"]),
+        **partitions(kernel.asm["ttgir"]),
     }  # fmt: skip
+
+
+def partitions(ttgir: str) -> dict:
+    """The specialised partitions' warps beside the default group's, the registers they request, and the rows of
+    the consumers' score tiles (``-`` where nothing was specialised)."""
+    warps = re.findall(r"\bnum_warps\((\d+)\)", ttgir)
+    registers = re.search(r"requestedRegisters = array<i32: ([\d, ]+)>", ttgir)
+    tiles = {int(rows) for rows in re.findall(r"tensor<(\d+)x\d+xf32, #mma", ttgir)} if warps else set()
+    return {"partition_warps": "+".join(warps) or "-", "partition_registers": registers.group(1) if registers else "-",
+            "mma_tile_rows": "/".join(map(str, sorted(tiles))) or "-"}  # fmt: skip
 
 
 def exponentials_under_wgmma(ptx: str) -> int:
@@ -233,7 +244,8 @@ def main() -> None:
                     print(records[-1], flush=True)
     env = environment()
     columns = ["precision", "descriptors", "head_dim", "loop", "config", "registers", "stack_bytes", "shared_bytes",
-               "warps", "warp_specialized", "tensormap_fences", "ex2_under_wgmma"]
+               "warps", "warp_specialized", "tensormap_fences", "ex2_under_wgmma", "partition_warps",
+               "partition_registers", "mma_tile_rows"]
     markdown = (
         f"# Block-sparse kernel resources for sm_90 (compiled offline, triton {triton.__version__})\n\n"
         f"Command: `{env['command']}`\n\nTMA loads and stores, 128 x 128 blocks; `stack_bytes` > 0: "

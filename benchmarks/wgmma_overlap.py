@@ -133,10 +133,15 @@ def ptx_events(ptx: str) -> str:
     return " ".join(f"{event}x{n}" if n > 1 else event for event, n in events)
 
 
+def _signature(element: str) -> dict[str, str]:
+    """Argument types the toy loops share: inputs of ``element``, a bf16 output, their sizes as constants."""
+    return {"Q": element, "K": element, "V": element, "Out": "*bf16", "n_blocks": "i32", "qk_scale": "fp32",
+            "D": "constexpr", "BM": "constexpr", "BN": "constexpr"}  # fmt: skip
+
+
 def compile_toy(look_ahead: bool, precision: str, warps: int, stages: int) -> dict:
     element = {"bf16": "*bf16", "fp8": "*fp8e4nv"}[precision]
-    signature = {"Q": element, "K": element, "V": element, "Out": "*bf16", "n_blocks": "i32", "qk_scale": "fp32",
-                 "D": "constexpr", "BM": "constexpr", "BN": "constexpr", "LOOK_AHEAD": "constexpr"}  # fmt: skip
+    signature = {**_signature(element), "LOOK_AHEAD": "constexpr"}
     constants = {"D": 128, "BM": 128, "BN": 128, "LOOK_AHEAD": look_ahead}
     kernel = triton.compile(ASTSource(fn=toy_attention, signature=signature, constexprs=constants),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -146,9 +151,8 @@ def compile_toy(look_ahead: bool, precision: str, warps: int, stages: int) -> di
 
 
 def compile_gluon() -> dict:
-    signature = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "n_blocks": "i32", "qk_scale": "fp32",
-                 "D": "constexpr", "BM": "constexpr", "BN": "constexpr"}  # fmt: skip
-    source = GluonASTSource(fn=gluon_look_ahead, signature=signature, constexprs={"D": 128, "BM": 64, "BN": 128})
+    sizes = {"D": 128, "BM": 64, "BN": 128}
+    source = GluonASTSource(fn=gluon_look_ahead, signature=_signature("*bf16"), constexprs=sizes)
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     return {"loop": "look-ahead (Gluon)", "precision": "bf16", "warps": 4, "stages": "by hand",
             "ex2_under_wgmma": exponentials_under_wgmma(ptx), "ptx_events": ptx_events(ptx)}  # fmt: skip

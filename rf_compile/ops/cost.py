@@ -162,6 +162,11 @@ def _judged(config: RainFusionConfig) -> bool:
     return config.cost_model and config.mode not in ("dense", "calibrate") and config.profile is None
 
 
+def _judging_costs(config: RainFusionConfig, device: torch.device, kernel: str) -> DeviceCosts | None:
+    """The constants that price ``config``'s calls on ``device``; None where the model does not judge."""
+    return costs_for(device, kernel) if _judged(config) else None
+
+
 def _dense_and_fixed_ms(
     config: RainFusionConfig, batch: int, heads: int, tokens: int, head_dim: int, costs: DeviceCosts
 ) -> tuple[float, float]:
@@ -198,9 +203,7 @@ def sparse_floor(
     layout, and why shorter ones cannot; None where the model does not judge. Below it, what a sparse call costs
     before its kept blocks (``_dense_and_fixed_ms``) is already more than ``SPARSE_BELOW`` of dense. The pass
     guards symbolic lengths on it (``passes.length_guard``)."""
-    if not _judged(config):
-        return None
-    costs = costs_for(device, kernel)
+    costs = _judging_costs(config, device, kernel)
     if costs is None:
         return None
     tokens = _fewest_paying_tokens(config, batch, heads, head_dim, costs)
@@ -234,9 +237,7 @@ def sparse_work_floor(
     cost that no row adds (the ARM, the launches, the host), so below this product sparse is never within
     ``SPARSE_BELOW`` of dense: the floor itself for v1's paper form, short of it where a prediction's per-row cost
     adds (a guard on it keeps SDPA only where sparse cannot pay)."""
-    if not _judged(config):
-        return None
-    costs = costs_for(device, kernel)
+    costs = _judging_costs(config, device, kernel)
     if costs is None:
         return None
     work = _least_paying_work(config, heads, head_dim, costs)
